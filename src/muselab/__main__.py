@@ -1,0 +1,3 @@
+from muselab.cli import main
+
+main()

@@ -1,0 +1,556 @@
+"""The `muselab` command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from muselab import __version__
+from muselab.config import CATALOGUE, DeviceChoice, DtypeChoice, Preset, Settings, hf_cache_dir
+
+app = typer.Typer(
+    help="Text to music and text to image on your own machine.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+models_app = typer.Typer(
+    help="The model catalogue: list, download, build tiny test models.", no_args_is_help=True
+)
+app.add_typer(models_app, name="models")
+
+# Piped output is not cut at 80 columns: ids and paths must stay greppable.
+out = Console(width=None if sys.stdout.isatty() else 200)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
+
+EXIT_BAD_INPUT, EXIT_MODEL, EXIT_CANCELLED = 2, 3, 130
+
+# Options shared by the generating commands.
+PresetOpt = Annotated[
+    Preset | None,
+    typer.Option("--preset", help="'tiny' uses tiny random-weight models built locally (noise, but fast)."),
+]
+DeviceOpt = Annotated[DeviceChoice | None, typer.Option(help="Where to run; auto picks CUDA, MPS, then CPU.")]
+DtypeOpt = Annotated[DtypeChoice | None, typer.Option(help="Number format; auto picks per device and CPU.")]
+OfflineOpt = Annotated[bool, typer.Option("--offline", help="Never reach the hub; use the local cache only.")]
+ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="Hub id or local folder.")]
+SeedOpt = Annotated[
+    int | None, typer.Option(help="Seed; the same seed gives the same output. Random if unset.")
+]
+FromOpt = Annotated[
+    Path | None, typer.Option("--from", help="Re-run the recipe stored in a file; other options override it.")
+]
+JsonOpt = Annotated[
+    bool,
+    typer.Option("--json", help="Print the result as JSON on stdout (progress as JSON lines on stderr)."),
+]
+OutputOpt = Annotated[
+    Path | None, typer.Option("--output", "-o", help="Output file or folder; default <data dir>/outputs.")
+]
+
+
+class CliError(Exception):
+    def __init__(self, message: str, code: int = 1):
+        super().__init__(message)
+        self.code = code
+
+
+def main() -> None:
+    try:
+        app()
+    except CliError as exc:
+        err.print(f"[bold red]Error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(exc.code)
+
+
+def _settings(
+    preset: str | None, device: str | None, dtype: str | None, offline: bool, **more: Any
+) -> Settings:
+    overrides = {
+        "preset": preset,
+        "device": device,
+        "dtype": dtype,
+        "offline": True if offline else None,
+        **more,
+    }
+    return Settings(**{key: value for key, value in overrides.items() if value is not None})
+
+
+def _request(kind: str, from_file: Path | None, options: dict[str, Any]) -> Any:
+    from muselab.media import MetadataError, request_from_file
+    from muselab.schemas import ImageRequest, MusicRequest, RequestError, parse_request
+
+    data: dict[str, Any] = {}
+    if from_file is not None:
+        try:
+            data = request_from_file(from_file)
+        except MetadataError as exc:
+            raise CliError(str(exc), EXIT_BAD_INPUT) from None
+        if data.get("kind", kind) != kind:
+            raise CliError(f"{from_file} holds a {data['kind']} recipe; use `muselab {data['kind']} --from`.")
+    data.update({key: value for key, value in options.items() if value is not None})
+    if not data.get("prompt"):
+        raise CliError("Give a prompt, e.g. muselab " + kind + ' "a red fox in snow", or --from FILE.', 2)
+    try:
+        return parse_request(MusicRequest if kind == "music" else ImageRequest, data)
+    except RequestError as exc:
+        raise CliError(str(exc), EXIT_BAD_INPUT) from None
+
+
+@app.command()
+def music(
+    prompt: Annotated[str | None, typer.Argument(help="What the music should sound like.")] = None,
+    duration: Annotated[float | None, typer.Option("--duration", "-d", help="Seconds, 1-30.")] = None,
+    temperature: Annotated[float | None, typer.Option(help="Sampling temperature.")] = None,
+    top_k: Annotated[int | None, typer.Option(help="Top-k sampling; 0 turns it off.")] = None,
+    top_p: Annotated[float | None, typer.Option(help="Nucleus sampling; 0 turns it off.")] = None,
+    guidance: Annotated[
+        float | None, typer.Option(help="Classifier-free guidance; 1 or less turns it off.")
+    ] = None,
+    seed: SeedOpt = None,
+    clips: Annotated[
+        int | None, typer.Option("--clips", "-n", help="How many clips; clip i uses seed + i.")
+    ] = None,
+    output: OutputOpt = None,
+    audio_format: Annotated[str | None, typer.Option("--format", help="wav (default), flac or ogg.")] = None,
+    normalize: Annotated[
+        bool, typer.Option("--normalize", help="Normalise loudness (-16 dBFS RMS).")
+    ] = False,
+    model: ModelOpt = None,
+    from_file: FromOpt = None,
+    preset: PresetOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    offline: OfflineOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Make music from a text prompt, e.g. muselab music "lo-fi beat with warm piano" -d 8."""
+    request = _request(
+        "music",
+        from_file,
+        {
+            "prompt": prompt,
+            "duration": duration,
+            "temperature": temperature,
+            "top_k": top_k,
+            "top_p": top_p,
+            "guidance": guidance,
+            "seed": seed,
+            "num_clips": clips,
+            "model": model,
+        },
+    )
+    settings = _settings(preset, device, dtype, offline)
+    _generate("music", request, settings, output, as_json, audio_format=audio_format, normalize=normalize)
+
+
+@app.command()
+def image(
+    prompt: Annotated[str | None, typer.Argument(help="What the picture should show.")] = None,
+    negative: Annotated[
+        str | None, typer.Option("--negative", help="What to keep out of the picture.")
+    ] = None,
+    width: Annotated[
+        int | None, typer.Option(help="Pixels, a multiple of 8; default the model's size.")
+    ] = None,
+    height: Annotated[
+        int | None, typer.Option(help="Pixels, a multiple of 8; default the model's size.")
+    ] = None,
+    steps: Annotated[
+        int | None, typer.Option(help="Denoising steps; default per model (25, 1 for sd-turbo).")
+    ] = None,
+    guidance: Annotated[
+        float | None, typer.Option(help="CFG scale; default per model (7.5, 0 for sd-turbo).")
+    ] = None,
+    scheduler: Annotated[
+        str | None, typer.Option(help="DPM++ 2M Karras (default), DPM++ 2M, Euler a, Euler, DDIM, PNDM, LCM.")
+    ] = None,
+    seed: SeedOpt = None,
+    images: Annotated[
+        int | None, typer.Option("--images", "-n", help="How many images; image i uses seed + i.")
+    ] = None,
+    output: OutputOpt = None,
+    no_safety_checker: Annotated[
+        bool, typer.Option("--no-safety-checker", help="Turn off the model's safety checker.")
+    ] = False,
+    model: ModelOpt = None,
+    from_file: FromOpt = None,
+    preset: PresetOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    offline: OfflineOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Make an image from a text prompt, e.g. muselab image "a red fox in snow, watercolor"."""
+    request = _request(
+        "image",
+        from_file,
+        {
+            "prompt": prompt,
+            "negative_prompt": negative,
+            "width": width,
+            "height": height,
+            "steps": steps,
+            "guidance": guidance,
+            "scheduler": scheduler,
+            "seed": seed,
+            "num_images": images,
+            "model": model,
+        },
+    )
+    settings = _settings(
+        preset, device, dtype, offline, **({"safety_checker": False} if no_safety_checker else {})
+    )
+    _generate("image", request, settings, output, as_json)
+
+
+def _generate(
+    kind: str, request: Any, settings: Settings, output: Path | None, as_json: bool, **save_options: Any
+) -> None:
+    from muselab import media
+    from muselab.devices import DeviceError
+    from muselab.engines import Cancelled, CancelToken, ModelUnavailable, load_engine
+
+    try:
+        media.output_extension(kind, output, save_options.get("audio_format"))
+    except ValueError as exc:
+        raise CliError(str(exc), EXIT_BAD_INPUT) from None
+    try:
+        with err.status(f"Loading the {kind} model {request.model or settings.model_for(kind)}..."):
+            engine = load_engine(kind, settings, request.model)  # type: ignore[arg-type]
+    except (ModelUnavailable, DeviceError) as exc:
+        raise CliError(str(exc), EXIT_MODEL) from None
+    except KeyboardInterrupt:
+        raise CliError("Cancelled while loading; nothing was written.", EXIT_CANCELLED) from None
+
+    cancel = CancelToken()
+    outcome: dict[str, Any] = {}
+    events: queue.Queue = queue.Queue()
+
+    def work() -> None:
+        try:
+            outcome["result"] = engine.generate(request, on_progress=events.put, cancel=cancel)
+        except BaseException as exc:  # handed to the main thread, which reports it
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=work, name=f"muselab-{kind}", daemon=True)
+    worker.start()
+    _show_progress(kind, worker, events, cancel, as_json)
+    error = outcome.get("error")
+    paths: list[Path] = []
+    if isinstance(error, Cancelled):
+        # Outputs finished before the cancel are complete: keep them; nothing partial is written.
+        if error.completed:
+            partial = _partial_result(engine, request, error.completed)
+            paths = media.save_result(partial, output, settings.outputs, **save_options)
+        kept = f" Kept {len(paths)} finished file(s): " + ", ".join(map(str, paths)) if paths else ""
+        raise CliError("Cancelled; nothing partial was written." + kept, EXIT_CANCELLED)
+    if error is not None:
+        from muselab.schemas import RequestError
+
+        if isinstance(error, RequestError | ValueError):
+            raise CliError(str(error), EXIT_BAD_INPUT)
+        if os.environ.get("MUSELAB_DEBUG"):
+            raise error
+        raise CliError(f"{kind} generation failed: {type(error).__name__}: {error}")
+    result = outcome["result"]
+    paths = media.save_result(result, output, settings.outputs, **save_options)
+    _report(result, paths, as_json)
+
+
+def _partial_result(engine: Any, request: Any, completed: list[Any]) -> Any:
+    from muselab.engines import GenerationResult
+
+    resolved = engine.resolve(request)
+    return GenerationResult(
+        request=resolved,
+        outputs=completed,
+        model_name=engine.model_name,
+        device=engine.placement.device,
+        dtype=engine.placement.dtype_name,
+        seconds=0.0,
+    )
+
+
+def _show_progress(
+    kind: str, worker: threading.Thread, events: queue.Queue, cancel: Any, as_json: bool
+) -> None:
+    """Show progress until the worker ends; Ctrl-C asks it to cancel (a second Ctrl-C quits)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    def on_interrupt(signum: int, frame: Any) -> None:
+        if cancel.cancelled:
+            raise KeyboardInterrupt
+        cancel.cancel()
+
+    previous = signal.signal(signal.SIGINT, on_interrupt)
+    columns = [
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[unit]}"),
+        TimeElapsedColumn(),
+        TextColumn("ETA {task.fields[eta]}"),
+    ]
+    unit = "tokens" if kind == "music" else "steps"
+    try:
+        with Progress(*columns, console=err, transient=False, disable=as_json) as progress:
+            task = progress.add_task(kind.capitalize(), total=None, unit=unit, eta="-")
+            while worker.is_alive() or not events.empty():
+                try:
+                    event = events.get(timeout=0.1)
+                except queue.Empty:
+                    if cancel.cancelled:
+                        progress.update(task, description="Cancelling")
+                    continue
+                if as_json:
+                    _print_progress_json(event)
+                    continue
+                label = (
+                    f"{kind.capitalize()} {event.item + 1}/{event.items}"
+                    if event.items > 1
+                    else kind.capitalize()
+                )
+                if event.stage == "decoding":
+                    label += " (decoding)"
+                eta = "-" if event.eta is None else f"{event.eta:0.0f}s"
+                progress.update(task, total=event.total, completed=event.step, description=label, eta=eta)
+        worker.join()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _print_progress_json(event: Any) -> None:
+    line = {
+        "event": "progress",
+        "stage": event.stage,
+        "step": event.step,
+        "total": event.total,
+        "item": event.item,
+        "items": event.items,
+        "elapsed": round(event.elapsed, 3),
+        "eta": None if event.eta is None else round(event.eta, 3),
+    }
+    print(json.dumps(line), file=sys.stderr, flush=True)
+
+
+def _report(result: Any, paths: list[Path], as_json: bool) -> None:
+    request = result.request
+    files = []
+    for path, item in zip(paths, result.outputs, strict=True):
+        entry: dict[str, Any] = {"path": str(path), "seed": item.seed}
+        if hasattr(item, "flagged"):
+            entry["flagged"] = item.flagged
+        files.append(entry)
+    if as_json:
+        payload = {
+            "kind": request.kind,
+            "files": files,
+            "request": request.model_dump(mode="json"),
+            "model": result.model_name,
+            "device": result.device,
+            "dtype": result.dtype,
+            "seconds": round(result.seconds, 3),
+        }
+        print(json.dumps(payload, indent=2))
+        return
+    for entry in files:
+        out.print(f"Saved [bold]{entry['path']}[/] (seed {entry['seed']})", highlight=False)
+        if entry.get("flagged"):
+            err.print(
+                "[yellow]The safety checker flagged this image, so it was blanked. "
+                "Change the prompt or seed, or pass --no-safety-checker to turn the checker off.[/]"
+            )
+    out.print(
+        f"{len(files)} {request.kind} file(s) in {result.seconds:0.1f} s on {result.device} ({result.dtype})",
+        style="dim",
+    )
+
+
+@app.command()
+def info(
+    file: Annotated[Path, typer.Argument(help="A PNG, WAV, FLAC or OGG file.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Print the recipe a file carries (its prompt and every setting), and how to re-run it."""
+    from muselab.media import MetadataError, read_metadata
+
+    try:
+        meta = read_metadata(file)
+    except MetadataError as exc:
+        raise CliError(str(exc), EXIT_BAD_INPUT) from None
+    if as_json:
+        print(json.dumps(meta, indent=2, default=str))
+        return
+    recipe = meta.get("recipe")
+    table = Table(show_header=False, box=None)
+    table.add_column(style="bold")
+    table.add_column()
+    if recipe:
+        for key, value in recipe["request"].items():
+            if value not in (None, "") and key != "kind":
+                table.add_row(key, str(value))
+        for key in ("model_name", "device", "dtype", "software", "flagged", "sample_rate"):
+            if key in recipe:
+                table.add_row(key, str(recipe[key]))
+    if meta.get("duration") is not None:
+        table.add_row("length", f"{meta['duration']:.3f} s, {meta['channels']} channel(s)")
+    if meta.get("size"):
+        table.add_row("size", f"{meta['size'][0]}x{meta['size'][1]}")
+    kind = recipe["request"]["kind"] if recipe else "image"
+    out.print(f"[bold]{file}[/] ({kind})", highlight=False)
+    out.print(table)
+    if meta.get("parameters"):
+        out.print("\n[bold]parameters[/] (A1111 format):")
+        print(meta["parameters"])
+    out.print(f"\nRe-run: muselab {kind} --from {file}", style="dim", highlight=False)
+
+
+@models_app.command("list")
+def models_list(as_json: JsonOpt = False) -> None:
+    """The catalogue, and which models are already in the local cache (with their size)."""
+    cached = _cached_repos()
+    rows = []
+    for entry in CATALOGUE:
+        size = cached.get(entry.id)
+        rows.append(
+            {
+                "id": entry.id,
+                "kind": entry.kind,
+                "default": entry.default,
+                "description": entry.description,
+                "cached": size is not None,
+                "size_bytes": size,
+            }
+        )
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table(title=f"Model catalogue (cache: {hf_cache_dir()})")
+    for column in ("id", "kind", "description", "local"):
+        table.add_column(column)
+    for row in rows:
+        local = _human_size(row["size_bytes"]) if row["cached"] else "-"
+        name = row["id"] + (" (default)" if row["default"] else "")
+        table.add_row(name, row["kind"], row["description"], local)
+    out.print(table)
+    out.print("Any hub id or local folder also works with --model.", style="dim")
+
+
+@models_app.command("download")
+def models_download(
+    model_id: Annotated[str, typer.Argument(help="A hub id, e.g. facebook/musicgen-small.")],
+) -> None:
+    """Fetch a model's weights (safetensors only) into the local cache, with a progress bar."""
+    from muselab.engines.base import ModelUnavailable, download_model
+
+    try:
+        path = download_model(model_id)
+    except ModelUnavailable as exc:
+        raise CliError(str(exc), EXIT_MODEL) from None
+    out.print(f"Downloaded {model_id} to {path}")
+
+
+@models_app.command("make-tiny")
+def models_make_tiny(
+    directory: Annotated[Path, typer.Argument(help="Folder to write the tiny models into.")],
+) -> None:
+    """Build tiny random-weight MusicGen and Stable Diffusion models (for tests and trying the pipeline)."""
+    from muselab.quiet import quiet_libraries
+    from muselab.testing.tiny import build_tiny_models
+
+    quiet_libraries()
+    with err.status("Building tiny models..."):
+        paths = build_tiny_models(directory)
+    for kind, path in paths.items():
+        out.print(f"{kind}: {path}  (use with --model {path})", highlight=False)
+
+
+@app.command()
+def doctor(as_json: JsonOpt = False) -> None:
+    """The device and dtype muselab will use and why, library versions, folders, cached models."""
+    import diffusers
+    import torch
+    import transformers
+
+    from muselab.devices import choose_placement, cpu_has_native_bf16, cpu_name
+
+    settings = Settings()
+    placement = choose_placement(settings.device, settings.dtype)
+    cached = _cached_repos()
+    report = {
+        "muselab": __version__,
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+        "device": placement.device,
+        "dtype": placement.dtype_name,
+        "reason": placement.reason,
+        "cpu": cpu_name(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_native_bf16": cpu_has_native_bf16(),
+        "threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "data_dir": str(settings.data_dir),
+        "outputs": str(settings.outputs),
+        "hf_cache": str(hf_cache_dir()),
+        "offline": settings.is_offline(),
+        "models_present": {entry.id: entry.id in cached for entry in CATALOGUE},
+    }
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    table = Table(show_header=False, box=None)
+    table.add_column(style="bold")
+    table.add_column()
+    for key, value in report.items():
+        if key != "models_present":
+            table.add_row(key, str(value))
+    out.print(table)
+    for model_id, present in report["models_present"].items():
+        mark = "[green]present[/]" if present else "[dim]not downloaded[/]"
+        out.print(f"  {model_id}: {mark}")
+
+
+def _cached_repos() -> dict[str, int]:
+    from huggingface_hub import scan_cache_dir
+    from huggingface_hub.errors import CacheNotFound
+
+    try:
+        info = scan_cache_dir()
+    except CacheNotFound:
+        return {}
+    return {repo.repo_id: repo.size_on_disk for repo in info.repos if repo.repo_type == "model"}
+
+
+def _human_size(size: int | None) -> str:
+    value = float(size or 0)
+    for unit in ("B", "KB", "MB", "GB"):
+        if value < 1024:
+            return f"{value:.0f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TB"
+
+
+@app.callback(invoke_without_command=True)
+def _root(
+    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
+) -> None:
+    if version:
+        out.print(f"muselab {__version__}")
+        raise typer.Exit()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,135 @@
+"""Settings (environment variables prefixed ``MUSELAB_`` or CLI flags) and the model catalogue."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import platformdirs
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Kind = Literal["music", "image"]
+Preset = Literal["default", "tiny"]
+DeviceChoice = Literal["auto", "cpu", "cuda", "mps"]
+DtypeChoice = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+@dataclass(frozen=True)
+class CatalogueEntry:
+    """A model muselab knows by name, with the defaults that suit it."""
+
+    id: str
+    kind: Kind
+    description: str
+    default: bool = False
+    # Images: sampler defaults. Distilled models need few steps and no guidance.
+    steps: int | None = None
+    guidance: float | None = None
+    scheduler: str | None = None
+
+
+CATALOGUE: tuple[CatalogueEntry, ...] = (
+    CatalogueEntry("facebook/musicgen-small", "music", "MusicGen 300M, mono 32 kHz", default=True),
+    CatalogueEntry("facebook/musicgen-medium", "music", "MusicGen 1.5B, mono 32 kHz"),
+    CatalogueEntry("facebook/musicgen-large", "music", "MusicGen 3.3B, mono 32 kHz"),
+    CatalogueEntry("facebook/musicgen-stereo-small", "music", "MusicGen 300M, stereo 32 kHz"),
+    CatalogueEntry("facebook/musicgen-stereo-medium", "music", "MusicGen 1.5B, stereo 32 kHz"),
+    CatalogueEntry("facebook/musicgen-stereo-large", "music", "MusicGen 3.3B, stereo 32 kHz"),
+    CatalogueEntry(
+        "CompVis/stable-diffusion-v1-4",
+        "image",
+        "Stable Diffusion 1.4, 512x512",
+        default=True,
+        steps=25,
+        guidance=7.5,
+        scheduler="DPM++ 2M Karras",
+    ),
+    CatalogueEntry(
+        "stable-diffusion-v1-5/stable-diffusion-v1-5",
+        "image",
+        "Stable Diffusion 1.5, 512x512",
+        steps=25,
+        guidance=7.5,
+        scheduler="DPM++ 2M Karras",
+    ),
+    CatalogueEntry(
+        "stabilityai/sd-turbo",
+        "image",
+        "SD 2.1 distilled: 1-4 steps, no guidance, 512x512",
+        steps=1,
+        guidance=0.0,
+        scheduler="Euler a",
+    ),
+)
+
+#: Sampler settings for a model that is not in the catalogue (any SD 1.x/2.x id or folder).
+GENERIC_IMAGE_DEFAULTS = CatalogueEntry("", "image", "", steps=25, guidance=7.5, scheduler="DPM++ 2M Karras")
+
+
+def catalogue_entry(model_id: str) -> CatalogueEntry | None:
+    return next((entry for entry in CATALOGUE if entry.id == model_id), None)
+
+
+def default_model(kind: Kind) -> str:
+    return next(entry.id for entry in CATALOGUE if entry.kind == kind and entry.default)
+
+
+class Settings(BaseSettings):
+    """Every setting can come from an environment variable, e.g. ``MUSELAB_DATA_DIR``."""
+
+    model_config = SettingsConfigDict(env_prefix="MUSELAB_", extra="ignore")
+
+    data_dir: Path = Field(
+        default_factory=lambda: Path(platformdirs.user_data_dir("muselab")),
+        description="Where outputs, history and the tiny models live.",
+    )
+    output_dir: Path | None = Field(
+        default=None, description="Where generated files go; default <data_dir>/outputs."
+    )
+    preset: Preset = Field(
+        default="default",
+        description="'tiny' swaps every model for a tiny random-weight one built locally "
+        "(for trying the pipeline and for tests; the output is noise).",
+    )
+    music_model: str | None = Field(default=None, description="Hub id or folder of the music model.")
+    image_model: str | None = Field(default=None, description="Hub id or folder of the image model.")
+    device: DeviceChoice = "auto"
+    dtype: DtypeChoice = "auto"
+    safety_checker: bool = True
+    offline: bool | None = Field(
+        default=None, description="Never reach the hub; default follows HF_HUB_OFFLINE."
+    )
+
+    @property
+    def outputs(self) -> Path:
+        return self.output_dir or self.data_dir / "outputs"
+
+    @property
+    def tiny_models_dir(self) -> Path:
+        return self.data_dir / "tiny-models"
+
+    def model_for(self, kind: Kind) -> str:
+        """The model a command of this kind uses: explicit setting, then preset, then catalogue."""
+        explicit = self.music_model if kind == "music" else self.image_model
+        if explicit:
+            return explicit
+        if self.preset == "tiny":
+            from muselab.testing.tiny import TINY_FOLDERS
+
+            return str(self.tiny_models_dir / TINY_FOLDERS[kind])
+        return default_model(kind)
+
+    def is_offline(self) -> bool:
+        if self.offline is not None:
+            return self.offline
+        from huggingface_hub import constants
+
+        return bool(constants.HF_HUB_OFFLINE)
+
+
+def hf_cache_dir() -> Path:
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)

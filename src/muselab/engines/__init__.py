@@ -1,0 +1,50 @@
+"""Engines: load a model once, then `generate(request, on_progress, cancel)`."""
+
+from __future__ import annotations
+
+from muselab.config import Kind, Settings
+from muselab.devices import choose_placement
+from muselab.engines.base import (
+    Cancelled,
+    CancelToken,
+    Engine,
+    GenerationResult,
+    ImageOutput,
+    ModelUnavailable,
+    MusicOutput,
+    ProgressEvent,
+)
+
+__all__ = [
+    "CancelToken",
+    "Cancelled",
+    "Engine",
+    "GenerationResult",
+    "ImageOutput",
+    "ModelUnavailable",
+    "MusicOutput",
+    "ProgressEvent",
+    "load_engine",
+]
+
+
+def load_engine(kind: Kind, settings: Settings, model: str | None = None) -> Engine:
+    """Load the engine for `kind`, using `model` or the one the settings name."""
+    from muselab.quiet import quiet_libraries
+
+    quiet_libraries()
+    model = model or settings.model_for(kind)
+    if settings.preset == "tiny" and model == settings.model_for(kind):
+        from muselab.testing.tiny import ensure_tiny_model
+
+        ensure_tiny_model(settings.tiny_models_dir, kind)
+    placement = choose_placement(settings.device, settings.dtype)
+    if kind == "music":
+        from muselab.engines.music import MusicEngine
+
+        return MusicEngine.load(model, placement, offline=settings.is_offline())
+    from muselab.engines.image import ImageEngine
+
+    return ImageEngine.load(
+        model, placement, safety_checker=settings.safety_checker, offline=settings.is_offline()
+    )

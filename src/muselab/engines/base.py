@@ -1,0 +1,262 @@
+"""What every engine shares: progress events, cancellation, results and model loading errors."""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from muselab.config import hf_cache_dir
+from muselab.devices import Placement
+from muselab.schemas import Request
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    """One step of work done. `step`/`total` count over the whole request (all images or clips)."""
+
+    stage: str  # "generating" or "decoding"
+    step: int
+    total: int
+    elapsed: float
+    eta: float | None
+    item: int = 0  # which image or clip (0-based) is being made
+    items: int = 1
+    preview: Any = None  # a small PIL image, every few image steps when asked for
+
+    @property
+    def fraction(self) -> float:
+        return self.step / self.total if self.total else 0.0
+
+
+ProgressCallback = Callable[[ProgressEvent], None]
+
+
+class Cancelled(Exception):
+    """The user cancelled; `completed` holds the outputs finished before that moment."""
+
+    def __init__(self, completed: list[Any] | None = None):
+        super().__init__("cancelled")
+        self.completed = completed or []
+
+
+class CancelToken:
+    """Set from any thread; the engine checks it between steps and stops within one step."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def cancel(self) -> None:
+        self._event.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set()
+
+    def raise_if_cancelled(self) -> None:
+        if self._event.is_set():
+            raise Cancelled()
+
+
+class ProgressClock:
+    """Counts steps and estimates time left from the steps done so far."""
+
+    def __init__(self, total: int, on_progress: ProgressCallback | None, items: int = 1):
+        self.total, self.items, self.on_progress = total, items, on_progress
+        self.start = time.perf_counter()
+        self.first_step_at: float | None = None
+        self.step = 0
+
+    def advance(self, item: int, stage: str = "generating", preview: Any = None) -> None:
+        self.step += 1
+        now = time.perf_counter()
+        if self.first_step_at is None:
+            # The first step carries one-off costs (allocation, text encoding); estimate from it
+            # only until a second step is seen.
+            self.first_step_at = now
+            eta = (now - self.start) * (self.total - self.step)
+        else:
+            per_step = (now - self.first_step_at) / max(self.step - 1, 1)
+            eta = per_step * (self.total - self.step)
+        self.emit(stage, item, eta, preview)
+
+    def emit(self, stage: str, item: int, eta: float | None, preview: Any = None) -> None:
+        if self.on_progress is not None:
+            event = ProgressEvent(
+                stage=stage,
+                step=self.step,
+                total=self.total,
+                elapsed=time.perf_counter() - self.start,
+                eta=max(eta, 0.0) if eta is not None else None,
+                item=item,
+                items=self.items,
+                preview=preview,
+            )
+            self.on_progress(event)
+
+
+@dataclass
+class ImageOutput:
+    image: Any  # PIL.Image.Image
+    seed: int
+    flagged: bool = False
+
+
+@dataclass
+class MusicOutput:
+    audio: Any  # numpy float32 array, (samples, channels)
+    sample_rate: int
+    seed: int
+
+
+@dataclass
+class GenerationResult:
+    """Outputs plus the fully resolved request (every default filled in) that made them."""
+
+    request: Request
+    outputs: list[Any]
+    model_name: str
+    device: str
+    dtype: str
+    seconds: float
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class Engine(Protocol):
+    kind: str
+    model: str
+    placement: Placement
+
+    def generate(
+        self,
+        request: Any,
+        on_progress: ProgressCallback | None = None,
+        cancel: CancelToken | None = None,
+    ) -> GenerationResult: ...
+
+
+class ModelUnavailable(RuntimeError):
+    """The model's weights cannot be loaded; the message says why and how to fix it."""
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+# Only what from_pretrained needs with use_safetensors=True; never pickled weights.
+DOWNLOAD_PATTERNS = ["*.json", "*.txt", "*.safetensors", "*.model", "*.md"]
+SKIP_PATTERNS = ["*.fp16.*", "*non_ema*", "*ema-only*", "*.onnx*", "*.msgpack", "*.h5"]
+
+
+def locate_model(model: str, offline: bool, kind: str) -> str:
+    """A local folder holding `model`: the folder itself, its cached snapshot, or a fresh download.
+
+    Hub ids found in the Hugging Face cache load with no network at all; missing ones are
+    downloaded (with a progress bar) unless offline. Anything else raises ModelUnavailable.
+    """
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return str(path)
+    looks_like_path = model.startswith((".", "/", "~")) or model.count("/") > 1 or "\\" in model
+    if looks_like_path or path.exists():
+        raise ModelUnavailable(
+            f"The {kind} model folder '{model}' does not exist (or is not a folder).\n"
+            f"Fix: pass --model with a folder that holds a saved {kind} model, or a hub id."
+        )
+    if not _HUB_ID.match(model):
+        raise ModelUnavailable(
+            f"'{model}' is neither a local folder nor a Hugging Face hub id (like 'facebook/musicgen-small')."
+        )
+    cached = cached_snapshot(model)
+    if cached is not None:
+        return str(cached)
+    if offline:
+        raise ModelUnavailable(
+            missing_weights_message(model, kind, "you are offline (HF_HUB_OFFLINE or --offline)")
+        )
+    return str(download_model(model, kind))
+
+
+def cached_snapshot(model_id: str) -> Path | None:
+    """The cached snapshot folder of a hub id, if a complete-looking one is there."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        folder = Path(snapshot_download(model_id, local_files_only=True))
+    except (LocalEntryNotFoundError, OSError, ValueError):
+        return None
+    has_config = (folder / "config.json").exists() or (folder / "model_index.json").exists()
+    return folder if has_config else None
+
+
+def download_model(model_id: str, kind: str = "requested") -> Path:
+    """Fetch a hub model's safetensors weights and configs into the cache, with a progress bar."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if not hub_reachable():
+        raise ModelUnavailable(missing_weights_message(model_id, kind, "huggingface.co cannot be reached"))
+    try:
+        return Path(
+            snapshot_download(model_id, allow_patterns=DOWNLOAD_PATTERNS, ignore_patterns=SKIP_PATTERNS)
+        )
+    except (OSError, HfHubHTTPError, ValueError) as exc:
+        raise ModelUnavailable(missing_weights_message(model_id, kind, _hub_failure(exc))) from None
+
+
+def hub_reachable(timeout: float = 5.0) -> bool:
+    """A quick TCP check, so an unplugged machine fails in seconds, not after minutes of retries."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    try:
+        with socket.create_connection((url.hostname or "", url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _hub_failure(exc: BaseException) -> str:
+    text = str(exc).lower()
+    if "gated" in text or "401" in text or "403" in text:
+        return (
+            "the repository is gated or private: accept its licence on huggingface.co "
+            "and log in (`hf auth login`)"
+        )
+    if "404" in text or "not found" in text:
+        return "no such repository exists on the hub (check the id)"
+    return f"the download failed ({_first_line(exc)})"
+
+
+def missing_weights_message(model: str, kind: str, why: str) -> str:
+    return (
+        f"The {kind} model '{model}' is not available: it is not in the local cache ({hf_cache_dir()}) "
+        f"and {why}.\n"
+        "Fix it with one of:\n"
+        f"  - download it while online:   muselab models download {model}\n"
+        "  - use a saved copy:           --model PATH (a folder)\n"
+        "  - try the pipeline offline:   --preset tiny (tiny random-weight models; the output is noise)"
+    )
+
+
+def load_or_explain(load: Callable[[], Any], model: str, kind: str) -> Any:
+    """Run a from_pretrained call on a local folder, turning its failures into ModelUnavailable."""
+    try:
+        return load()
+    except ModelUnavailable:
+        raise
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ModelUnavailable(
+            f"'{model}' could not be loaded as a {kind} model (safetensors weights are required): "
+            f"{_first_line(exc)}"
+        ) from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]

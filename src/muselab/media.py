@@ -1,0 +1,383 @@
+"""Files that carry their own recipe: PNG and WAV/FLAC/OGG encoding, metadata, safe naming.
+
+Images get an A1111-compatible ``parameters`` text chunk (read by A1111's PNG Info,
+sd-parsers, Civitai...) plus a ``muselab`` chunk holding the full request as JSON.
+Audio gets the same JSON in its comment (RIFF ``LIST/INFO/ICMT`` for WAV, a
+Vorbis comment for FLAC/OGG). Files are written to a temporary name and linked
+into place, so a reader never sees half a file and an existing file is never
+overwritten.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import struct
+import tempfile
+import unicodedata
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from muselab import __version__
+from muselab.engines.base import GenerationResult, ImageOutput, MusicOutput
+
+RECIPE_KEY = "muselab"
+AUDIO_FORMATS = {"wav": ("WAV", "PCM_16"), "flac": ("FLAC", "PCM_16"), "ogg": ("OGG", "VORBIS")}
+_A1111_SAMPLERS = {"DPM++ 2M Karras": ("DPM++ 2M", "Karras"), "PNDM": ("PLMS", None)}
+
+
+class MetadataError(ValueError):
+    """A file that holds no recipe muselab can read."""
+
+
+# ---------------------------------------------------------------- recipes
+
+
+def recipe_for(result: GenerationResult, output: ImageOutput | MusicOutput) -> dict[str, Any]:
+    """What one output file records: the exact request that remakes it, and where it was made.
+
+    No timestamp: the same request on the same machine gives byte-identical files.
+    """
+    count_field = "num_images" if isinstance(output, ImageOutput) else "num_clips"
+    request = result.request.model_copy(update={"seed": output.seed, count_field: 1})
+    recipe: dict[str, Any] = {
+        "software": f"muselab {__version__}",
+        "model_name": result.model_name,
+        "device": result.device,
+        "dtype": result.dtype,
+        "request": request.model_dump(mode="json"),
+    }
+    if isinstance(output, ImageOutput):
+        recipe["flagged"] = output.flagged
+    else:
+        recipe["sample_rate"] = output.sample_rate
+    return recipe
+
+
+def a1111_parameters(request: dict[str, Any], model_name: str) -> str:
+    """The A1111 'parameters' text: prompt, negative prompt line, then `Key: value` pairs."""
+    sampler, schedule = _A1111_SAMPLERS.get(request["scheduler"], (request["scheduler"], None))
+    pairs: list[tuple[str, Any]] = [("Steps", request["steps"]), ("Sampler", sampler)]
+    if schedule:
+        pairs.append(("Schedule type", schedule))
+    pairs += [
+        ("CFG scale", _plain_number(request["guidance"])),
+        ("Seed", request["seed"]),
+        ("Size", f"{request['width']}x{request['height']}"),
+        ("Model", model_name),
+        ("Version", f"muselab {__version__}"),
+    ]
+    lines = [request["prompt"]]
+    if request.get("negative_prompt"):
+        lines.append(f"Negative prompt: {request['negative_prompt']}")
+    lines.append(", ".join(f"{key}: {_quote(value)}" for key, value in pairs))
+    return "\n".join(lines)
+
+
+def parse_a1111_parameters(text: str) -> dict[str, Any]:
+    """Read A1111 'parameters' text back into an image request (as a dict)."""
+    lines = text.strip().split("\n")
+    settings_line = lines[-1] if len(lines) > 1 and re.match(r"^\s*Steps:", lines[-1]) else ""
+    body = lines[:-1] if settings_line else lines
+    prompt_lines, negative_lines, in_negative = [], [], False
+    for line in body:
+        if line.startswith("Negative prompt:"):
+            in_negative = True
+            line = line.removeprefix("Negative prompt:").strip()
+        (negative_lines if in_negative else prompt_lines).append(line)
+    pairs = dict(
+        (key.strip(), json.loads(value) if value.startswith('"') else value.strip())
+        for key, value in re.findall(r'\s*([\w \-/]+):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)', settings_line)
+    )
+    request: dict[str, Any] = {"prompt": "\n".join(prompt_lines).strip()}
+    if negative_lines:
+        request["negative_prompt"] = "\n".join(negative_lines).strip()
+    if "Steps" in pairs:
+        request["steps"] = int(pairs["Steps"])
+    if "CFG scale" in pairs:
+        request["guidance"] = float(pairs["CFG scale"])
+    if "Seed" in pairs:
+        request["seed"] = int(pairs["Seed"])
+    if "Size" in pairs:
+        width, height = pairs["Size"].split("x")
+        request["width"], request["height"] = int(width), int(height)
+    if "Sampler" in pairs:
+        request["scheduler"] = _scheduler_from_a1111(pairs["Sampler"], pairs.get("Schedule type"))
+    if "Model" in pairs:
+        request["model_name"] = pairs["Model"]
+    return request
+
+
+def _scheduler_from_a1111(sampler: str, schedule: str | None) -> str:
+    if sampler in ("PLMS", "PNDM"):
+        return "PNDM"
+    if sampler.startswith("DPM++ 2M"):
+        karras = schedule == "Karras" or sampler.endswith("Karras")
+        return "DPM++ 2M Karras" if karras else "DPM++ 2M"
+    return sampler
+
+
+def _quote(value: Any) -> str:
+    text = str(value)
+    return json.dumps(text) if ("," in text or ":" in text or '"' in text) and not text.isdigit() else text
+
+
+def _plain_number(value: float) -> str:
+    return f"{value:g}"
+
+
+# ---------------------------------------------------------------- names and atomic writes
+
+
+def slugify(text: str, max_length: int = 48) -> str:
+    ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
+    slug = re.sub(r"[^a-z0-9]+", "-", ascii_text.lower()).strip("-")
+    return slug[:max_length].rstrip("-") or "untitled"
+
+
+def output_name(prompt: str, seed: int, extension: str) -> str:
+    return f"{slugify(prompt)}-{seed}.{extension}"
+
+
+def write_new_file(target: Path, write: Callable[[io.BufferedWriter], None]) -> Path:
+    """Write via a temporary file and link it in under `target`, or `stem-2`, `stem-3`... if taken.
+
+    The link is atomic and fails when the name exists, so two writers never clobber each
+    other and a crash leaves at most a hidden temporary file, never a half-written output.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.stem}-", suffix=".part", dir=target.parent)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        candidate, number = target, 1
+        while True:
+            try:
+                os.link(tmp, candidate)
+                return candidate
+            except FileExistsError:
+                number += 1
+                candidate = target.with_name(f"{target.stem}-{number}{target.suffix}")
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------- images
+
+
+def encode_png(image: Any, recipe: dict[str, Any]) -> bytes:
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    request = recipe["request"]
+    info.add_itxt("parameters", a1111_parameters(request, recipe["model_name"]))
+    info.add_itxt(RECIPE_KEY, json.dumps(recipe, ensure_ascii=False))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+def save_image(image: Any, recipe: dict[str, Any], target: Path) -> Path:
+    data = encode_png(image, recipe)
+    return write_new_file(target, lambda handle: handle.write(data))
+
+
+# ---------------------------------------------------------------- audio
+
+
+def normalize_loudness(audio: np.ndarray, target_dbfs: float = -16.0, peak_dbfs: float = -1.0) -> np.ndarray:
+    """Scale to a target RMS level, never letting the peak pass `peak_dbfs`."""
+    rms = float(np.sqrt(np.mean(np.square(audio, dtype=np.float64))))
+    peak = float(np.max(np.abs(audio))) if audio.size else 0.0
+    if rms < 1e-9:
+        return audio
+    gain = min(10 ** (target_dbfs / 20) / rms, 10 ** (peak_dbfs / 20) / peak)
+    return (audio * gain).astype(np.float32)
+
+
+def encode_audio(audio: np.ndarray, sample_rate: int, recipe: dict[str, Any], extension: str) -> bytes:
+    import soundfile as sf
+
+    if extension not in AUDIO_FORMATS:
+        raise ValueError(f"unsupported audio format '{extension}': use one of {', '.join(AUDIO_FORMATS)}")
+    container, subtype = AUDIO_FORMATS[extension]
+    audio = np.clip(audio, -1.0, 1.0)
+    buffer = io.BytesIO()
+    comment = json.dumps(recipe, ensure_ascii=False)
+    title = recipe["request"]["prompt"][:200]
+    with sf.SoundFile(buffer, "w", sample_rate, audio.shape[1], format=container, subtype=subtype) as handle:
+        if container != "WAV":
+            handle.title, handle.comment, handle.software = title, comment, recipe["software"]
+        handle.write(audio)
+    data = buffer.getvalue()
+    if container == "WAV":
+        # libsndfile drops WAV comments over about 2 KB; write the INFO chunk ourselves.
+        data = _add_wav_info(data, {"INAM": title, "ISFT": recipe["software"], "ICMT": comment})
+    return data
+
+
+def save_audio(
+    audio: np.ndarray, sample_rate: int, recipe: dict[str, Any], target: Path, normalize: bool = False
+) -> Path:
+    if normalize:
+        audio = normalize_loudness(audio)
+    data = encode_audio(audio, sample_rate, recipe, target.suffix.lstrip(".").lower())
+    return write_new_file(target, lambda handle: handle.write(data))
+
+
+def _add_wav_info(riff: bytes, fields: dict[str, str]) -> bytes:
+    body = b"INFO"
+    for key, text in fields.items():
+        value = text.encode("utf-8") + b"\0"
+        body += (
+            key.encode("ascii") + struct.pack("<I", len(value)) + value + (b"\0" if len(value) % 2 else b"")
+        )
+    chunk = b"LIST" + struct.pack("<I", len(body)) + body
+    data = riff + chunk
+    return data[:4] + struct.pack("<I", len(data) - 8) + data[8:]
+
+
+def _read_wav_info(data: bytes) -> dict[str, str]:
+    if data[:4] != b"RIFF" or data[8:12] != b"WAVE":
+        return {}
+    fields: dict[str, str] = {}
+    position = 12
+    while position + 8 <= len(data):
+        chunk_id, size = (
+            data[position : position + 4],
+            struct.unpack("<I", data[position + 4 : position + 8])[0],
+        )
+        body = data[position + 8 : position + 8 + size]
+        if chunk_id == b"LIST" and body[:4] == b"INFO":
+            inner = 4
+            while inner + 8 <= len(body):
+                key, length = body[inner : inner + 4], struct.unpack("<I", body[inner + 4 : inner + 8])[0]
+                fields[key.decode("ascii", "replace")] = (
+                    body[inner + 8 : inner + 8 + length].rstrip(b"\0").decode("utf-8", "replace")
+                )
+                inner += 8 + length + (length % 2)
+        position += 8 + size + (size % 2)
+    return fields
+
+
+# ---------------------------------------------------------------- reading back
+
+
+def read_metadata(path: Path) -> dict[str, Any]:
+    """The recipe a file carries: {'recipe': {...} or None, 'parameters': str or None, 'format': ...}.
+
+    PNGs from other tools (A1111 and friends) have only 'parameters'; it is parsed into a request.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise MetadataError(f"No such file: {path}")
+    suffix = path.suffix.lower()
+    if suffix == ".png":
+        from PIL import Image
+
+        try:
+            with Image.open(path) as image:
+                text = dict(getattr(image, "text", {}) or {})
+                size = image.size
+        except OSError as exc:
+            raise MetadataError(f"{path} is not a readable PNG: {exc}") from None
+        recipe = json.loads(text[RECIPE_KEY]) if RECIPE_KEY in text else None
+        parameters = text.get("parameters")
+        if recipe is None and parameters is None:
+            raise MetadataError(f"{path} carries no generation recipe (no 'parameters' or 'muselab' chunk).")
+        return {"format": "png", "size": size, "recipe": recipe, "parameters": parameters}
+    if suffix.lstrip(".") in AUDIO_FORMATS:
+        import soundfile as sf
+
+        try:
+            info = sf.info(str(path))
+        except RuntimeError as exc:
+            raise MetadataError(f"{path} is not a readable audio file: {exc}") from None
+        if suffix == ".wav":
+            comment = _read_wav_info(path.read_bytes()).get("ICMT", "")
+        else:
+            with sf.SoundFile(str(path)) as handle:
+                comment = handle.comment
+        try:
+            recipe = json.loads(comment)
+        except json.JSONDecodeError:
+            raise MetadataError(f"{path} carries no muselab recipe in its comment.") from None
+        return {
+            "format": suffix.lstrip("."),
+            "recipe": recipe,
+            "sample_rate": info.samplerate,
+            "channels": info.channels,
+            "duration": info.duration,
+        }
+    raise MetadataError(f"{path}: muselab reads recipes from .png, .wav, .flac and .ogg files.")
+
+
+def request_from_file(path: Path) -> dict[str, Any]:
+    """The request that made a file, as a dict ready for the request models."""
+    meta = read_metadata(path)
+    if meta.get("recipe"):
+        return dict(meta["recipe"]["request"])
+    parsed = parse_a1111_parameters(meta["parameters"])
+    parsed.pop("model_name", None)
+    parsed["kind"] = "image"
+    return parsed
+
+
+# ---------------------------------------------------------------- saving a whole result
+
+
+def output_extension(kind: str, output: Path | None, audio_format: str | None = None) -> str:
+    """The file extension for a result, checked before any work is done."""
+    suffix = output.suffix.lower().lstrip(".") if output is not None and not _is_folder(output) else ""
+    if kind == "image":
+        if suffix not in ("", "png"):
+            raise ValueError(f"Images are saved as PNG; change the output name '{output}' to end in .png.")
+        return "png"
+    extension = (audio_format or suffix or "wav").lower()
+    if extension not in AUDIO_FORMATS:
+        raise ValueError(
+            f"Unsupported audio format '{extension}': use one of {', '.join(AUDIO_FORMATS)} "
+            "(--format, or the output file's extension)."
+        )
+    if suffix and audio_format and suffix != audio_format.lower():
+        raise ValueError(f"--format {audio_format} does not match the output name '{output}'.")
+    return extension
+
+
+def save_result(
+    result: GenerationResult,
+    output: Path | None,
+    default_dir: Path,
+    audio_format: str | None = None,
+    normalize: bool = False,
+) -> list[Path]:
+    """Save every output of `result`, each with its own recipe, and return the paths written."""
+    kind = result.request.kind
+    extension = output_extension(kind, output, audio_format)
+    paths = []
+    for number, item in enumerate(result.outputs, start=1):
+        if output is None or _is_folder(output):
+            folder = default_dir if output is None else output
+            target = folder / output_name(result.request.prompt, item.seed, extension)
+        elif len(result.outputs) == 1:
+            target = output.with_suffix(f".{extension}")
+        else:
+            target = output.with_name(f"{output.stem}-{number}.{extension}")
+        recipe = recipe_for(result, item)
+        if isinstance(item, ImageOutput):
+            paths.append(save_image(item.image, recipe, target))
+        else:
+            paths.append(save_audio(item.audio, item.sample_rate, recipe, target, normalize))
+    return paths
+
+
+def _is_folder(path: Path) -> bool:
+    return path.is_dir() or str(path).endswith(("/", os.sep))

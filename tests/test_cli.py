@@ -1,0 +1,235 @@
+"""The `muselab` command end to end, in real subprocesses, on the tiny models, offline."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import soundfile as sf
+from PIL import Image
+
+from conftest import run_cli
+from muselab.media import parse_a1111_parameters
+
+
+def test_image_twice_gives_byte_identical_pngs_with_parameters(cli_env, tmp_path):
+    first = run_cli(
+        ["image", "a red fox", "--preset", "tiny", "--seed", "1", "-o", "a.png"], cli_env, tmp_path
+    )
+    assert first.returncode == 0, first.stderr
+    second = run_cli(
+        ["image", "a red fox", "--preset", "tiny", "--seed", "1", "-o", "b.png"], cli_env, tmp_path
+    )
+    assert second.returncode == 0, second.stderr
+    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
+    assert "Saved" in first.stdout and "a.png" in first.stdout
+    parameters = parse_a1111_parameters(Image.open(tmp_path / "a.png").text["parameters"])
+    assert parameters["prompt"] == "a red fox"
+    assert parameters["steps"] == 25 and parameters["scheduler"] == "DPM++ 2M Karras"
+    assert parameters["guidance"] == 7.5 and parameters["seed"] == 1
+    assert (parameters["width"], parameters["height"]) == (64, 64)
+
+
+def test_same_name_again_does_not_overwrite(cli_env, tmp_path):
+    for _ in range(2):
+        done = run_cli(
+            ["image", "fox", "--preset", "tiny", "--seed", "2", "--steps", "2", "-o", "a.png"],
+            cli_env,
+            tmp_path,
+        )
+        assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["a-2.png", "a.png"]
+
+
+def test_music_writes_two_seconds_at_the_model_rate_and_info_reads_it(cli_env, tmp_path):
+    made = run_cli(
+        ["music", "calm piano", "--preset", "tiny", "--duration", "2", "-o", "a.wav"], cli_env, tmp_path
+    )
+    assert made.returncode == 0, made.stderr
+    info = sf.info(str(tmp_path / "a.wav"))
+    assert info.samplerate == 32000
+    assert abs(info.frames - 2 * 32000) <= 640  # within one audio frame (640 samples at 50 Hz)
+    shown = run_cli(["info", "a.wav"], cli_env, tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    assert (
+        "calm piano" in shown.stdout
+        and "duration" in shown.stdout
+        and "muselab music --from a.wav" in shown.stdout
+    )
+    as_json = json.loads(run_cli(["info", "a.wav", "--json"], cli_env, tmp_path).stdout)
+    assert as_json["recipe"]["request"]["duration"] == 2.0
+    assert as_json["sample_rate"] == 32000
+
+
+def test_from_file_re_runs_the_recipe_exactly(cli_env, tmp_path):
+    made = run_cli(
+        ["music", "drums", "--preset", "tiny", "-d", "1", "-o", "one.flac", "--json"], cli_env, tmp_path
+    )
+    assert made.returncode == 0, made.stderr
+    result = json.loads(made.stdout)
+    assert result["files"][0]["path"].endswith("one.flac") and result["request"]["seed"] is not None
+    again = run_cli(["music", "--from", "one.flac", "-o", "two.flac"], cli_env, tmp_path)
+    assert again.returncode == 0, again.stderr
+    first, _ = sf.read(tmp_path / "one.flac")
+    second, _ = sf.read(tmp_path / "two.flac")
+    assert (first == second).all()
+    changed = run_cli(
+        ["music", "--from", "one.flac", "--seed", "5", "-o", "three.flac", "--json"], cli_env, tmp_path
+    )
+    assert json.loads(changed.stdout)["request"]["seed"] == 5
+
+
+def test_image_from_file_and_override(cli_env, tmp_path):
+    run_cli(
+        ["image", "a boat", "--preset", "tiny", "--seed", "3", "--steps", "3", "-o", "boat.png"],
+        cli_env,
+        tmp_path,
+    )
+    again = run_cli(["image", "--from", "boat.png", "-o", "again.png"], cli_env, tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert (tmp_path / "boat.png").read_bytes() == (tmp_path / "again.png").read_bytes()
+    wrong_kind = run_cli(["music", "--from", "boat.png"], cli_env, tmp_path)
+    assert wrong_kind.returncode != 0 and "muselab image --from" in wrong_kind.stderr
+
+
+def test_json_result_and_several_images(cli_env, tmp_path):
+    done = run_cli(
+        [
+            "image",
+            "fox",
+            "--preset",
+            "tiny",
+            "--seed",
+            "9",
+            "--steps",
+            "2",
+            "-n",
+            "2",
+            "-o",
+            str(tmp_path) + "/",
+            "--json",
+        ],
+        cli_env,
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert [f["seed"] for f in result["files"]] == [9, 10]
+    assert [f["flagged"] for f in result["files"]] == [False, False]
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["fox-10.png", "fox-9.png"]
+    progress = [json.loads(line) for line in done.stderr.splitlines() if line.startswith("{")]
+    assert [p["step"] for p in progress] == [1, 2, 3, 4] and progress[-1]["total"] == 4
+
+
+def test_bad_input_names_the_field_and_writes_nothing(cli_env, tmp_path):
+    done = run_cli(["music", "x", "--preset", "tiny", "--duration", "45"], cli_env, tmp_path)
+    assert done.returncode == 2
+    assert "duration: must be a number from 1 to 30 (got 45.0)" in done.stderr
+    assert "Traceback" not in done.stderr
+    bad_ext = run_cli(["image", "x", "--preset", "tiny", "-o", "x.jpg"], cli_env, tmp_path)
+    assert bad_ext.returncode == 2 and "end in .png" in bad_ext.stderr
+    no_prompt = run_cli(["image"], cli_env, tmp_path)
+    assert no_prompt.returncode == 2 and "Give a prompt" in no_prompt.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_weights_offline_is_one_clear_message(cli_env, tmp_path):
+    done = run_cli(["music", "calm piano"], cli_env, tmp_path)
+    assert done.returncode == 3
+    message = done.stderr
+    assert "facebook/musicgen-small" in message
+    assert str(tmp_path / "hf-home" / "hub") in message  # the cache folder
+    assert "muselab models download facebook/musicgen-small" in message
+    assert "--model PATH" in message and "--preset tiny" in message
+    assert "Traceback" not in message and "offline" in message
+
+
+def test_missing_local_folder_is_explained(cli_env, tmp_path):
+    done = run_cli(["image", "x", "--model", "./no-such-model"], cli_env, tmp_path)
+    assert done.returncode == 3
+    assert "'./no-such-model' does not exist" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_folder_that_is_not_a_model_is_explained(cli_env, tmp_path):
+    (tmp_path / "empty").mkdir()
+    done = run_cli(["music", "x", "--model", str(tmp_path / "empty")], cli_env, tmp_path)
+    assert done.returncode == 3
+    assert "could not be loaded as a music model" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_ctrl_c_cancels_cleanly_and_leaves_no_file(cli_env, tmp_path):
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "muselab",
+            "image",
+            "fox",
+            "--preset",
+            "tiny",
+            "--steps",
+            "150",
+            "-n",
+            "8",
+            "-o",
+            "never.png",
+            "--json",
+        ],
+        env=cli_env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stderr is not None
+    started = time.monotonic()
+    for line in process.stderr:  # wait until denoising has really started
+        if line.startswith('{"event": "progress"'):
+            break
+        assert time.monotonic() - started < 120
+    process.send_signal(signal.SIGINT)
+    _, rest = process.communicate(timeout=60)
+    assert process.returncode == 130
+    assert "Cancelled; nothing partial was written." in rest
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_models_list_doctor_and_make_tiny(cli_env, tmp_path):
+    listed = json.loads(run_cli(["models", "list", "--json"], cli_env).stdout)
+    ids = {row["id"]: row for row in listed}
+    assert ids["facebook/musicgen-small"]["default"] and ids["CompVis/stable-diffusion-v1-4"]["default"]
+    assert "stabilityai/sd-turbo" in ids and not any(row["cached"] for row in listed)
+    table = run_cli(["models", "list"], cli_env).stdout
+    assert "facebook/musicgen-stereo-large" in table
+    doctor = json.loads(run_cli(["doctor", "--json"], cli_env).stdout)
+    assert doctor["device"] == "cpu" and doctor["dtype"] in ("float32", "bfloat16")
+    assert doctor["reason"] and doctor["offline"] is True
+    made = run_cli(["models", "make-tiny", str(tmp_path / "tiny")], cli_env)
+    assert made.returncode == 0, made.stderr
+    assert (tmp_path / "tiny" / "tiny-musicgen" / "model.safetensors").exists()
+    assert (
+        tmp_path / "tiny" / "tiny-stable-diffusion" / "unet" / "diffusion_pytorch_model.safetensors"
+    ).exists()
+    used = run_cli(
+        [
+            "image",
+            "x",
+            "--model",
+            str(tmp_path / "tiny" / "tiny-stable-diffusion"),
+            "--steps",
+            "2",
+            "-o",
+            "t.png",
+        ],
+        cli_env,
+        tmp_path,
+    )
+    assert used.returncode == 0, used.stderr
+
+
+def test_info_on_a_file_without_recipe(cli_env, tmp_path):
+    Image.new("RGB", (4, 4)).save(tmp_path / "plain.png")
+    done = run_cli(["info", "plain.png"], cli_env, tmp_path)
+    assert done.returncode == 2 and "carries no generation recipe" in done.stderr

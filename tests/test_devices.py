@@ -1,0 +1,55 @@
+"""Device and dtype choice: bf16 only where the CPU has it natively."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from muselab import devices
+
+
+@pytest.fixture
+def cpu_only(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+
+
+def test_avx2_only_cpu_gets_float32(cpu_only, monkeypatch):
+    monkeypatch.setattr(devices, "cpu_flags", lambda: frozenset({"avx2", "fma", "avx512f"}))
+    placement = devices.choose_placement()
+    assert (placement.device, placement.dtype) == ("cpu", torch.float32)
+    assert "no native bf16" in placement.reason
+
+
+@pytest.mark.parametrize("flag", ["avx512_bf16", "amx_bf16"])
+def test_native_bf16_cpu_gets_bfloat16(cpu_only, monkeypatch, flag):
+    monkeypatch.setattr(devices, "cpu_flags", lambda: frozenset({"avx2", flag}))
+    placement = devices.choose_placement()
+    assert (placement.device, placement.dtype) == ("cpu", torch.bfloat16)
+    assert flag in placement.reason and placement.dtype_name == "bfloat16"
+
+
+def test_explicit_dtype_wins(cpu_only, monkeypatch):
+    monkeypatch.setattr(devices, "cpu_flags", lambda: frozenset({"avx512_bf16"}))
+    placement = devices.choose_placement("cpu", "float32")
+    assert placement.dtype == torch.float32 and "--dtype float32" in placement.reason
+
+
+def test_cuda_gets_float16_when_present(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=0: "Fake GPU")
+    placement = devices.choose_placement()
+    assert (placement.device, placement.dtype) == ("cuda", torch.float16)
+    assert "Fake GPU" in placement.reason
+
+
+def test_asking_for_a_missing_gpu_is_a_clear_error(cpu_only):
+    with pytest.raises(devices.DeviceError, match="use --device cpu"):
+        devices.choose_placement("cuda")
+    with pytest.raises(devices.DeviceError, match="MPS"):
+        devices.choose_placement("mps")
+
+
+def test_this_machine_reads_its_cpu_flags():
+    flags = devices.cpu_flags()
+    assert not flags or "sse2" in flags or "neon" in flags or "asimd" in flags

@@ -1,0 +1,135 @@
+"""The image engine on the tiny SD pipeline: seeds, progress, cancel, schedulers, safety checker."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from muselab.engines import Cancelled, CancelToken
+from muselab.schemas import SCHEDULERS, ImageRequest
+
+
+def pixels(result, index=0):
+    return np.asarray(result.outputs[index].image)
+
+
+def test_same_seed_gives_identical_pixels(image_engine):
+    request = ImageRequest(prompt="a red fox", seed=42, steps=4)
+    first, second = image_engine.generate(request), image_engine.generate(request)
+    assert np.array_equal(pixels(first), pixels(second))
+    other = image_engine.generate(request.model_copy(update={"seed": 43}))
+    assert not np.array_equal(pixels(first), pixels(other))
+
+
+def test_batch_image_i_matches_a_single_run_with_seed_plus_i(image_engine):
+    batch = image_engine.generate(ImageRequest(prompt="a red fox", seed=10, steps=3, num_images=2))
+    assert [out.seed for out in batch.outputs] == [10, 11]
+    single = image_engine.generate(ImageRequest(prompt="a red fox", seed=11, steps=3))
+    assert np.array_equal(pixels(batch, 1), pixels(single))
+
+
+def test_random_seed_is_chosen_and_recorded(image_engine):
+    result = image_engine.generate(ImageRequest(prompt="a red fox", steps=2))
+    assert result.request.seed is not None and result.outputs[0].seed == result.request.seed
+    again = image_engine.generate(ImageRequest(prompt="a red fox", steps=2, seed=result.request.seed))
+    assert np.array_equal(pixels(result), pixels(again))
+
+
+def test_defaults_are_resolved_into_the_recipe(image_engine):
+    result = image_engine.generate(ImageRequest(prompt="a red fox", seed=1))
+    request = result.request
+    assert (request.width, request.height) == (64, 64)  # the tiny UNet's native size
+    assert (request.steps, request.guidance, request.scheduler) == (25, 7.5, "DPM++ 2M Karras")
+    assert result.outputs[0].image.size == (64, 64)
+
+
+def test_progress_events_count_order_and_eta(image_engine):
+    events = []
+    image_engine.generate(
+        ImageRequest(prompt="fox", seed=1, steps=5, num_images=2), on_progress=events.append
+    )
+    assert [e.step for e in events] == list(range(1, 11))
+    assert {e.total for e in events} == {10}
+    assert [e.item for e in events] == [0] * 5 + [1] * 5
+    assert all(e.eta is not None and e.eta >= 0 for e in events)
+    assert events[-1].eta == 0 and events[-1].fraction == 1.0
+    elapsed = [e.elapsed for e in events]
+    assert elapsed == sorted(elapsed)
+
+
+def test_previews_come_every_n_steps(image_engine):
+    events = []
+    image_engine.generate(
+        ImageRequest(prompt="fox", seed=1, steps=6), on_progress=events.append, preview_every=2
+    )
+    with_preview = [e.step for e in events if e.preview is not None]
+    assert with_preview == [2, 4, 6]
+    assert events[1].preview.mode == "RGB" and max(events[1].preview.size) <= 128
+
+
+def test_cancel_mid_generation_stops_within_a_step(image_engine):
+    cancel = CancelToken()
+    events = []
+
+    def on_progress(event):
+        events.append(event)
+        if event.step == 3:
+            cancel.cancel()
+
+    with pytest.raises(Cancelled) as caught:
+        image_engine.generate(ImageRequest(prompt="fox", seed=1, steps=20), on_progress, cancel)
+    assert len(events) == 3  # no step ran after the one that asked to cancel
+    assert caught.value.completed == []
+
+
+def test_cancel_keeps_the_images_already_finished(image_engine):
+    cancel = CancelToken()
+
+    def on_progress(event):
+        if event.item == 1 and event.step == 5:
+            cancel.cancel()
+
+    with pytest.raises(Cancelled) as caught:
+        image_engine.generate(ImageRequest(prompt="fox", seed=1, steps=4, num_images=3), on_progress, cancel)
+    assert [out.seed for out in caught.value.completed] == [1]
+
+
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+def test_every_scheduler_runs(image_engine, scheduler):
+    result = image_engine.generate(ImageRequest(prompt="fox", seed=3, steps=4, scheduler=scheduler))
+    assert result.request.scheduler == scheduler
+    assert type(image_engine.pipe.scheduler).__name__ != "PNDMScheduler" or scheduler == "PNDM"
+    assert pixels(result).std() > 0
+
+
+def test_custom_size_and_negative_prompt(image_engine):
+    result = image_engine.generate(
+        ImageRequest(prompt="fox", negative_prompt="blurry", width=96, height=64, steps=2, seed=1)
+    )
+    assert result.outputs[0].image.size == (96, 64)
+    plain = image_engine.generate(ImageRequest(prompt="fox", width=96, height=64, steps=2, seed=1))
+    assert not np.array_equal(pixels(result), pixels(plain))
+
+
+def test_flagged_image_is_reported_and_blanked(image_engine):
+    checker = image_engine.pipe.safety_checker
+    assert image_engine.has_safety_checker
+    saved = checker.concept_embeds_weights.data.clone()
+    try:
+        checker.concept_embeds_weights.data.fill_(-2.0)  # every image now matches a concept
+        result = image_engine.generate(ImageRequest(prompt="fox", seed=1, steps=2))
+    finally:
+        checker.concept_embeds_weights.data.copy_(saved)
+    assert result.outputs[0].flagged
+    assert pixels(result).max() == 0
+    clean = image_engine.generate(ImageRequest(prompt="fox", seed=1, steps=2))
+    assert not clean.outputs[0].flagged and pixels(clean).max() > 0
+
+
+def test_safety_checker_can_be_turned_off(tiny_settings):
+    from muselab.engines.image import ImageEngine
+
+    engine = ImageEngine.load(tiny_settings.model_for("image"), safety_checker=False, offline=True)
+    assert not engine.has_safety_checker
+    result = engine.generate(ImageRequest(prompt="fox", seed=1, steps=2))
+    assert result.outputs[0].flagged is False
