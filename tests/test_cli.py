@@ -16,13 +16,9 @@ from muselab.media import parse_a1111_parameters
 
 
 def test_image_twice_gives_byte_identical_pngs_with_parameters(cli_env, tmp_path):
-    first = run_cli(
-        ["image", "a red fox", "--preset", "tiny", "--seed", "1", "-o", "a.png"], cli_env, tmp_path
-    )
+    first = run_cli(["image", "a red fox", "--preset", "tiny", "--seed", "1", "-o", "a.png"], cli_env, tmp_path)
     assert first.returncode == 0, first.stderr
-    second = run_cli(
-        ["image", "a red fox", "--preset", "tiny", "--seed", "1", "-o", "b.png"], cli_env, tmp_path
-    )
+    second = run_cli(["image", "a red fox", "--preset", "tiny", "--seed", "1", "-o", "b.png"], cli_env, tmp_path)
     assert second.returncode == 0, second.stderr
     assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
     assert "Saved" in first.stdout and "a.png" in first.stdout
@@ -45,29 +41,21 @@ def test_same_name_again_does_not_overwrite(cli_env, tmp_path):
 
 
 def test_music_writes_two_seconds_at_the_model_rate_and_info_reads_it(cli_env, tmp_path):
-    made = run_cli(
-        ["music", "calm piano", "--preset", "tiny", "--duration", "2", "-o", "a.wav"], cli_env, tmp_path
-    )
+    made = run_cli(["music", "calm piano", "--preset", "tiny", "--duration", "2", "-o", "a.wav"], cli_env, tmp_path)
     assert made.returncode == 0, made.stderr
     info = sf.info(str(tmp_path / "a.wav"))
     assert info.samplerate == 32000
     assert abs(info.frames - 2 * 32000) <= 640  # within one audio frame (640 samples at 50 Hz)
     shown = run_cli(["info", "a.wav"], cli_env, tmp_path)
     assert shown.returncode == 0, shown.stderr
-    assert (
-        "calm piano" in shown.stdout
-        and "duration" in shown.stdout
-        and "muselab music --from a.wav" in shown.stdout
-    )
+    assert "calm piano" in shown.stdout and "duration" in shown.stdout and "muselab music --from a.wav" in shown.stdout
     as_json = json.loads(run_cli(["info", "a.wav", "--json"], cli_env, tmp_path).stdout)
     assert as_json["recipe"]["request"]["duration"] == 2.0
     assert as_json["sample_rate"] == 32000
 
 
 def test_from_file_re_runs_the_recipe_exactly(cli_env, tmp_path):
-    made = run_cli(
-        ["music", "drums", "--preset", "tiny", "-d", "1", "-o", "one.flac", "--json"], cli_env, tmp_path
-    )
+    made = run_cli(["music", "drums", "--preset", "tiny", "-d", "1", "-o", "one.flac", "--json"], cli_env, tmp_path)
     assert made.returncode == 0, made.stderr
     result = json.loads(made.stdout)
     assert result["files"][0]["path"].endswith("one.flac") and result["request"]["seed"] is not None
@@ -76,9 +64,7 @@ def test_from_file_re_runs_the_recipe_exactly(cli_env, tmp_path):
     first, _ = sf.read(tmp_path / "one.flac")
     second, _ = sf.read(tmp_path / "two.flac")
     assert (first == second).all()
-    changed = run_cli(
-        ["music", "--from", "one.flac", "--seed", "5", "-o", "three.flac", "--json"], cli_env, tmp_path
-    )
+    changed = run_cli(["music", "--from", "one.flac", "--seed", "5", "-o", "three.flac", "--json"], cli_env, tmp_path)
     assert json.loads(changed.stdout)["request"]["seed"] == 5
 
 
@@ -120,7 +106,8 @@ def test_json_result_and_several_images(cli_env, tmp_path):
     assert [f["flagged"] for f in result["files"]] == [False, False]
     assert sorted(p.name for p in tmp_path.glob("*.png")) == ["fox-10.png", "fox-9.png"]
     progress = [json.loads(line) for line in done.stderr.splitlines() if line.startswith("{")]
-    assert [p["step"] for p in progress] == [1, 2, 3, 4] and progress[-1]["total"] == 4
+    steps = [p["step"] for p in progress]
+    assert steps == sorted(set(steps)) and steps[-1] == 4 and progress[-1]["total"] == 4
 
 
 def test_bad_input_names_the_field_and_writes_nothing(cli_env, tmp_path):
@@ -193,7 +180,9 @@ def test_ctrl_c_cancels_cleanly_and_leaves_no_file(cli_env, tmp_path):
     _, rest = process.communicate(timeout=60)
     assert process.returncode == 130
     assert "Cancelled; nothing partial was written." in rest
-    assert list(tmp_path.iterdir()) == []
+    assert [p for p in tmp_path.rglob("*") if p.is_file() and p.suffix in (".png", ".part")] == []
+    jobs = json.loads(run_cli(["jobs", "--json"], cli_env, tmp_path).stdout)
+    assert jobs[0]["status"] == "cancelled" and jobs[0]["source"] == "cli"
 
 
 def test_models_list_doctor_and_make_tiny(cli_env, tmp_path):
@@ -209,9 +198,7 @@ def test_models_list_doctor_and_make_tiny(cli_env, tmp_path):
     made = run_cli(["models", "make-tiny", str(tmp_path / "tiny")], cli_env)
     assert made.returncode == 0, made.stderr
     assert (tmp_path / "tiny" / "tiny-musicgen" / "model.safetensors").exists()
-    assert (
-        tmp_path / "tiny" / "tiny-stable-diffusion" / "unet" / "diffusion_pytorch_model.safetensors"
-    ).exists()
+    assert (tmp_path / "tiny" / "tiny-stable-diffusion" / "unet" / "diffusion_pytorch_model.safetensors").exists()
     used = run_cli(
         [
             "image",

@@ -45,9 +45,7 @@ def test_defaults_are_resolved_into_the_recipe(image_engine):
 
 def test_progress_events_count_order_and_eta(image_engine):
     events = []
-    image_engine.generate(
-        ImageRequest(prompt="fox", seed=1, steps=5, num_images=2), on_progress=events.append
-    )
+    image_engine.generate(ImageRequest(prompt="fox", seed=1, steps=5, num_images=2), on_progress=events.append)
     assert [e.step for e in events] == list(range(1, 11))
     assert {e.total for e in events} == {10}
     assert [e.item for e in events] == [0] * 5 + [1] * 5
@@ -59,9 +57,7 @@ def test_progress_events_count_order_and_eta(image_engine):
 
 def test_previews_come_every_n_steps(image_engine):
     events = []
-    image_engine.generate(
-        ImageRequest(prompt="fox", seed=1, steps=6), on_progress=events.append, preview_every=2
-    )
+    image_engine.generate(ImageRequest(prompt="fox", seed=1, steps=6), on_progress=events.append, preview_every=2)
     with_preview = [e.step for e in events if e.preview is not None]
     assert with_preview == [2, 4, 6]
     assert events[1].preview.mode == "RGB" and max(events[1].preview.size) <= 128

@@ -30,9 +30,7 @@ def image_result(**changes) -> GenerationResult:
         model="CompVis/stable-diffusion-v1-4",
     ).model_copy(update=changes)
     picture = Image.new("RGB", (64, 96), (200, 80, 20))
-    return GenerationResult(
-        request, [ImageOutput(picture, request.seed)], "stable-diffusion-v1-4", "cpu", "float32", 1
-    )
+    return GenerationResult(request, [ImageOutput(picture, request.seed)], "stable-diffusion-v1-4", "cpu", "float32", 1)
 
 
 def music_result(prompt="calm piano", seconds=1.0, seed=7) -> GenerationResult:
@@ -83,9 +81,7 @@ def test_multiline_prompt_and_quoted_values_round_trip():
 
 def test_a_png_from_another_tool_is_read_through_its_parameters(tmp_path):
     info = PngInfo()
-    info.add_text(
-        "parameters", "a castle\nSteps: 30, Sampler: Euler a, CFG scale: 6, Seed: 99, Size: 512x768"
-    )
+    info.add_text("parameters", "a castle\nSteps: 30, Sampler: Euler a, CFG scale: 6, Seed: 99, Size: 512x768")
     path = tmp_path / "a1111.png"
     Image.new("RGB", (8, 8)).save(path, pnginfo=info)
     assert media.request_from_file(path) == {

@@ -43,9 +43,7 @@ def test_sampling_settings_change_the_output(music_engine):
 
 def test_progress_events_per_token_then_decoding(music_engine):
     events = []
-    music_engine.generate(
-        MusicRequest(prompt="calm", duration=1, seed=1, num_clips=2), on_progress=events.append
-    )
+    music_engine.generate(MusicRequest(prompt="calm", duration=1, seed=1, num_clips=2), on_progress=events.append)
     tokens = music_engine.tokens_for(1.0)
     generating = [e for e in events if e.stage == "generating"]
     assert [e.step for e in generating] == list(range(1, 2 * tokens + 1))

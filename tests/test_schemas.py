@@ -39,9 +39,7 @@ def test_every_numeric_field_is_bounded():
 
 
 @pytest.mark.parametrize("side", ["below", "above"])
-@pytest.mark.parametrize(
-    ("cls", "field", "low", "high"), BOUNDED, ids=lambda v: getattr(v, "__name__", str(v))
-)
+@pytest.mark.parametrize(("cls", "field", "low", "high"), BOUNDED, ids=lambda v: getattr(v, "__name__", str(v)))
 def test_out_of_range_message_names_field_and_range(cls, field, low, high, side):
     value = low - 1 if side == "below" else high + 1
     if field in ("width", "height"):
@@ -57,9 +55,7 @@ def test_out_of_range_message_names_field_and_range(cls, field, low, high, side)
 
 
 def test_size_must_be_a_multiple_of_8():
-    with pytest.raises(
-        RequestError, match=r"width: must be a whole number from 64 to 2048 and a multiple of 8"
-    ):
+    with pytest.raises(RequestError, match=r"width: must be a whole number from 64 to 2048 and a multiple of 8"):
         parse_request(ImageRequest, {"prompt": "x", "width": 500})
 
 
@@ -84,9 +80,7 @@ def test_overlong_prompts_are_refused():
 
 
 def test_unknown_setting_names_the_known_ones():
-    with pytest.raises(
-        RequestError, match=r"cfg: unknown setting; known ones are prompt, seed, model, .*steps"
-    ):
+    with pytest.raises(RequestError, match=r"cfg: unknown setting; known ones are prompt, seed, model, .*steps"):
         parse_request(ImageRequest, {"prompt": "x", "cfg": 7})
 
 

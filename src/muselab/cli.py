@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
-import queue
 import signal
 import sys
-import threading
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -24,9 +21,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-models_app = typer.Typer(
-    help="The model catalogue: list, download, build tiny test models.", no_args_is_help=True
-)
+models_app = typer.Typer(help="The model catalogue: list, download, build tiny test models.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 
 # Piped output is not cut at 80 columns: ids and paths must stay greppable.
@@ -44,9 +39,7 @@ DeviceOpt = Annotated[DeviceChoice | None, typer.Option(help="Where to run; auto
 DtypeOpt = Annotated[DtypeChoice | None, typer.Option(help="Number format; auto picks per device and CPU.")]
 OfflineOpt = Annotated[bool, typer.Option("--offline", help="Never reach the hub; use the local cache only.")]
 ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="Hub id or local folder.")]
-SeedOpt = Annotated[
-    int | None, typer.Option(help="Seed; the same seed gives the same output. Random if unset.")
-]
+SeedOpt = Annotated[int | None, typer.Option(help="Seed; the same seed gives the same output. Random if unset.")]
 FromOpt = Annotated[
     Path | None, typer.Option("--from", help="Re-run the recipe stored in a file; other options override it.")
 ]
@@ -73,9 +66,7 @@ def main() -> None:
         sys.exit(exc.code)
 
 
-def _settings(
-    preset: str | None, device: str | None, dtype: str | None, offline: bool, **more: Any
-) -> Settings:
+def _settings(preset: str | None, device: str | None, dtype: str | None, offline: bool, **more: Any) -> Settings:
     overrides = {
         "preset": preset,
         "device": device,
@@ -114,18 +105,12 @@ def music(
     temperature: Annotated[float | None, typer.Option(help="Sampling temperature.")] = None,
     top_k: Annotated[int | None, typer.Option(help="Top-k sampling; 0 turns it off.")] = None,
     top_p: Annotated[float | None, typer.Option(help="Nucleus sampling; 0 turns it off.")] = None,
-    guidance: Annotated[
-        float | None, typer.Option(help="Classifier-free guidance; 1 or less turns it off.")
-    ] = None,
+    guidance: Annotated[float | None, typer.Option(help="Classifier-free guidance; 1 or less turns it off.")] = None,
     seed: SeedOpt = None,
-    clips: Annotated[
-        int | None, typer.Option("--clips", "-n", help="How many clips; clip i uses seed + i.")
-    ] = None,
+    clips: Annotated[int | None, typer.Option("--clips", "-n", help="How many clips; clip i uses seed + i.")] = None,
     output: OutputOpt = None,
     audio_format: Annotated[str | None, typer.Option("--format", help="wav (default), flac or ogg.")] = None,
-    normalize: Annotated[
-        bool, typer.Option("--normalize", help="Normalise loudness (-16 dBFS RMS).")
-    ] = False,
+    normalize: Annotated[bool, typer.Option("--normalize", help="Normalise loudness (-16 dBFS RMS).")] = False,
     model: ModelOpt = None,
     from_file: FromOpt = None,
     preset: PresetOpt = None,
@@ -157,21 +142,11 @@ def music(
 @app.command()
 def image(
     prompt: Annotated[str | None, typer.Argument(help="What the picture should show.")] = None,
-    negative: Annotated[
-        str | None, typer.Option("--negative", help="What to keep out of the picture.")
-    ] = None,
-    width: Annotated[
-        int | None, typer.Option(help="Pixels, a multiple of 8; default the model's size.")
-    ] = None,
-    height: Annotated[
-        int | None, typer.Option(help="Pixels, a multiple of 8; default the model's size.")
-    ] = None,
-    steps: Annotated[
-        int | None, typer.Option(help="Denoising steps; default per model (25, 1 for sd-turbo).")
-    ] = None,
-    guidance: Annotated[
-        float | None, typer.Option(help="CFG scale; default per model (7.5, 0 for sd-turbo).")
-    ] = None,
+    negative: Annotated[str | None, typer.Option("--negative", help="What to keep out of the picture.")] = None,
+    width: Annotated[int | None, typer.Option(help="Pixels, a multiple of 8; default the model's size.")] = None,
+    height: Annotated[int | None, typer.Option(help="Pixels, a multiple of 8; default the model's size.")] = None,
+    steps: Annotated[int | None, typer.Option(help="Denoising steps; default per model (25, 1 for sd-turbo).")] = None,
+    guidance: Annotated[float | None, typer.Option(help="CFG scale; default per model (7.5, 0 for sd-turbo).")] = None,
     scheduler: Annotated[
         str | None, typer.Option(help="DPM++ 2M Karras (default), DPM++ 2M, Euler a, Euler, DDIM, PNDM, LCM.")
     ] = None,
@@ -208,90 +183,49 @@ def image(
             "model": model,
         },
     )
-    settings = _settings(
-        preset, device, dtype, offline, **({"safety_checker": False} if no_safety_checker else {})
-    )
+    settings = _settings(preset, device, dtype, offline, **({"safety_checker": False} if no_safety_checker else {}))
     _generate("image", request, settings, output, as_json)
 
 
 def _generate(
     kind: str, request: Any, settings: Settings, output: Path | None, as_json: bool, **save_options: Any
 ) -> None:
+    """Run one request through the same job service the API uses, so it lands in history too."""
     from muselab import media
-    from muselab.devices import DeviceError
-    from muselab.engines import Cancelled, CancelToken, ModelUnavailable, load_engine
+    from muselab.jobs import JobService, SaveOptions
+    from muselab.quiet import quiet_libraries
 
     try:
         media.output_extension(kind, output, save_options.get("audio_format"))
     except ValueError as exc:
         raise CliError(str(exc), EXIT_BAD_INPUT) from None
+    quiet_libraries()
+    service = JobService(settings)
+    job = service.submit(request, source="cli", save=SaveOptions(output=output, **save_options))
     try:
-        with err.status(f"Loading the {kind} model {request.model or settings.model_for(kind)}..."):
-            engine = load_engine(kind, settings, request.model)  # type: ignore[arg-type]
-    except (ModelUnavailable, DeviceError) as exc:
-        raise CliError(str(exc), EXIT_MODEL) from None
-    except KeyboardInterrupt:
-        raise CliError("Cancelled while loading; nothing was written.", EXIT_CANCELLED) from None
-
-    cancel = CancelToken()
-    outcome: dict[str, Any] = {}
-    events: queue.Queue = queue.Queue()
-
-    def work() -> None:
-        try:
-            outcome["result"] = engine.generate(request, on_progress=events.put, cancel=cancel)
-        except BaseException as exc:  # handed to the main thread, which reports it
-            outcome["error"] = exc
-
-    worker = threading.Thread(target=work, name=f"muselab-{kind}", daemon=True)
-    worker.start()
-    _show_progress(kind, worker, events, cancel, as_json)
-    error = outcome.get("error")
-    paths: list[Path] = []
-    if isinstance(error, Cancelled):
-        # Outputs finished before the cancel are complete: keep them; nothing partial is written.
-        if error.completed:
-            partial = _partial_result(engine, request, error.completed)
-            paths = media.save_result(partial, output, settings.outputs, **save_options)
+        _show_progress(kind, service, job, as_json)
+    finally:
+        service.shutdown()
+    paths = [record.path for record in job.outputs]
+    if job.status == "cancelled":
         kept = f" Kept {len(paths)} finished file(s): " + ", ".join(map(str, paths)) if paths else ""
         raise CliError("Cancelled; nothing partial was written." + kept, EXIT_CANCELLED)
-    if error is not None:
-        from muselab.schemas import RequestError
-
-        if isinstance(error, RequestError | ValueError):
-            raise CliError(str(error), EXIT_BAD_INPUT)
-        if os.environ.get("MUSELAB_DEBUG"):
-            raise error
-        raise CliError(f"{kind} generation failed: {type(error).__name__}: {error}")
-    result = outcome["result"]
-    paths = media.save_result(result, output, settings.outputs, **save_options)
-    _report(result, paths, as_json)
+    if job.status != "succeeded":
+        code = EXIT_MODEL if job.error_kind == "model_unavailable" else 1
+        raise CliError(job.error or "the job failed", code)
+    status = service.store.get_job(job.id)
+    assert status is not None
+    _report(status, paths, as_json)
 
 
-def _partial_result(engine: Any, request: Any, completed: list[Any]) -> Any:
-    from muselab.engines import GenerationResult
-
-    resolved = engine.resolve(request)
-    return GenerationResult(
-        request=resolved,
-        outputs=completed,
-        model_name=engine.model_name,
-        device=engine.placement.device,
-        dtype=engine.placement.dtype_name,
-        seconds=0.0,
-    )
-
-
-def _show_progress(
-    kind: str, worker: threading.Thread, events: queue.Queue, cancel: Any, as_json: bool
-) -> None:
-    """Show progress until the worker ends; Ctrl-C asks it to cancel (a second Ctrl-C quits)."""
+def _show_progress(kind: str, service: Any, job: Any, as_json: bool) -> None:
+    """Show progress until the job ends; Ctrl-C cancels it (a second Ctrl-C quits at once)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     def on_interrupt(signum: int, frame: Any) -> None:
-        if cancel.cancelled:
+        if job.cancel.cancelled:
             raise KeyboardInterrupt
-        cancel.cancel()
+        service.cancel(job.id)
 
     previous = signal.signal(signal.SIGINT, on_interrupt)
     columns = [
@@ -303,29 +237,26 @@ def _show_progress(
         TextColumn("ETA {task.fields[eta]}"),
     ]
     unit = "tokens" if kind == "music" else "steps"
+    version, last_event = -1, None
     try:
         with Progress(*columns, console=err, transient=False, disable=as_json) as progress:
-            task = progress.add_task(kind.capitalize(), total=None, unit=unit, eta="-")
-            while worker.is_alive() or not events.empty():
-                try:
-                    event = events.get(timeout=0.1)
-                except queue.Empty:
-                    if cancel.cancelled:
-                        progress.update(task, description="Cancelling")
+            task = progress.add_task(f"Loading {job.model}", total=None, unit=unit, eta="-")
+            while not job.done.is_set():
+                version = service.wait_for_change(job, version, 0.2)
+                event = job.progress
+                if job.cancel.cancelled:
+                    progress.update(task, description="Cancelling")
+                if event is None or event is last_event:
                     continue
+                last_event = event
                 if as_json:
                     _print_progress_json(event)
                     continue
-                label = (
-                    f"{kind.capitalize()} {event.item + 1}/{event.items}"
-                    if event.items > 1
-                    else kind.capitalize()
-                )
+                label = f"{kind.capitalize()} {event.item + 1}/{event.items}" if event.items > 1 else kind.capitalize()
                 if event.stage == "decoding":
                     label += " (decoding)"
                 eta = "-" if event.eta is None else f"{event.eta:0.0f}s"
                 progress.update(task, total=event.total, completed=event.step, description=label, eta=eta)
-        worker.join()
     finally:
         signal.signal(signal.SIGINT, previous)
 
@@ -344,23 +275,25 @@ def _print_progress_json(event: Any) -> None:
     print(json.dumps(line), file=sys.stderr, flush=True)
 
 
-def _report(result: Any, paths: list[Path], as_json: bool) -> None:
-    request = result.request
+def _report(status: dict[str, Any], paths: list[Path], as_json: bool) -> None:
+    request = status["request"]
     files = []
-    for path, item in zip(paths, result.outputs, strict=True):
-        entry: dict[str, Any] = {"path": str(path), "seed": item.seed}
-        if hasattr(item, "flagged"):
-            entry["flagged"] = item.flagged
+    for path, output in zip(paths, status["outputs"], strict=True):
+        entry: dict[str, Any] = {"path": str(path), "seed": output["seed"], "id": output["id"]}
+        if status["kind"] == "image":
+            entry["flagged"] = output["flagged"]
         files.append(entry)
+    seconds = status.get("seconds") or 0.0
     if as_json:
         payload = {
-            "kind": request.kind,
+            "kind": status["kind"],
+            "job": status["id"],
             "files": files,
-            "request": request.model_dump(mode="json"),
-            "model": result.model_name,
-            "device": result.device,
-            "dtype": result.dtype,
-            "seconds": round(result.seconds, 3),
+            "request": request,
+            "model": status["model"],
+            "device": status["device"],
+            "dtype": status["dtype"],
+            "seconds": round(seconds, 3),
         }
         print(json.dumps(payload, indent=2))
         return
@@ -372,9 +305,164 @@ def _report(result: Any, paths: list[Path], as_json: bool) -> None:
                 "Change the prompt or seed, or pass --no-safety-checker to turn the checker off.[/]"
             )
     out.print(
-        f"{len(files)} {request.kind} file(s) in {result.seconds:0.1f} s on {result.device} ({result.dtype})",
+        f"{len(files)} {status['kind']} file(s) in {seconds:0.1f} s on {status['device']} ({status['dtype']})",
         style="dim",
     )
+
+
+@app.command()
+def serve(
+    host: Annotated[
+        str | None, typer.Option(help="Address to listen on; default 127.0.0.1 (this machine only).")
+    ] = None,
+    port: Annotated[int | None, typer.Option(help="Port; default 7860.")] = None,
+    token: Annotated[
+        str | None, typer.Option(help="Require 'Authorization: Bearer TOKEN' (or set MUSELAB_API_TOKEN).")
+    ] = None,
+    preset: PresetOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    offline: OfflineOpt = False,
+) -> None:
+    """Serve the HTTP API (OpenAPI docs at /docs), plus A1111 and OpenAI compatible image routes."""
+    import uvicorn
+
+    from muselab.api import create_app, is_loopback
+
+    settings = _settings(preset, device, dtype, offline, host=host, port=port, api_token=token)
+    if not is_loopback(settings.host) and not settings.api_token:
+        raise CliError(
+            f"Refusing to listen on {settings.host} without a token: anyone who can reach this machine could "
+            "use it.\nSet one with --token SECRET or MUSELAB_API_TOKEN=SECRET (clients then send "
+            "'Authorization: Bearer SECRET'), or keep the default --host 127.0.0.1.",
+            EXIT_BAD_INPUT,
+        )
+    from muselab.quiet import quiet_libraries
+
+    quiet_libraries()
+    app_ = create_app(settings)
+    interrupted = app_.state.service.interrupted
+    if interrupted:
+        err.print(f"{len(interrupted)} job(s) left unfinished by the last run were marked interrupted.")
+    err.print(f"muselab API on http://{settings.host}:{settings.port} (docs at /docs)", highlight=False)
+    uvicorn.run(app_, host=settings.host, port=settings.port, log_level="warning", timeout_graceful_shutdown=10)
+
+
+history_app = typer.Typer(help="Past outputs, with their ratings: list and export.", invoke_without_command=True)
+app.add_typer(history_app, name="history")
+
+
+@history_app.callback()
+def history(
+    ctx: typer.Context,
+    kind: Annotated[str | None, typer.Option(help="music or image")] = None,
+    search: Annotated[str | None, typer.Option("--search", "-s", help="Text the prompt contains.")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=1000)] = 20,
+    as_json: JsonOpt = False,
+) -> None:
+    """List recent outputs, newest first."""
+    if ctx.invoked_subcommand:
+        return
+    store = _store()
+    records = store.list_outputs(kind=kind, text=search, limit=limit)
+    if as_json:
+        print(json.dumps([{**r.public(), "path": str(r.path)} for r in records], indent=2))
+        return
+    table = Table(title=f"History ({store.count_outputs()} outputs)")
+    for column in ("id", "kind", "created", "prompt", "seed", "rating", "file"):
+        table.add_column(column)
+    for record in records:
+        rating = ("+" if record.thumb == 1 else "-" if record.thumb == -1 else "") + (
+            f"{record.stars}*" if record.stars else ""
+        )
+        table.add_row(
+            record.id[:8],
+            record.kind,
+            record.created_at[:19],
+            record.prompt[:40],
+            str(record.seed),
+            rating,
+            str(record.path),
+        )
+    out.print(table)
+
+
+@history_app.command("export")
+def history_export(
+    fmt: Annotated[str, typer.Option("--format", "-f", help="jsonl or csv")] = "jsonl",
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="File to write; default stdout.")] = None,
+) -> None:
+    """Write history and feedback as JSON Lines or CSV, to study what worked."""
+    try:
+        text = _store().export(fmt)
+    except ValueError as exc:
+        raise CliError(str(exc), EXIT_BAD_INPUT) from None
+    if output is None:
+        sys.stdout.write(text)
+        return
+    from muselab.media import write_new_file
+
+    path = write_new_file(output, lambda handle: handle.write(text.encode()))
+    err.print(f"Wrote {path}")
+
+
+@history_app.command("rate")
+def history_rate(
+    output_id: Annotated[str, typer.Argument(help="Output id (or its first 8 characters, as listed).")],
+    up: Annotated[bool, typer.Option("--up", help="Thumbs up.")] = False,
+    down: Annotated[bool, typer.Option("--down", help="Thumbs down.")] = False,
+    stars: Annotated[int | None, typer.Option(min=1, max=5, help="1-5 stars.")] = None,
+    comment: Annotated[str | None, typer.Option(help="A note about this output.")] = None,
+) -> None:
+    """Rate an output (thumbs and/or stars) and leave a comment."""
+    from muselab.store import FeedbackError
+
+    store = _store()
+    matches = [r for r in store.list_outputs(limit=100_000) if r.id.startswith(output_id)] if output_id else []
+    if len(matches) != 1:
+        raise CliError(f"No single output matches '{output_id}'; see `muselab history`.", EXIT_BAD_INPUT)
+    thumb = 1 if up else -1 if down else None
+    try:
+        store.set_feedback(matches[0].id, thumb, stars, comment)
+    except FeedbackError as exc:
+        raise CliError(str(exc), EXIT_BAD_INPUT) from None
+    out.print(f"Rated {matches[0].id[:8]} ({matches[0].path.name})")
+
+
+@app.command()
+def jobs(
+    limit: Annotated[int, typer.Option(min=1, max=1000)] = 20,
+    as_json: JsonOpt = False,
+) -> None:
+    """Recent jobs of every front end (CLI, API, UI) with their status."""
+    rows = _store().list_jobs(limit=limit)
+    if as_json:
+        print(json.dumps(rows, indent=2, default=str))
+        return
+    table = Table(title="Jobs")
+    for column in ("id", "kind", "status", "source", "created", "seconds", "prompt", "error"):
+        table.add_column(column)
+    for row in rows:
+        seconds = f"{row['seconds']:.1f}" if row["seconds"] else ""
+        error = (row["error"] or "").splitlines()[0][:50] if row["error"] else ""
+        table.add_row(
+            row["id"][:8],
+            row["kind"],
+            row["status"],
+            row["source"],
+            row["created_at"][:19],
+            seconds,
+            row["request"]["prompt"][:30],
+            error,
+        )
+    out.print(table)
+
+
+def _store() -> Any:
+    from muselab.store import HistoryStore
+
+    settings = Settings()
+    return HistoryStore(settings.data_dir / "history.sqlite3", settings.outputs)
 
 
 @app.command()

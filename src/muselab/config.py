@@ -85,9 +85,7 @@ class Settings(BaseSettings):
         default_factory=lambda: Path(platformdirs.user_data_dir("muselab")),
         description="Where outputs, history and the tiny models live.",
     )
-    output_dir: Path | None = Field(
-        default=None, description="Where generated files go; default <data_dir>/outputs."
-    )
+    output_dir: Path | None = Field(default=None, description="Where generated files go; default <data_dir>/outputs.")
     preset: Preset = Field(
         default="default",
         description="'tiny' swaps every model for a tiny random-weight one built locally "
@@ -98,9 +96,18 @@ class Settings(BaseSettings):
     device: DeviceChoice = "auto"
     dtype: DtypeChoice = "auto"
     safety_checker: bool = True
-    offline: bool | None = Field(
-        default=None, description="Never reach the hub; default follows HF_HUB_OFFLINE."
-    )
+    offline: bool | None = Field(default=None, description="Never reach the hub; default follows HF_HUB_OFFLINE.")
+
+    # Job service
+    max_queue: int = Field(default=16, ge=1, le=10_000, description="Jobs waiting or running at once.")
+    max_models: int = Field(default=2, ge=1, le=16, description="Models kept loaded (least recently used go).")
+    job_timeout: float = Field(default=1800.0, gt=0, description="Seconds a job may run before it is stopped.")
+    # HTTP API
+    host: str = "127.0.0.1"
+    port: int = Field(default=7860, ge=1, le=65535)
+    api_token: str | None = Field(default=None, description="Required as 'Authorization: Bearer ...' when set.")
+    cors_origins: list[str] = Field(default_factory=list, description="Web origins allowed to call the API.")
+    max_body_bytes: int = Field(default=64 * 1024, ge=1024)
 
     @property
     def outputs(self) -> Path:

@@ -75,13 +75,22 @@ def parse_request(cls: type[_Request], data: dict[str, Any]) -> Any:
 
 
 def explain_validation_error(cls: type[BaseModel], exc: ValidationError) -> str:
+    return describe_errors(cls, exc.errors())
+
+
+def describe_errors(cls: type[BaseModel], errors: Any) -> str:
+    """One line per problem: the field, what it accepts, and what was given."""
     lines = []
-    for error in exc.errors():
-        field = str(error["loc"][0]) if error["loc"] else "request"
+    for error in errors:
+        location = [part for part in error.get("loc", ()) if part not in ("body", "query", "path")]
+        field = str(location[0]) if location else "request"
         got = error.get("input")
         if error["type"] == "extra_forbidden":
             allowed = ", ".join(name for name in cls.model_fields if name != "kind")
             lines.append(f"{field}: unknown setting; known ones are {allowed}")
+            continue
+        if error["type"] in ("missing", "model_attributes_type", "dict_type", "json_invalid"):
+            lines.append(f"{field}: {error['msg'].lower()}")
             continue
         info = cls.model_fields.get(field)
         rule = _describe_field(info) if info else error["msg"]

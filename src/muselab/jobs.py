@@ -1,0 +1,446 @@
+"""The job service every front end shares: a bounded queue, a worker per model, progress,
+cancellation, time limits, a model manager with LRU unloading, and a persistent history.
+
+A request goes: `submit` -> queued (in memory and in SQLite) -> the model's worker runs it
+through the engine -> files saved atomically -> outputs recorded -> `done`.
+"""
+
+from __future__ import annotations
+
+import base64
+import gc
+import io
+import logging
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from muselab import media
+from muselab.config import Settings
+from muselab.devices import DeviceError
+from muselab.engines import Cancelled, CancelToken, Engine, ModelUnavailable, ProgressEvent, load_engine
+from muselab.schemas import ImageRequest, Request
+from muselab.store import HistoryStore, OutputRecord
+
+log = logging.getLogger("muselab.jobs")
+
+
+class QueueFull(RuntimeError):
+    """The queue holds as many jobs as it may; the client should retry later."""
+
+
+class OutOfMemory(RuntimeError):
+    pass
+
+
+@dataclass
+class SaveOptions:
+    """Where a job's files go. Only the CLI sets `output`; remote clients never choose paths."""
+
+    output: Path | None = None
+    audio_format: str | None = None
+    normalize: bool = False
+
+
+@dataclass
+class Job:
+    id: str
+    request: Request
+    model: str
+    source: str
+    save: SaveOptions = field(default_factory=SaveOptions)
+    status: str = "queued"
+    created: float = field(default_factory=time.time)
+    cancel: CancelToken = field(default_factory=CancelToken)
+    progress: ProgressEvent | None = None
+    preview_png: bytes | None = None
+    error: str | None = None
+    error_kind: str | None = None  # model_unavailable, out_of_memory, timeout, internal
+    resolved: dict[str, Any] | None = None
+    outputs: list[OutputRecord] = field(default_factory=list)
+    done: threading.Event = field(default_factory=threading.Event)
+    version: int = 0
+
+    @property
+    def kind(self) -> str:
+        return self.request.kind
+
+    def snapshot(self, position: int | None = None, with_preview: bool = False) -> dict[str, Any]:
+        progress = self.progress
+        data: dict[str, Any] = {
+            "id": self.id,
+            "kind": self.kind,
+            "status": self.status,
+            "model": self.model,
+            "source": self.source,
+            "queue_position": position,
+            "request": self.resolved or self.request.model_dump(mode="json"),
+            "error": self.error,
+            "error_kind": self.error_kind,
+            "progress": None
+            if progress is None
+            else {
+                "stage": progress.stage,
+                "step": progress.step,
+                "total": progress.total,
+                "fraction": round(progress.fraction, 4),
+                "elapsed": round(progress.elapsed, 3),
+                "eta": None if progress.eta is None else round(progress.eta, 3),
+                "item": progress.item,
+                "items": progress.items,
+            },
+            "outputs": [record.public() for record in self.outputs],
+        }
+        if with_preview and self.preview_png:
+            data["preview"] = "data:image/png;base64," + base64.b64encode(self.preview_png).decode()
+        return data
+
+
+class ModelManager:
+    """Loads engines on demand, keeps at most `capacity` in memory, unloads the least recently used."""
+
+    def __init__(self, settings: Settings, capacity: int, loader: Callable[..., Engine] = load_engine):
+        self.settings, self.capacity, self.loader = settings, max(1, capacity), loader
+        self._engines: OrderedDict[tuple[str, str], Engine] = OrderedDict()
+        self._in_use: dict[tuple[str, str], int] = {}
+        self._lock = threading.Lock()
+        self._loading: dict[tuple[str, str], threading.Lock] = {}
+
+    @contextmanager
+    def use(self, kind: str, model: str) -> Iterator[Engine]:
+        key = (kind, model)
+        with self._lock:
+            load_lock = self._loading.setdefault(key, threading.Lock())
+        with load_lock:
+            with self._lock:
+                engine = self._engines.get(key)
+                if engine is not None:
+                    self._engines.move_to_end(key)
+            if engine is None:
+                self._evict(keep=self.capacity - 1)
+                engine = self.loader(kind, self.settings, model)
+                with self._lock:
+                    self._engines[key] = engine
+            with self._lock:
+                self._in_use[key] = self._in_use.get(key, 0) + 1
+        try:
+            yield engine
+        finally:
+            with self._lock:
+                self._in_use[key] -= 1
+
+    def loaded(self) -> list[dict[str, str]]:
+        with self._lock:
+            return [
+                {
+                    "kind": kind,
+                    "model": model,
+                    "device": engine.placement.device,
+                    "dtype": engine.placement.dtype_name,
+                }
+                for (kind, model), engine in self._engines.items()
+            ]
+
+    def _evict(self, keep: int) -> None:
+        """Unload idle engines, least recently used first, until at most `keep` remain."""
+        with self._lock:
+            for key in list(self._engines):
+                if len(self._engines) <= keep:
+                    break
+                if not self._in_use.get(key):
+                    del self._engines[key]
+        release_memory()
+
+    def free_memory(self) -> None:
+        self._evict(keep=0)
+
+
+def release_memory() -> None:
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    name = type(exc).__name__
+    return name in ("OutOfMemoryError", "MemoryError") or "out of memory" in str(exc).lower()
+
+
+class JobService:
+    def __init__(
+        self,
+        settings: Settings,
+        store: HistoryStore | None = None,
+        *,
+        loader: Callable[..., Engine] = load_engine,
+    ):
+        self.settings = settings
+        self.store = store or HistoryStore(settings.data_dir / "history.sqlite3", settings.outputs)
+        self.interrupted = self.store.recover_interrupted()
+        self.models = ModelManager(settings, settings.max_models, loader)
+        self._lock = threading.Condition()
+        self._jobs: dict[str, Job] = {}
+        self._queues: dict[tuple[str, str], deque[Job]] = {}
+        self._workers: dict[tuple[str, str], threading.Thread] = {}
+        self._pending = 0
+        self._closed = False
+
+    # ------------------------------------------------------------ submitting and watching
+
+    def submit(self, request: Request, source: str = "api", save: SaveOptions | None = None) -> Job:
+        from muselab.store import new_id
+
+        model = request.model or self.settings.model_for(request.kind)
+        job = Job(id=new_id(), request=request, model=model, source=source, save=save or SaveOptions())
+        key = (request.kind, model)
+        with self._lock:
+            if self._closed:
+                raise QueueFull("muselab is shutting down")
+            if self._pending >= self.settings.max_queue:
+                raise QueueFull(
+                    f"The queue is full ({self.settings.max_queue} jobs waiting or running); retry in a little while."
+                )
+            self.store.add_job(job.id, job.kind, request.model_dump(mode="json"), source)
+            self._pending += 1
+            self._jobs[job.id] = job
+            self._queues.setdefault(key, deque()).append(job)
+            worker = self._workers.get(key)
+            if worker is None or not worker.is_alive():
+                worker = threading.Thread(target=self._work, args=(key,), name=f"muselab-{key[0]}", daemon=True)
+                self._workers[key] = worker
+                worker.start()
+            self._lock.notify_all()
+        return job
+
+    def job(self, job_id: str) -> Job | None:
+        with self._lock:
+            return self._jobs.get(job_id)
+
+    def status(self, job_id: str, with_preview: bool = False) -> dict[str, Any] | None:
+        """The job as clients see it: live while it is known in memory, else from history."""
+        job = self.job(job_id)
+        if job is not None:
+            return job.snapshot(self.position(job), with_preview)
+        stored = self.store.get_job(job_id)
+        if stored is None:
+            return None
+        return {
+            "id": stored["id"],
+            "kind": stored["kind"],
+            "status": stored["status"],
+            "model": stored["model"],
+            "source": stored["source"],
+            "queue_position": None,
+            "request": stored["request"],
+            "error": stored["error"],
+            "error_kind": None,
+            "progress": None,
+            "outputs": stored["outputs"],
+        }
+
+    def position(self, job: Job) -> int | None:
+        """1 for the next job to run on its model, 0 when running, None when finished."""
+        with self._lock:
+            if job.status == "running":
+                return 0
+            if job.status != "queued":
+                return None
+            queue = self._queues.get((job.kind, job.model), deque())
+            return next((i + 1 for i, queued in enumerate(queue) if queued is job), None)
+
+    def wait_for_change(self, job: Job, seen_version: int, timeout: float) -> int:
+        """Block until the job changes (progress, status) or `timeout` passes; returns its version."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while job.version == seen_version and not job.done.is_set():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._lock.wait(remaining)
+            return job.version
+
+    def wait(self, job_id: str, timeout: float | None = None) -> dict[str, Any] | None:
+        job = self.job(job_id)
+        if job is not None:
+            job.done.wait(timeout)
+        return self.status(job_id)
+
+    def cancel(self, job_id: str) -> bool:
+        """Cancel a queued job (it never runs) or a running one (it stops within one step)."""
+        job = self.job(job_id)
+        if job is None or job.done.is_set():
+            return False
+        job.cancel.cancel()
+        with self._lock:
+            queue = self._queues.get((job.kind, job.model))
+            if job.status == "queued" and queue is not None and job in queue:
+                queue.remove(job)
+                self._finish(job, "cancelled", error="cancelled before it started")
+        return True
+
+    def active(self) -> list[dict[str, Any]]:
+        with self._lock:
+            jobs = [job for job in self._jobs.values() if not job.done.is_set()]
+        return [job.snapshot(self.position(job)) for job in jobs]
+
+    def shutdown(self, timeout: float = 30) -> None:
+        with self._lock:
+            self._closed = True
+            jobs = list(self._jobs.values())
+            self._lock.notify_all()
+        for job in jobs:
+            self.cancel(job.id)
+        for worker in list(self._workers.values()):
+            worker.join(timeout)
+
+    # ------------------------------------------------------------ running
+
+    def _work(self, key: tuple[str, str]) -> None:
+        while True:
+            with self._lock:
+                queue = self._queues.get(key)
+                if not queue:
+                    self._workers.pop(key, None)
+                    return
+                job = queue.popleft()
+            self._run(job)
+
+    def _run(self, job: Job) -> None:
+        if job.cancel.cancelled:
+            self._finish(job, "cancelled", error="cancelled before it started")
+            return
+        deadline = time.monotonic() + self.settings.job_timeout
+        timed_out = threading.Event()
+        started = time.perf_counter()
+
+        def on_progress(event: ProgressEvent) -> None:
+            if time.monotonic() > deadline:
+                timed_out.set()
+                job.cancel.cancel()
+            preview = None
+            if event.preview is not None:
+                buffer = io.BytesIO()
+                event.preview.save(buffer, format="PNG")
+                preview = buffer.getvalue()
+            self._update(job, progress=event, preview_png=preview)
+
+        try:
+            with self.models.use(job.kind, job.model) as engine:
+                job.resolved = engine.resolve(job.request).model_dump(mode="json")  # type: ignore[attr-defined]
+                self.store.mark_running(job.id, job.model, engine.placement.device, engine.placement.dtype_name)
+                self._update(job, status="running")
+                options: dict[str, Any] = {}
+                if isinstance(job.request, ImageRequest):
+                    options["preview_every"] = max(1, (job.resolved.get("steps") or 1) // 8)
+                resolved_request = type(job.request).model_validate(job.resolved)
+                try:
+                    result = engine.generate(resolved_request, on_progress, job.cancel, **options)
+                except Cancelled as stop:
+                    kept = self._save_partial(job, engine, resolved_request, stop.completed)
+                    if timed_out.is_set():
+                        message = f"time limit of {self.settings.job_timeout:g} s reached"
+                        job.error_kind = "timeout"
+                        self._finish(job, "failed", error=message, outputs=kept, started=started)
+                    else:
+                        self._finish(job, "cancelled", error="cancelled", outputs=kept, started=started)
+                    return
+                paths = media.save_result(result, job.save.output, self.settings.outputs, **self._save_args(job))
+                self._finish(job, "succeeded", outputs=self._describe(result, paths), started=started)
+        except (ModelUnavailable, DeviceError) as exc:
+            job.error_kind = "model_unavailable"
+            self._finish(job, "failed", error=str(exc), started=started)
+        except Exception as exc:
+            if _is_out_of_memory(exc):
+                self.models.free_memory()
+                job.error_kind = "out_of_memory"
+                message = (
+                    "Out of memory. Memory was freed and the service keeps running; try a smaller size, "
+                    "fewer images or clips, a shorter duration, or a smaller model."
+                )
+                self._finish(job, "failed", error=message, started=started)
+            else:
+                log.exception("job %s failed", job.id)
+                job.error_kind = "internal"
+                self._finish(job, "failed", error=f"{type(exc).__name__}: {exc}", started=started)
+
+    def _save_args(self, job: Job) -> dict[str, Any]:
+        return {"audio_format": job.save.audio_format, "normalize": job.save.normalize}
+
+    def _save_partial(self, job: Job, engine: Any, request: Request, completed: list[Any]) -> list[dict[str, Any]]:
+        if not completed:
+            return []
+        from muselab.engines import GenerationResult
+
+        result = GenerationResult(
+            request=request,
+            outputs=completed,
+            model_name=engine.model_name,
+            device=engine.placement.device,
+            dtype=engine.placement.dtype_name,
+            seconds=0.0,
+        )
+        paths = media.save_result(result, job.save.output, self.settings.outputs, **self._save_args(job))
+        return self._describe(result, paths)
+
+    @staticmethod
+    def _describe(result: Any, paths: list[Path]) -> list[dict[str, Any]]:
+        described = []
+        for path, item in zip(paths, result.outputs, strict=True):
+            recipe = media.recipe_for(result, item)
+            described.append(
+                {
+                    "path": path,
+                    "kind": result.request.kind,
+                    "prompt": result.request.prompt,
+                    "seed": item.seed,
+                    "flagged": getattr(item, "flagged", False),
+                    "recipe": recipe,
+                }
+            )
+        return described
+
+    def _update(self, job: Job, **changes: Any) -> None:
+        with self._lock:
+            for name, value in changes.items():
+                if name == "preview_png" and value is None:
+                    continue
+                setattr(job, name, value)
+            job.version += 1
+            self._lock.notify_all()
+
+    def _finish(
+        self,
+        job: Job,
+        status: str,
+        *,
+        error: str | None = None,
+        outputs: list[dict[str, Any]] = (),  # type: ignore[assignment]
+        started: float | None = None,
+    ) -> None:
+        seconds = time.perf_counter() - started if started is not None else None
+        records = self.store.finish_job(
+            job.id, status, request=job.resolved, outputs=list(outputs), error=error, seconds=seconds
+        )
+        with self._lock:
+            job.status, job.error, job.outputs = status, error, records
+            job.version += 1
+            self._pending -= 1
+            job.done.set()
+            self._lock.notify_all()
+            self._forget_old_jobs()
+
+    def _forget_old_jobs(self, keep: int = 200) -> None:
+        """Finished jobs stay in memory for a while (for status and SSE), then live in history only."""
+        finished = [job for job in self._jobs.values() if job.done.is_set()]
+        for job in finished[: max(0, len(finished) - keep)]:
+            del self._jobs[job.id]
