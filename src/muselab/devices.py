@@ -71,9 +71,7 @@ def choose_placement(device: DeviceChoice = "auto", dtype: DtypeChoice = "auto")
         why = f"--device {device} was asked for"
         if device == "cuda" and not torch.cuda.is_available():
             raise DeviceError("CUDA was asked for but no CUDA GPU is visible to PyTorch; use --device cpu.")
-        if device == "mps" and not (
-            getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()
-        ):
+        if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
             raise DeviceError("MPS was asked for but is not available here; use --device cpu.")
 
     if dtype != "auto":

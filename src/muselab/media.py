@@ -237,9 +237,7 @@ def _add_wav_info(riff: bytes, fields: dict[str, str]) -> bytes:
     body = b"INFO"
     for key, text in fields.items():
         value = text.encode("utf-8") + b"\0"
-        body += (
-            key.encode("ascii") + struct.pack("<I", len(value)) + value + (b"\0" if len(value) % 2 else b"")
-        )
+        body += key.encode("ascii") + struct.pack("<I", len(value)) + value + (b"\0" if len(value) % 2 else b"")
     chunk = b"LIST" + struct.pack("<I", len(body)) + body
     data = riff + chunk
     return data[:4] + struct.pack("<I", len(data) - 8) + data[8:]

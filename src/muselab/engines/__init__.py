@@ -45,6 +45,4 @@ def load_engine(kind: Kind, settings: Settings, model: str | None = None) -> Eng
         return MusicEngine.load(model, placement, offline=settings.is_offline())
     from muselab.engines.image import ImageEngine
 
-    return ImageEngine.load(
-        model, placement, safety_checker=settings.safety_checker, offline=settings.is_offline()
-    )
+    return ImageEngine.load(model, placement, safety_checker=settings.safety_checker, offline=settings.is_offline())

@@ -172,9 +172,7 @@ def locate_model(model: str, offline: bool, kind: str) -> str:
     if cached is not None:
         return str(cached)
     if offline:
-        raise ModelUnavailable(
-            missing_weights_message(model, kind, "you are offline (HF_HUB_OFFLINE or --offline)")
-        )
+        raise ModelUnavailable(missing_weights_message(model, kind, "you are offline (HF_HUB_OFFLINE or --offline)"))
     return str(download_model(model, kind))
 
 
@@ -199,9 +197,7 @@ def download_model(model_id: str, kind: str = "requested") -> Path:
     if not hub_reachable():
         raise ModelUnavailable(missing_weights_message(model_id, kind, "huggingface.co cannot be reached"))
     try:
-        return Path(
-            snapshot_download(model_id, allow_patterns=DOWNLOAD_PATTERNS, ignore_patterns=SKIP_PATTERNS)
-        )
+        return Path(snapshot_download(model_id, allow_patterns=DOWNLOAD_PATTERNS, ignore_patterns=SKIP_PATTERNS))
     except (OSError, HfHubHTTPError, ValueError) as exc:
         raise ModelUnavailable(missing_weights_message(model_id, kind, _hub_failure(exc))) from None
 
@@ -224,10 +220,7 @@ def hub_reachable(timeout: float = 5.0) -> bool:
 def _hub_failure(exc: BaseException) -> str:
     text = str(exc).lower()
     if "gated" in text or "401" in text or "403" in text:
-        return (
-            "the repository is gated or private: accept its licence on huggingface.co "
-            "and log in (`hf auth login`)"
-        )
+        return "the repository is gated or private: accept its licence on huggingface.co and log in (`hf auth login`)"
     if "404" in text or "not found" in text:
         return "no such repository exists on the hub (check the id)"
     return f"the download failed ({_first_line(exc)})"
@@ -252,8 +245,7 @@ def load_or_explain(load: Callable[[], Any], model: str, kind: str) -> Any:
         raise
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ModelUnavailable(
-            f"'{model}' could not be loaded as a {kind} model (safetensors weights are required): "
-            f"{_first_line(exc)}"
+            f"'{model}' could not be loaded as a {kind} model (safetensors weights are required): {_first_line(exc)}"
         ) from None
 
 

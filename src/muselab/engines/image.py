@@ -133,9 +133,7 @@ class ImageEngine:
             cancel.raise_if_cancelled()
             seed = (request.seed + index) % (MAX_SEED + 1)
 
-            def on_step_end(
-                pipe: Any, step: int, timestep: Any, tensors: dict[str, Any], index=index
-            ) -> dict:
+            def on_step_end(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any], index=index) -> dict:
                 if cancel.cancelled:
                     raise Cancelled()
                 preview = None

@@ -97,9 +97,7 @@ class MusicEngine:
                 return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
         watcher = StepWatcher()
-        inputs = self.processor(text=[request.prompt], padding=True, return_tensors="pt").to(
-            self.placement.device
-        )
+        inputs = self.processor(text=[request.prompt], padding=True, return_tensors="pt").to(self.placement.device)
         for index in range(request.num_clips):
             cancel.raise_if_cancelled()
             seed = (request.seed + index) % (MAX_SEED + 1)

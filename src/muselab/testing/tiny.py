@@ -120,9 +120,7 @@ def build_tiny_musicgen(path: str | Path, replace: bool = True) -> Path:
         feature_extractor=EncodecFeatureExtractor(feature_size=1, sampling_rate=32000),
         tokenizer=build_tiny_t5_tokenizer(),
     )
-    return _save_atomically(
-        path, lambda tmp: (model.save_pretrained(tmp), processor.save_pretrained(tmp)), replace
-    )
+    return _save_atomically(path, lambda tmp: (model.save_pretrained(tmp), processor.save_pretrained(tmp)), replace)
 
 
 def build_tiny_stable_diffusion(path: str | Path, replace: bool = True) -> Path:
