@@ -366,3 +366,11 @@ def test_errors_never_leak_paths_or_tracebacks(client, tmp_path):
     ]
     for text in texts:
         assert "Traceback" not in text and str(tmp_path) not in text and json.loads(text)["error"]["message"]
+
+
+def test_a_missing_model_fails_the_job_clearly_and_the_service_goes_on(client):
+    job = image_job(client, model="someone/not-downloaded")
+    status = wait_done(client, job["id"])
+    assert status["status"] == "failed" and status["error_kind"] == "model_unavailable"
+    assert "muselab models download someone/not-downloaded" in status["error"]
+    assert wait_done(client, image_job(client)["id"])["status"] == "succeeded"

@@ -34,6 +34,7 @@ from muselab.schemas import (
     ImageRequest,
     MusicRequest,
     RequestError,
+    SceneRequest,
     describe_errors,
     parse_request,
 )
@@ -41,7 +42,13 @@ from muselab.store import FeedbackError
 
 log = logging.getLogger("muselab.api")
 _OUTPUT_ID = re.compile(r"^[0-9a-f]{32}$")
-_MEDIA_TYPES = {".png": "image/png", ".wav": "audio/wav", ".flac": "audio/flac", ".ogg": "audio/ogg"}
+_MEDIA_TYPES = {
+    ".png": "image/png",
+    ".wav": "audio/wav",
+    ".flac": "audio/flac",
+    ".ogg": "audio/ogg",
+    ".mp4": "video/mp4",
+}
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
 
 
@@ -255,7 +262,7 @@ def _model_for_path(path: str) -> type[BaseModel] | None:
     for marker, model in (
         ("/music", MusicRequest),
         ("/jobs/image", ImageRequest),
-        ("/scene", None),
+        ("/jobs/scene", SceneRequest),
         ("/feedback", Feedback),
         ("/txt2img", A1111Txt2Img),
         ("/images/generations", OpenAIImageRequest),
@@ -323,6 +330,7 @@ WaitQuery = Annotated[bool, Query(description="Wait for the job to finish and re
 
 MUSIC_EXAMPLE = {"prompt": "lo-fi beat with warm piano", "duration": 8, "seed": 7}
 IMAGE_EXAMPLE = {"prompt": "a red fox in snow, watercolor", "steps": 25, "seed": 7}
+SCENE_EXAMPLE = {"prompt": "a quiet harbour at dawn", "music_prompt": "calm ambient piano", "duration": 8}
 
 
 def _add_routes(app: FastAPI) -> None:
@@ -359,6 +367,15 @@ def _add_routes(app: FastAPI) -> None:
         wait: WaitQuery = False,
     ) -> JSONResponse:
         """Queue an image job (202 with its id), or with `wait=true` return the finished job."""
+        return await _submit_and_maybe_wait(_service(request), body, wait)
+
+    @app.post("/api/jobs/scene", status_code=202, tags=["jobs"], response_model=None)
+    async def submit_scene(
+        request: Request,
+        body: Annotated[SceneRequest, Body(openapi_examples={"harbour": {"value": SCENE_EXAMPLE}})],
+        wait: WaitQuery = False,
+    ) -> JSONResponse:
+        """Queue a scene: a picture, its soundtrack and an MP4 of both, as one job."""
         return await _submit_and_maybe_wait(_service(request), body, wait)
 
     @app.get("/api/jobs", tags=["jobs"])
@@ -415,7 +432,7 @@ def _add_routes(app: FastAPI) -> None:
     @app.get("/api/outputs", tags=["history"])
     async def list_outputs(
         request: Request,
-        kind: Literal["music", "image"] | None = None,
+        kind: Literal["music", "image", "scene"] | None = None,
         q: Annotated[str | None, Query(max_length=200, description="Text the prompt contains.")] = None,
         min_stars: Annotated[int | None, Query(ge=1, le=5)] = None,
         thumb: Literal[-1, 1] | None = None,

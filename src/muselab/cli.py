@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -79,7 +80,7 @@ def _settings(preset: str | None, device: str | None, dtype: str | None, offline
 
 def _request(kind: str, from_file: Path | None, options: dict[str, Any]) -> Any:
     from muselab.media import MetadataError, request_from_file
-    from muselab.schemas import ImageRequest, MusicRequest, RequestError, parse_request
+    from muselab.schemas import ImageRequest, MusicRequest, RequestError, SceneRequest, parse_request
 
     data: dict[str, Any] = {}
     if from_file is not None:
@@ -93,7 +94,8 @@ def _request(kind: str, from_file: Path | None, options: dict[str, Any]) -> Any:
     if not data.get("prompt"):
         raise CliError("Give a prompt, e.g. muselab " + kind + ' "a red fox in snow", or --from FILE.', 2)
     try:
-        return parse_request(MusicRequest if kind == "music" else ImageRequest, data)
+        model = {"music": MusicRequest, "image": ImageRequest, "scene": SceneRequest}[kind]
+        return parse_request(model, data)
     except RequestError as exc:
         raise CliError(str(exc), EXIT_BAD_INPUT) from None
 
@@ -187,6 +189,47 @@ def image(
     _generate("image", request, settings, output, as_json)
 
 
+@app.command()
+def scene(
+    prompt: Annotated[str | None, typer.Argument(help="One prompt for the picture and its soundtrack.")] = None,
+    image_prompt: Annotated[str | None, typer.Option(help="A separate prompt for the picture.")] = None,
+    music_prompt: Annotated[str | None, typer.Option(help="A separate prompt for the soundtrack.")] = None,
+    negative: Annotated[str | None, typer.Option("--negative", help="What to keep out of the picture.")] = None,
+    duration: Annotated[float | None, typer.Option("--duration", "-d", help="Seconds of soundtrack, 1-30.")] = None,
+    width: Annotated[int | None, typer.Option(help="Picture width, a multiple of 8.")] = None,
+    height: Annotated[int | None, typer.Option(help="Picture height, a multiple of 8.")] = None,
+    steps: Annotated[int | None, typer.Option(help="Denoising steps for the picture.")] = None,
+    seed: SeedOpt = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Folder for the PNG, WAV and MP4.")] = None,
+    from_file: FromOpt = None,
+    preset: PresetOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    offline: OfflineOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """A picture and its soundtrack from one prompt, saved as PNG, WAV and an MP4 of both."""
+    if output is not None and output.suffix:
+        raise CliError(f"A scene writes three files: give -o a folder, not '{output}'.", EXIT_BAD_INPUT)
+    request = _request(
+        "scene",
+        from_file,
+        {
+            "prompt": prompt,
+            "image_prompt": image_prompt,
+            "music_prompt": music_prompt,
+            "negative_prompt": negative,
+            "duration": duration,
+            "width": width,
+            "height": height,
+            "steps": steps,
+            "seed": seed,
+        },
+    )
+    settings = _settings(preset, device, dtype, offline)
+    _generate("scene", request, settings, output, as_json)
+
+
 def _generate(
     kind: str, request: Any, settings: Settings, output: Path | None, as_json: bool, **save_options: Any
 ) -> None:
@@ -196,7 +239,8 @@ def _generate(
     from muselab.quiet import quiet_libraries
 
     try:
-        media.output_extension(kind, output, save_options.get("audio_format"))
+        if kind != "scene":
+            media.output_extension(kind, output, save_options.get("audio_format"))
     except ValueError as exc:
         raise CliError(str(exc), EXIT_BAD_INPUT) from None
     quiet_libraries()
@@ -236,7 +280,7 @@ def _show_progress(kind: str, service: Any, job: Any, as_json: bool) -> None:
         TimeElapsedColumn(),
         TextColumn("ETA {task.fields[eta]}"),
     ]
-    unit = "tokens" if kind == "music" else "steps"
+    unit = {"music": "tokens", "image": "steps", "scene": "steps + tokens"}[kind]
     version, last_event = -1, None
     try:
         with Progress(*columns, console=err, transient=False, disable=as_json) as progress:
@@ -346,6 +390,53 @@ def serve(
         err.print(f"{len(interrupted)} job(s) left unfinished by the last run were marked interrupted.")
     err.print(f"muselab API on http://{settings.host}:{settings.port} (docs at /docs)", highlight=False)
     uvicorn.run(app_, host=settings.host, port=settings.port, log_level="warning", timeout_graceful_shutdown=10)
+
+
+@app.command()
+def ui(
+    port: Annotated[int, typer.Option(help="Port for the studio.")] = 8501,
+    host: Annotated[str, typer.Option(help="Address; default this machine only.")] = "127.0.0.1",
+    api_url: Annotated[
+        str | None, typer.Option(help="Use a running `muselab serve` at this URL instead of an in-process service.")
+    ] = None,
+    token: Annotated[str | None, typer.Option(help="The server's token, with --api-url.")] = None,
+    preset: PresetOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    offline: OfflineOpt = False,
+) -> None:
+    """Start the Streamlit studio (Home, Music, Image, Scene, Gallery) in your browser."""
+    import subprocess
+
+    from muselab.api import is_loopback
+
+    if not is_loopback(host) and api_url is None and not os.environ.get("MUSELAB_ALLOW_REMOTE_UI"):
+        raise CliError(
+            f"Refusing to serve the studio on {host}: anyone who can reach it could generate on this machine. "
+            "Put it behind an authenticating proxy and set MUSELAB_ALLOW_REMOTE_UI=1, or keep 127.0.0.1.",
+            EXIT_BAD_INPUT,
+        )
+    env = dict(os.environ)
+    for name, value in {
+        "MUSELAB_PRESET": preset,
+        "MUSELAB_DEVICE": device,
+        "MUSELAB_DTYPE": dtype,
+        "MUSELAB_OFFLINE": "1" if offline else None,
+        "MUSELAB_UI_API_URL": api_url,
+        "MUSELAB_API_TOKEN": token,
+    }.items():
+        if value is not None:
+            env[name] = value
+    folder = Path(__file__).parent / "ui"
+    command = [
+        sys.executable, "-m", "streamlit", "run", str(folder / "app.py"),
+        "--server.address", host, "--server.port", str(port), "--server.headless", "true",
+        "--server.enableXsrfProtection", "true", "--server.fileWatcherType", "none",
+        "--browser.gatherUsageStats", "false",
+    ]  # fmt: skip
+    err.print(f"muselab studio on http://{host}:{port}", highlight=False)
+    # Run from the ui folder so Streamlit finds its .streamlit/config.toml (theme, server defaults).
+    raise typer.Exit(subprocess.call(command, cwd=folder, env=env))
 
 
 history_app = typer.Typer(help="Past outputs, with their ratings: list and export.", invoke_without_command=True)
@@ -492,7 +583,8 @@ def info(
             if key in recipe:
                 table.add_row(key, str(recipe[key]))
     if meta.get("duration") is not None:
-        table.add_row("length", f"{meta['duration']:.3f} s, {meta['channels']} channel(s)")
+        channels = f", {meta['channels']} channel(s)" if "channels" in meta else ""
+        table.add_row("length", f"{meta['duration']:.3f} s{channels}")
     if meta.get("size"):
         table.add_row("size", f"{meta['size'][0]}x{meta['size'][1]}")
     kind = recipe["request"]["kind"] if recipe else "image"

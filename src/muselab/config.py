@@ -108,6 +108,8 @@ class Settings(BaseSettings):
     api_token: str | None = Field(default=None, description="Required as 'Authorization: Bearer ...' when set.")
     cors_origins: list[str] = Field(default_factory=list, description="Web origins allowed to call the API.")
     max_body_bytes: int = Field(default=64 * 1024, ge=1024)
+    # Streamlit UI: in-process job service unless a running `muselab serve` is named here.
+    ui_api_url: str | None = Field(default=None, description="URL of a muselab server for the UI to use.")
 
     @property
     def outputs(self) -> Path:

@@ -24,7 +24,7 @@ from muselab import media
 from muselab.config import Settings
 from muselab.devices import DeviceError
 from muselab.engines import Cancelled, CancelToken, Engine, ModelUnavailable, ProgressEvent, load_engine
-from muselab.schemas import ImageRequest, Request
+from muselab.schemas import ImageRequest, Request, SceneRequest
 from muselab.store import HistoryStore, OutputRecord
 
 log = logging.getLogger("muselab.jobs")
@@ -108,6 +108,8 @@ class ModelManager:
         self.settings, self.capacity, self.loader = settings, max(1, capacity), loader
         self._engines: OrderedDict[tuple[str, str], Engine] = OrderedDict()
         self._in_use: dict[tuple[str, str], int] = {}
+        # One generation at a time per engine, whichever worker (single-model or scene) asks.
+        self._run_locks: dict[tuple[str, str], threading.Lock] = {}
         self._lock = threading.Lock()
         self._loading: dict[tuple[str, str], threading.Lock] = {}
 
@@ -116,6 +118,20 @@ class ModelManager:
         key = (kind, model)
         with self._lock:
             load_lock = self._loading.setdefault(key, threading.Lock())
+            run_lock = self._run_locks.setdefault(key, threading.Lock())
+        run_lock.acquire()
+        try:
+            engine = self._get(key, load_lock)  # counts the engine as in use once it is loaded
+            try:
+                yield engine
+            finally:
+                with self._lock:
+                    self._in_use[key] -= 1
+        finally:
+            run_lock.release()
+
+    def _get(self, key: tuple[str, str], load_lock: threading.Lock) -> Engine:
+        kind, model = key
         with load_lock:
             with self._lock:
                 engine = self._engines.get(key)
@@ -128,11 +144,7 @@ class ModelManager:
                     self._engines[key] = engine
             with self._lock:
                 self._in_use[key] = self._in_use.get(key, 0) + 1
-        try:
-            yield engine
-        finally:
-            with self._lock:
-                self._in_use[key] -= 1
+        return engine
 
     def loaded(self) -> list[dict[str, str]]:
         with self._lock:
@@ -200,7 +212,13 @@ class JobService:
     def submit(self, request: Request, source: str = "api", save: SaveOptions | None = None) -> Job:
         from muselab.store import new_id
 
-        model = request.model or self.settings.model_for(request.kind)
+        if isinstance(request, SceneRequest):
+            image = request.image_model or self.settings.model_for("image")
+            music = request.music_model or self.settings.model_for("music")
+            request = request.model_copy(update={"image_model": image, "music_model": music})
+            model = f"{image} + {music}"
+        else:
+            model = request.model or self.settings.model_for(request.kind)
         job = Job(id=new_id(), request=request, model=model, source=source, save=save or SaveOptions())
         key = (request.kind, model)
         with self._lock:
@@ -335,27 +353,10 @@ class JobService:
             self._update(job, progress=event, preview_png=preview)
 
         try:
-            with self.models.use(job.kind, job.model) as engine:
-                job.resolved = engine.resolve(job.request).model_dump(mode="json")  # type: ignore[attr-defined]
-                self.store.mark_running(job.id, job.model, engine.placement.device, engine.placement.dtype_name)
-                self._update(job, status="running")
-                options: dict[str, Any] = {}
-                if isinstance(job.request, ImageRequest):
-                    options["preview_every"] = max(1, (job.resolved.get("steps") or 1) // 8)
-                resolved_request = type(job.request).model_validate(job.resolved)
-                try:
-                    result = engine.generate(resolved_request, on_progress, job.cancel, **options)
-                except Cancelled as stop:
-                    kept = self._save_partial(job, engine, resolved_request, stop.completed)
-                    if timed_out.is_set():
-                        message = f"time limit of {self.settings.job_timeout:g} s reached"
-                        job.error_kind = "timeout"
-                        self._finish(job, "failed", error=message, outputs=kept, started=started)
-                    else:
-                        self._finish(job, "cancelled", error="cancelled", outputs=kept, started=started)
-                    return
-                paths = media.save_result(result, job.save.output, self.settings.outputs, **self._save_args(job))
-                self._finish(job, "succeeded", outputs=self._describe(result, paths), started=started)
+            if isinstance(job.request, SceneRequest):
+                self._run_scene(job, on_progress, timed_out, started)
+            else:
+                self._run_single(job, on_progress, timed_out, started)
         except (ModelUnavailable, DeviceError) as exc:
             job.error_kind = "model_unavailable"
             self._finish(job, "failed", error=str(exc), started=started)
@@ -372,6 +373,126 @@ class JobService:
                 log.exception("job %s failed", job.id)
                 job.error_kind = "internal"
                 self._finish(job, "failed", error=f"{type(exc).__name__}: {exc}", started=started)
+
+    def _run_single(self, job: Job, on_progress: Any, timed_out: threading.Event, started: float) -> None:
+        with self.models.use(job.kind, job.model) as engine:
+            resolved_request = engine.resolve(job.request)  # type: ignore[attr-defined]
+            job.resolved = resolved_request.model_dump(mode="json")
+            self.store.mark_running(job.id, job.model, engine.placement.device, engine.placement.dtype_name)
+            self._update(job, status="running")
+            options: dict[str, Any] = {}
+            if isinstance(resolved_request, ImageRequest):
+                options["preview_every"] = max(1, (resolved_request.steps or 1) // 8)
+            try:
+                result = engine.generate(resolved_request, on_progress, job.cancel, **options)
+            except Cancelled as stop:
+                kept = self._save_partial(job, engine, resolved_request, stop.completed)
+                self._stopped(job, timed_out, kept, started)
+                return
+            paths = media.save_result(result, job.save.output, self.settings.outputs, **self._save_args(job))
+            self._finish(job, "succeeded", outputs=self._describe(result, paths), started=started)
+
+    def _run_scene(self, job: Job, on_progress: Any, timed_out: threading.Event, started: float) -> None:
+        """A picture, then its soundtrack, then the MP4 of both: one job, one progress bar."""
+        scene = job.request
+        assert isinstance(scene, SceneRequest)
+        with (
+            self.models.use("image", scene.image_model or "") as image_engine,
+            self.models.use("music", scene.music_model or "") as music_engine,
+        ):
+            image_request = image_engine.resolve(scene.image_request())  # type: ignore[attr-defined]
+            scene = scene.model_copy(
+                update={
+                    "seed": image_request.seed,
+                    "width": image_request.width,
+                    "height": image_request.height,
+                    "steps": image_request.steps,
+                }
+            )
+            music_request = music_engine.resolve(scene.music_request())  # type: ignore[attr-defined]
+            job.resolved = scene.model_dump(mode="json")
+            placement = image_engine.placement
+            self.store.mark_running(job.id, job.model, placement.device, placement.dtype_name)
+            self._update(job, status="running")
+            image_steps = image_request.steps
+            total = image_steps + music_engine.tokens_for(music_request.duration)  # type: ignore[attr-defined]
+
+            def scene_progress(offset: int, stage: str) -> Callable[[ProgressEvent], None]:
+                def forward(event: ProgressEvent) -> None:
+                    on_progress(
+                        ProgressEvent(
+                            stage=stage if event.stage == "generating" else event.stage,
+                            step=offset + event.step,
+                            total=total,
+                            elapsed=time.perf_counter() - started,
+                            eta=event.eta,
+                            preview=event.preview,
+                        )
+                    )
+
+                return forward
+
+            try:
+                picture = image_engine.generate(
+                    image_request, scene_progress(0, "image"), job.cancel, preview_every=max(1, image_steps // 8)
+                )
+                sound = music_engine.generate(music_request, scene_progress(image_steps, "music"), job.cancel)
+            except Cancelled:
+                self._stopped(job, timed_out, [], started)
+                return
+            outputs = self._save_scene(job, scene, picture, sound)
+            self._finish(job, "succeeded", outputs=outputs, started=started)
+
+    def _save_scene(self, job: Job, scene: SceneRequest, picture: Any, sound: Any) -> list[dict[str, Any]]:
+        # A scene writes three files, so `output` (CLI only) names a folder.
+        folder = job.save.output if job.save.output is not None else self.settings.outputs
+        folder.mkdir(parents=True, exist_ok=True)
+        image, clip = picture.outputs[0], sound.outputs[0]
+        scene_dict = scene.model_dump(mode="json")
+        described = []
+        for result, item in ((picture, image), (sound, clip)):
+            [path] = media.save_result(result, None, folder)
+            recipe = media.recipe_for(result, item)
+            described.append(
+                {
+                    "path": path,
+                    "kind": result.request.kind,
+                    "prompt": result.request.prompt,
+                    "seed": item.seed,
+                    "flagged": getattr(item, "flagged", False),
+                    "recipe": recipe,
+                }
+            )
+        video_recipe = {
+            "software": media.recipe_for(picture, image)["software"],
+            "model_name": f"{picture.model_name} + {sound.model_name}",
+            "device": picture.device,
+            "dtype": picture.dtype,
+            "request": scene_dict,
+            "flagged": image.flagged,
+            "sample_rate": clip.sample_rate,
+        }
+        target = folder / media.output_name(scene.prompt, image.seed, "mp4")
+        video = media.save_video(image.image, clip.audio, clip.sample_rate, video_recipe, target)
+        described.append(
+            {
+                "path": video,
+                "kind": "scene",
+                "prompt": scene.prompt,
+                "seed": image.seed,
+                "flagged": image.flagged,
+                "recipe": video_recipe,
+            }
+        )
+        return described
+
+    def _stopped(self, job: Job, timed_out: threading.Event, kept: list[dict[str, Any]], started: float) -> None:
+        if timed_out.is_set():
+            job.error_kind = "timeout"
+            message = f"time limit of {self.settings.job_timeout:g} s reached"
+            self._finish(job, "failed", error=message, outputs=kept, started=started)
+        else:
+            self._finish(job, "cancelled", error="cancelled", outputs=kept, started=started)
 
     def _save_args(self, job: Job) -> dict[str, Any]:
         return {"audio_format": job.save.audio_format, "normalize": job.save.normalize}

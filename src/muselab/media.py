@@ -315,7 +315,9 @@ def read_metadata(path: Path) -> dict[str, Any]:
             "channels": info.channels,
             "duration": info.duration,
         }
-    raise MetadataError(f"{path}: muselab reads recipes from .png, .wav, .flac and .ogg files.")
+    if suffix == ".mp4":
+        return read_video_metadata(path)
+    raise MetadataError(f"{path}: muselab reads recipes from .png, .wav, .flac, .ogg and .mp4 files.")
 
 
 def request_from_file(path: Path) -> dict[str, Any]:
@@ -379,3 +381,60 @@ def save_result(
 
 def _is_folder(path: Path) -> bool:
     return path.is_dir() or str(path).endswith(("/", os.sep))
+
+
+# ---------------------------------------------------------------- scenes: a still with its soundtrack
+
+
+def encode_mp4(image: Any, audio: np.ndarray, sample_rate: int, recipe: dict[str, Any]) -> bytes:
+    """An H.264/AAC MP4 of a still picture for as long as its soundtrack, recipe in the comment tag."""
+    import av
+
+    width, height = (image.width // 2) * 2, (image.height // 2) * 2  # yuv420p needs even sizes
+    picture = np.asarray(image.convert("RGB"))[:height, :width]
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="mp4") as container:
+        container.metadata["comment"] = json.dumps(recipe, ensure_ascii=False)
+        container.metadata["title"] = recipe["request"]["prompt"][:200]
+        video = container.add_stream("libx264", rate=1)
+        video.width, video.height, video.pix_fmt = width, height, "yuv420p"
+        channels = audio.shape[1]
+        sound = container.add_stream("aac", rate=sample_rate)
+        sound.layout = "mono" if channels == 1 else "stereo"
+        frame = av.VideoFrame.from_ndarray(picture, format="rgb24")
+        seconds = max(1, int(np.ceil(len(audio) / sample_rate)))
+        for second in range(seconds + 1):  # one frame a second, and one at the end
+            frame.pts = second
+            for packet in video.encode(frame):
+                container.mux(packet)
+        for packet in video.encode():
+            container.mux(packet)
+        planar = np.ascontiguousarray(np.clip(audio, -1, 1).T.astype(np.float32))
+        samples = av.AudioFrame.from_ndarray(planar, format="fltp", layout=sound.layout.name)
+        samples.sample_rate, samples.pts = sample_rate, 0
+        for packet in sound.encode(samples):
+            container.mux(packet)
+        for packet in sound.encode():
+            container.mux(packet)
+    return buffer.getvalue()
+
+
+def save_video(image: Any, audio: np.ndarray, sample_rate: int, recipe: dict[str, Any], target: Path) -> Path:
+    data = encode_mp4(image, audio, sample_rate, recipe)
+    return write_new_file(target, lambda handle: handle.write(data))
+
+
+def read_video_metadata(path: Path) -> dict[str, Any]:
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            comment = container.metadata.get("comment", "")
+            duration = (container.duration or 0) / 1_000_000
+    except (av.error.FFmpegError, OSError) as exc:
+        raise MetadataError(f"{path} is not a readable MP4: {exc}") from None
+    try:
+        recipe = json.loads(comment)
+    except json.JSONDecodeError:
+        raise MetadataError(f"{path} carries no muselab recipe.") from None
+    return {"format": "mp4", "recipe": recipe, "duration": duration}

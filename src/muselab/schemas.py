@@ -59,7 +59,38 @@ class ImageRequest(_Request):
     num_images: int = Field(default=1, ge=1, le=8, description="Images to make; image i uses seed + i.")
 
 
-Request = MusicRequest | ImageRequest
+class SceneRequest(_Request):
+    """One prompt (optionally split) makes a picture and its soundtrack, exported together as MP4."""
+
+    kind: Literal["scene"] = "scene"
+    image_prompt: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS, description="Default: prompt.")
+    music_prompt: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS, description="Default: prompt.")
+    negative_prompt: str = Field(default="", max_length=MAX_PROMPT_CHARS)
+    duration: float = Field(default=8.0, ge=1, le=30, description="Seconds of soundtrack (and video).")
+    width: int | None = Field(default=None, ge=64, le=2048, multiple_of=8)
+    height: int | None = Field(default=None, ge=64, le=2048, multiple_of=8)
+    steps: int | None = Field(default=None, ge=1, le=150)
+    image_model: str | None = Field(default=None, description="Hub id or folder; default from settings.")
+    music_model: str | None = Field(default=None, description="Hub id or folder; default from settings.")
+
+    def image_request(self) -> ImageRequest:
+        return ImageRequest(
+            prompt=self.image_prompt or self.prompt,
+            negative_prompt=self.negative_prompt,
+            seed=self.seed,
+            width=self.width,
+            height=self.height,
+            steps=self.steps,
+            model=self.image_model,
+        )
+
+    def music_request(self) -> MusicRequest:
+        return MusicRequest(
+            prompt=self.music_prompt or self.prompt, seed=self.seed, duration=self.duration, model=self.music_model
+        )
+
+
+Request = MusicRequest | ImageRequest | SceneRequest
 
 
 class RequestError(ValueError):

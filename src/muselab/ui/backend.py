@@ -1,0 +1,143 @@
+"""The UI's one link to the job service: in-process by default, or a running `muselab serve` by URL.
+
+Both give plain dicts shaped like the HTTP API's answers, so the pages do not care which it is.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from muselab.config import Settings
+from muselab.schemas import ImageRequest, MusicRequest, RequestError, SceneRequest, parse_request
+
+REQUESTS = {"music": MusicRequest, "image": ImageRequest, "scene": SceneRequest}
+ACTIVE = ("queued", "running")
+
+
+class BackendError(RuntimeError):
+    """Something the user should read: busy queue, unreachable server, bad token..."""
+
+
+class Backend(Protocol):
+    def submit(self, kind: str, data: dict[str, Any]) -> str: ...
+    def status(self, job_id: str) -> dict[str, Any]: ...
+    def cancel(self, job_id: str) -> None: ...
+    def outputs(self, **filters: Any) -> list[dict[str, Any]]: ...
+    def output_bytes(self, output_id: str) -> bytes: ...
+    def feedback(self, output_id: str, thumb: int | None, stars: int | None, comment: str | None) -> None: ...
+    def delete(self, output_id: str) -> None: ...
+    def info(self) -> dict[str, Any]: ...
+
+
+def validate(kind: str, data: dict[str, Any]) -> Any:
+    """Check a request before sending it; RequestError says which field to change."""
+    return parse_request(REQUESTS[kind], {k: v for k, v in data.items() if v not in (None, "")})
+
+
+class LocalBackend:
+    def __init__(self, settings: Settings):
+        from muselab.jobs import JobService
+
+        self.service = JobService(settings)
+
+    def submit(self, kind: str, data: dict[str, Any]) -> str:
+        from muselab.jobs import QueueFull
+
+        request = validate(kind, data)
+        try:
+            return self.service.submit(request, source="ui").id
+        except QueueFull as exc:
+            raise BackendError(str(exc)) from None
+
+    def status(self, job_id: str) -> dict[str, Any]:
+        status = self.service.status(job_id, with_preview=True)
+        if status is None:
+            raise BackendError("That job is no longer known.")
+        return status
+
+    def cancel(self, job_id: str) -> None:
+        self.service.cancel(job_id)
+
+    def outputs(self, **filters: Any) -> list[dict[str, Any]]:
+        return [record.public() for record in self.service.store.list_outputs(**filters)]
+
+    def output_bytes(self, output_id: str) -> bytes:
+        record = self.service.store.get_output(output_id)
+        if record is None or not record.path.is_file():
+            raise BackendError("That file is gone.")
+        return record.path.read_bytes()
+
+    def feedback(self, output_id: str, thumb: int | None, stars: int | None, comment: str | None) -> None:
+        self.service.store.set_feedback(output_id, thumb, stars, comment)
+
+    def delete(self, output_id: str) -> None:
+        self.service.store.delete_output(output_id)
+
+    def info(self) -> dict[str, Any]:
+        from muselab.devices import choose_placement
+
+        settings = self.service.settings
+        placement = choose_placement(settings.device, settings.dtype)
+        return {
+            "models": {"music": settings.model_for("music"), "image": settings.model_for("image")},
+            "loaded": self.service.models.loaded(),
+            "device": f"{placement.device} ({placement.dtype_name})",
+            "reason": placement.reason,
+            "preset": settings.preset,
+        }
+
+
+class RemoteBackend:
+    """Talks to `muselab serve` over HTTP (with its token when one is set)."""
+
+    def __init__(self, url: str, token: str | None = None):
+        import httpx
+
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.client = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=30)
+
+    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+        import httpx
+
+        try:
+            response = self.client.request(method, path, **kwargs)
+        except httpx.HTTPError as exc:
+            raise BackendError(f"The muselab server at {self.client.base_url} cannot be reached: {exc}") from None
+        if response.status_code >= 400:
+            try:
+                message = response.json()["error"]["message"]
+            except (ValueError, KeyError, TypeError):
+                message = response.text[:300]
+            if response.status_code == 422:
+                raise RequestError(message)
+            raise BackendError(message)
+        return response
+
+    def submit(self, kind: str, data: dict[str, Any]) -> str:
+        request = validate(kind, data)
+        body = request.model_dump(mode="json", exclude_none=True)
+        return self._call("POST", f"/api/jobs/{kind}", json=body).json()["id"]
+
+    def status(self, job_id: str) -> dict[str, Any]:
+        return self._call("GET", f"/api/jobs/{job_id}").json()
+
+    def cancel(self, job_id: str) -> None:
+        self._call("POST", f"/api/jobs/{job_id}/cancel", json={})
+
+    def outputs(self, **filters: Any) -> list[dict[str, Any]]:
+        params = {"q" if k == "text" else k: v for k, v in filters.items() if v is not None}
+        return self._call("GET", "/api/outputs", params=params).json()["outputs"]
+
+    def output_bytes(self, output_id: str) -> bytes:
+        return self._call("GET", f"/api/outputs/{output_id}/file").content
+
+    def feedback(self, output_id: str, thumb: int | None, stars: int | None, comment: str | None) -> None:
+        body = {k: v for k, v in {"thumb": thumb, "stars": stars, "comment": comment}.items() if v is not None}
+        self._call("POST", f"/api/outputs/{output_id}/feedback", json=body)
+
+    def delete(self, output_id: str) -> None:
+        self._call("DELETE", f"/api/outputs/{output_id}")
+
+    def info(self) -> dict[str, Any]:
+        info = self._call("GET", "/api/info").json()
+        return {**info, "device": "server", "reason": f"served by {self.client.base_url}"}

@@ -1,0 +1,226 @@
+"""What every page shares: the backend, the live job panel (progress, preview, cancel), results,
+feedback, and the little bit of CSS. Prompts are always shown as text, never as HTML or markdown.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import streamlit as st
+
+from muselab.config import Settings
+from muselab.schemas import RequestError
+from muselab.ui.backend import ACTIVE, Backend, BackendError, LocalBackend, RemoteBackend
+
+STYLE = Path(__file__).with_name("style.css")
+PAGES = {
+    "home": "pages/home.py",
+    "music": "pages/music.py",
+    "image": "pages/image.py",
+    "scene": "pages/scene.py",
+    "gallery": "pages/gallery.py",
+}
+
+
+@st.cache_resource(show_spinner=False)
+def _backend(data_dir: str, preset: str, api_url: str | None, token: str | None) -> Backend:
+    if api_url:
+        return RemoteBackend(api_url, token)
+    from muselab.quiet import quiet_libraries
+
+    quiet_libraries()
+    return LocalBackend(Settings())
+
+
+def backend() -> Backend:
+    settings = Settings()
+    return _backend(str(settings.data_dir), settings.preset, settings.ui_api_url, settings.api_token)
+
+
+def apply_style() -> None:
+    st.html(f"<style>{STYLE.read_text()}</style>")
+
+
+def submit(kind: str, data: dict[str, Any]) -> None:
+    """Send a request; a bad field or a busy queue is shown in the page, and nothing is lost."""
+    try:
+        st.session_state[f"{kind}.job"] = backend().submit(kind, data)
+        st.session_state[f"{kind}.submitted_at"] = time.time()
+    except RequestError as exc:
+        st.error(str(exc).replace("Invalid request:", "Please change:"), icon=":material/edit:")
+    except BackendError as exc:
+        st.warning(str(exc), icon=":material/hourglass_top:")
+
+
+def job_panel(kind: str) -> dict[str, Any] | None:
+    """The current job of a page: live progress while it runs, then its results. Returns its status."""
+    job_id = st.session_state.get(f"{kind}.job")
+    if not job_id:
+        return None
+    try:
+        status = backend().status(job_id)
+    except BackendError as exc:
+        st.warning(str(exc))
+        return None
+    if status["status"] in ACTIVE:
+        _live_progress(kind, job_id)
+        return status
+    if status["status"] == "failed":
+        st.error(status["error"] or "The job failed.", icon=":material/error:")
+    elif status["status"] == "cancelled":
+        kept = len(status["outputs"])
+        st.warning("Cancelled. Nothing partial was saved" + (f"; {kept} finished file(s) kept." if kept else "."))
+    elif status["status"] == "interrupted":
+        st.warning("muselab stopped before this job finished. Press Generate to run it again.")
+    return status
+
+
+@st.fragment(run_every=0.5)
+def _live_progress(kind: str, job_id: str) -> None:
+    status = backend().status(job_id)
+    if status["status"] not in ACTIVE:
+        st.rerun()
+    progress = status["progress"]
+    if status["status"] == "queued" or progress is None:
+        position = status.get("queue_position")
+        waited = time.time() - st.session_state.get(f"{kind}.submitted_at", time.time())
+        text = f"Waiting in the queue (position {position})" if position and position > 1 else "Loading the model"
+        st.progress(0.0, text=f"{text}... {waited:0.0f} s")
+    else:
+        eta = progress["eta"]
+        left = f", about {eta:0.0f} s left" if eta is not None else ""
+        unit = {"music": "audio tokens", "image": "denoising steps", "scene": "steps"}[kind]
+        stage = " (decoding)" if progress["stage"] == "decoding" else ""
+        st.progress(
+            min(progress["fraction"], 1.0),
+            text=f"{progress['step']} / {progress['total']} {unit}{stage}, {progress['elapsed']:0.0f} s{left}",
+        )
+    if status.get("preview"):
+        st.image(status["preview"], caption="Live preview", width=192)
+    if st.button("Cancel", key=f"{kind}.cancel", icon=":material/stop:"):
+        backend().cancel(job_id)
+        st.toast("Cancelling...")
+
+
+def file_bytes(output: dict[str, Any]) -> bytes | None:
+    try:
+        return backend().output_bytes(output["id"])
+    except BackendError:
+        st.warning(f"{output['filename']} is gone from disk.")
+        return None
+
+
+def show_output(output: dict[str, Any], *, compact: bool = False) -> None:
+    """One output: the picture or player, downloads, and for the full view its rating."""
+    data = file_bytes(output)
+    if data is None:
+        return
+    name = output["filename"]
+    if output["kind"] == "image":
+        st.image(data, width="stretch")
+        if output["flagged"]:
+            st.warning("The safety checker flagged this image, so it was blanked. Try another prompt or seed.")
+        st.download_button(
+            "PNG", data, file_name=name, mime="image/png", key=f"dl.{output['id']}", icon=":material/download:"
+        )
+    elif output["kind"] == "music":
+        st.audio(data, format="audio/wav")
+        if not compact:
+            st.image(waveform_png(data), width="stretch")
+        columns = st.columns(2)
+        columns[0].download_button(
+            "WAV", data, file_name=name, mime="audio/wav", key=f"dl.{output['id']}", icon=":material/download:"
+        )
+        if not compact:
+            columns[1].download_button(
+                "FLAC",
+                to_flac(data, output),
+                file_name=Path(name).with_suffix(".flac").name,
+                mime="audio/flac",
+                key=f"dlf.{output['id']}",
+                icon=":material/download:",
+            )
+    else:
+        st.video(data, format="video/mp4")
+        st.download_button(
+            "MP4", data, file_name=name, mime="video/mp4", key=f"dl.{output['id']}", icon=":material/download:"
+        )
+
+
+def waveform_png(wav: bytes, width: int = 800, height: int = 120) -> bytes:
+    """A small waveform picture (min/max per column), drawn without a plotting library."""
+    import numpy as np
+    import soundfile as sf
+    from PIL import Image, ImageDraw
+
+    audio, _ = sf.read(io.BytesIO(wav), dtype="float32", always_2d=True)
+    mono = audio.mean(axis=1)
+    columns = np.array_split(mono, width) if len(mono) >= width else [mono]
+    picture = Image.new("RGB", (width, height), (250, 248, 245))
+    draw = ImageDraw.Draw(picture)
+    middle = height / 2
+    for x, chunk in enumerate(columns):
+        if chunk.size:
+            top, bottom = middle - float(chunk.max()) * middle, middle - float(chunk.min()) * middle
+            draw.line([(x, top), (x, bottom)], fill=(196, 86, 54))
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def to_flac(wav: bytes, output: dict[str, Any]) -> bytes:
+    import soundfile as sf
+
+    from muselab.media import encode_audio
+
+    audio, rate = sf.read(io.BytesIO(wav), dtype="float32", always_2d=True)
+    return encode_audio(audio, rate, output["recipe"], "flac")
+
+
+def rating(output: dict[str, Any]) -> None:
+    """Thumbs, stars and a comment, stored with the output."""
+    feedback = output.get("feedback") or {}
+    key = output["id"]
+    thumbs = st.feedback("thumbs", key=f"thumb.{key}")
+    stars = st.feedback("stars", key=f"stars.{key}")
+    comment = st.text_input("Comment", value=feedback.get("comment") or "", key=f"comment.{key}", max_chars=2000)
+    if st.button("Save rating", key=f"rate.{key}", icon=":material/star:"):
+        thumb = None if thumbs is None else (1 if thumbs == 1 else -1)
+        backend().feedback(output["id"], thumb, None if stars is None else stars + 1, comment or None)
+        st.toast("Rating saved")
+    if feedback.get("stars") or feedback.get("thumb"):
+        marks = "up" if feedback.get("thumb") == 1 else "down" if feedback.get("thumb") == -1 else ""
+        st.caption(f"Saved rating: {marks} {'*' * (feedback.get('stars') or 0)}".strip())
+
+
+def reuse_settings(kind: str, request: dict[str, Any], fields: dict[str, str], extra: dict | None = None) -> None:
+    """Copy a recipe back into the page's widgets ("use these settings again"); an on_click callback,
+    since widget values can only be set before the widgets are drawn."""
+    for field, widget in fields.items():
+        value = request.get(field)
+        if value is not None:
+            st.session_state[f"{kind}.{widget}"] = value
+    st.session_state[f"{kind}.seed"] = request.get("seed", -1)
+    for widget, value in (extra or {}).items():
+        st.session_state[f"{kind}.{widget}"] = value
+
+
+def show_recipe(output: dict[str, Any]) -> None:
+    with st.expander("Recipe"):
+        st.code(json.dumps(output["recipe"]["request"], indent=2), language="json")
+
+
+def device_line() -> str:
+    info = backend().info()
+    return f"Device: {info['device']}" + (
+        " · tiny test models (output is noise)" if info.get("preset") == "tiny" else ""
+    )
+
+
+def env_flag(name: str) -> bool:
+    return os.environ.get(name, "").lower() in ("1", "true", "yes")

@@ -1,0 +1,174 @@
+"""The Streamlit studio, headless (AppTest), on the tiny models: every page, errors, cancel, feedback."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+import muselab.ui
+from muselab.config import Settings
+
+APP = str(Path(muselab.ui.__file__).parent / "app.py")
+
+
+@pytest.fixture(scope="module")
+def ui_env(tiny_dir, tmp_path_factory):
+    data = tmp_path_factory.mktemp("ui-data")
+    (data / "tiny-models").symlink_to(tiny_dir / "tiny-models")
+    patch = pytest.MonkeyPatch()
+    for name, value in {"MUSELAB_DATA_DIR": str(data), "MUSELAB_PRESET": "tiny", "HF_HUB_OFFLINE": "1"}.items():
+        patch.setenv(name, value)
+    patch.delenv("MUSELAB_UI_API_URL", raising=False)
+    yield data
+    from muselab.ui.common import backend
+
+    backend().service.shutdown(10)
+    patch.undo()
+
+
+def open_page(page: str) -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=60).run()
+    if page != "home":
+        at.switch_page(f"pages/{page}.py").run()
+    assert not at.exception, at.exception
+    return at
+
+
+def run_until(at: AppTest, done, timeout: float = 120) -> AppTest:
+    """Rerun the page (as the live-progress fragment does) until `done(at)` holds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        at.run()
+        assert not at.exception, at.exception
+        if done(at):
+            return at
+        time.sleep(0.2)
+    raise AssertionError("the page never got there")
+
+
+def store(ui_env):
+    from muselab.store import HistoryStore
+
+    settings = Settings(data_dir=ui_env)
+    return HistoryStore(settings.data_dir / "history.sqlite3", settings.outputs)
+
+
+def test_home_has_the_two_entry_points_and_the_device(ui_env):
+    at = open_page("home")
+    labels = [button.label for button in at.button]
+    assert labels[:2] == ["Music", "Image"]
+    captions = " ".join(caption.value for caption in at.caption)
+    assert "Device: cpu" in captions and "tiny-musicgen" in captions and "tiny-stable-diffusion" in captions
+
+
+def test_music_generates_plays_downloads_and_stores_feedback(ui_env):
+    at = open_page("music")
+    at.text_area(key="music.prompt").input("calm piano, 70 bpm")
+    at.slider(key="music.duration").set_value(2)
+    at.button(key="music.generate").click().run()
+    run_until(at, lambda page: page.get("audio"))
+    assert [button.label for button in at.get("download_button")] == ["WAV", "FLAC"]
+    assert "calm piano, 70 bpm" in [text.value for text in at.text]
+    assert len(at.get("image")) >= 1  # the waveform picture
+    output_id = at.session_state["music.job"]
+    at.feedback(key=next(f.key for f in at.get("feedback") if f.key.startswith("thumb."))).set_value(1)
+    at.feedback(key=next(f.key for f in at.get("feedback") if f.key.startswith("stars."))).set_value(3)
+    comment_key = next(t.key for t in at.text_input if t.key.startswith("comment."))
+    at.text_input(key=comment_key).input("nice and calm")
+    at.button(key=comment_key.replace("comment.", "rate.")).click().run()
+    assert not at.exception
+    [record] = store(ui_env).list_outputs(job_id=output_id)
+    assert (record.thumb, record.stars, record.comment) == (1, 4, "nice and calm")
+
+
+def test_use_these_settings_again(ui_env):
+    at = open_page("music")
+    at.text_area(key="music.prompt").input("warm synth pad")
+    at.slider(key="music.duration").set_value(1)
+    at.button(key="music.generate").click().run()
+    run_until(at, lambda page: page.get("audio"))
+    at.text_area(key="music.prompt").input("something else").run()
+    at.button(key="music.reuse").click().run()
+    assert at.text_area(key="music.prompt").value == "warm synth pad"
+    assert at.slider(key="music.duration").value == 1
+    assert at.number_input(key="music.seed").value >= 0
+
+
+def test_bad_input_is_explained_in_the_page(ui_env):
+    at = open_page("music")
+    at.text_area(key="music.prompt").input("   ")
+    at.button(key="music.generate").click().run()
+    assert not at.exception
+    assert "prompt: must be non-blank text" in at.error[0].value
+    assert "music.job" not in at.session_state
+
+
+def test_missing_weights_say_what_to_do(ui_env):
+    at = open_page("image")
+    at.text_area(key="image.prompt").input("a fox")
+    at.text_input(key="image.model").input("someone/not-downloaded")
+    at.button(key="image.generate").click().run()
+    run_until(at, lambda page: page.error)
+    message = at.error[0].value
+    assert "someone/not-downloaded" in message and "muselab models download someone/not-downloaded" in message
+    assert "--preset tiny" in message and "Traceback" not in message
+
+
+def test_image_page_grid_downloads_and_cancel(ui_env):
+    at = open_page("image")
+    at.text_area(key="image.prompt").input("a red fox in snow")
+    at.number_input(key="image.images").set_value(2)
+    at.number_input(key="image.steps").set_value(3)
+    at.button(key="image.generate").click().run()
+    run_until(at, lambda page: len(page.get("download_button")) == 2)
+    assert [button.label for button in at.get("download_button")] == ["PNG", "PNG"]
+
+    at.number_input(key="image.steps").set_value(150)
+    at.number_input(key="image.images").set_value(8)
+    at.button(key="image.generate").click().run()
+    run_until(at, lambda page: any(button.key == "image.cancel" for button in page.button))
+    at.button(key="image.cancel").click().run()
+    run_until(at, lambda page: page.warning and "Cancelled" in page.warning[0].value)
+    assert "Nothing partial was saved" in at.warning[0].value
+
+
+def test_scene_shows_picture_player_and_video(ui_env):
+    at = open_page("scene")
+    at.text_area(key="scene.prompt").input("a quiet harbour at dawn")
+    at.slider(key="scene.duration").set_value(2)
+    at.button(key="scene.generate").click().run()
+    run_until(at, lambda page: page.get("video"), timeout=180)
+    assert len(at.get("audio")) == 1 and len(at.get("image")) >= 1
+    assert sorted(button.label for button in at.get("download_button")) == ["MP4", "PNG", "WAV"]
+
+
+def test_gallery_lists_filters_and_deletes(ui_env):
+    at = open_page("gallery")
+    texts = [text.value for text in at.text]
+    assert "calm piano, 70 bpm" in texts and "a quiet harbour at dawn" in texts
+    at.selectbox(key="gallery.kind").set_value("Scenes").run()
+    assert [text.value for text in at.text] == ["a quiet harbour at dawn"]
+    assert at.get("video")
+    at.selectbox(key="gallery.kind").set_value("Everything").run()
+    at.text_input(key="gallery.text").input("70 bpm").run()
+    assert [text.value for text in at.text] == ["calm piano, 70 bpm"]
+    delete = next(button for button in at.button if button.key.startswith("delete."))
+    output_id = delete.key.removeprefix("delete.")
+    delete.click().run()
+    assert store(ui_env).get_output(output_id) is None
+    assert [text.value for text in at.text] == []
+
+
+def test_prompts_are_shown_as_text_not_html(ui_env):
+    at = open_page("image")
+    hostile = "<img src=x onerror=alert(1)> **bold**"
+    at.text_area(key="image.prompt").input(hostile)
+    at.number_input(key="image.steps").set_value(1)
+    at.button(key="image.generate").click().run()
+    run_until(at, lambda page: page.get("download_button"))
+    at = open_page("gallery")
+    assert hostile in [text.value for text in at.text]
+    assert all(hostile not in markdown.value for markdown in at.markdown)
