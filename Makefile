@@ -1,5 +1,5 @@
 # Two commands do everything on a fresh machine:
-#   make run    set up, then run muselab (a demo on the tiny models; ARGS="..." runs any command)
+#   make run    set up, then start the studio (tiny offline models unless PRESET=default; ARGS="..." runs any command)
 #   make test   set up, then ruff and the test suite
 PYTHON ?= python3
 VENV ?= .venv
@@ -7,8 +7,10 @@ BIN := $(VENV)/bin
 # The CPU build of PyTorch first: installing the project first would pull a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 ARGS ?=
+PRESET ?= tiny
+PORT ?= 8501
 
-.PHONY: setup run test lint bench clean
+.PHONY: setup run demo test lint browser bench clean
 
 setup: $(VENV)/.installed
 
@@ -21,16 +23,25 @@ $(VENV)/.installed: pyproject.toml
 
 run: setup
 ifeq ($(strip $(ARGS)),)
-	./scripts/demo.sh
+	$(BIN)/muselab ui --preset $(PRESET) --port $(PORT)
 else
 	$(BIN)/muselab $(ARGS)
 endif
+
+demo: setup
+	./scripts/demo.sh
 
 lint: setup
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench
 
-test: lint
+# The browser test drives Debian's chromium (Playwright's own browser download needs the network).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else echo "chromium is not installed: the browser test will be skipped (sudo apt-get install chromium)"; fi; }
+
+test: lint browser
 	$(BIN)/python -m pytest
 
 bench: setup

@@ -24,6 +24,7 @@ from muselab import media
 from muselab.config import Settings
 from muselab.devices import DeviceError
 from muselab.engines import Cancelled, CancelToken, Engine, ModelUnavailable, ProgressEvent, load_engine
+from muselab.engines.base import engine_result
 from muselab.schemas import ImageRequest, Request, SceneRequest
 from muselab.store import HistoryStore, OutputRecord
 
@@ -449,20 +450,10 @@ class JobService:
         folder.mkdir(parents=True, exist_ok=True)
         image, clip = picture.outputs[0], sound.outputs[0]
         scene_dict = scene.model_dump(mode="json")
-        described = []
-        for result, item in ((picture, image), (sound, clip)):
-            [path] = media.save_result(result, None, folder)
-            recipe = media.recipe_for(result, item)
-            described.append(
-                {
-                    "path": path,
-                    "kind": result.request.kind,
-                    "prompt": result.request.prompt,
-                    "seed": item.seed,
-                    "flagged": getattr(item, "flagged", False),
-                    "recipe": recipe,
-                }
-            )
+        described = [
+            *self._describe(picture, media.save_result(picture, None, folder)),
+            *self._describe(sound, media.save_result(sound, None, folder)),
+        ]
         video_recipe = {
             "software": media.recipe_for(picture, image)["software"],
             "model_name": f"{picture.model_name} + {sound.model_name}",
@@ -500,16 +491,7 @@ class JobService:
     def _save_partial(self, job: Job, engine: Any, request: Request, completed: list[Any]) -> list[dict[str, Any]]:
         if not completed:
             return []
-        from muselab.engines import GenerationResult
-
-        result = GenerationResult(
-            request=request,
-            outputs=completed,
-            model_name=engine.model_name,
-            device=engine.placement.device,
-            dtype=engine.placement.dtype_name,
-            seconds=0.0,
-        )
+        result = engine_result(engine, request, completed)
         paths = media.save_result(result, job.save.output, self.settings.outputs, **self._save_args(job))
         return self._describe(result, paths)
 

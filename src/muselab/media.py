@@ -403,7 +403,7 @@ def encode_mp4(image: Any, audio: np.ndarray, sample_rate: int, recipe: dict[str
         sound.layout = "mono" if channels == 1 else "stereo"
         frame = av.VideoFrame.from_ndarray(picture, format="rgb24")
         seconds = max(1, int(np.ceil(len(audio) / sample_rate)))
-        for second in range(seconds + 1):  # one frame a second, and one at the end
+        for second in range(seconds):  # a still needs only one frame a second
             frame.pts = second
             for packet in video.encode(frame):
                 container.mux(packet)

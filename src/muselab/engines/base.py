@@ -126,6 +126,18 @@ class GenerationResult:
     timings: dict[str, float] = field(default_factory=dict)
 
 
+def engine_result(engine: Any, request: Request, outputs: list[Any], started: float | None = None) -> GenerationResult:
+    """Wrap outputs made by `engine` (all of them, or those finished before a cancel)."""
+    return GenerationResult(
+        request=request,
+        outputs=outputs,
+        model_name=engine.model_name,
+        device=engine.placement.device,
+        dtype=engine.placement.dtype_name,
+        seconds=time.perf_counter() - started if started is not None else 0.0,
+    )
+
+
 class Engine(Protocol):
     kind: str
     model: str

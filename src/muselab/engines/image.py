@@ -18,6 +18,7 @@ from muselab.engines.base import (
     ImageOutput,
     ProgressCallback,
     ProgressClock,
+    engine_result,
     load_or_explain,
     locate_model,
 )
@@ -158,14 +159,7 @@ class ImageEngine:
                 raise Cancelled(completed=outputs) from None
             flagged = bool(result.nsfw_content_detected and result.nsfw_content_detected[0])
             outputs.append(ImageOutput(image=result.images[0], seed=seed, flagged=flagged))
-        return GenerationResult(
-            request=request,
-            outputs=outputs,
-            model_name=self.model_name,
-            device=self.placement.device,
-            dtype=self.placement.dtype_name,
-            seconds=time.perf_counter() - started,
-        )
+        return engine_result(self, request, outputs, started)
 
 
 def latents_to_preview(latents: torch.Tensor, max_side: int = 128) -> Any:

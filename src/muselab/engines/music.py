@@ -18,6 +18,7 @@ from muselab.engines.base import (
     MusicOutput,
     ProgressCallback,
     ProgressClock,
+    engine_result,
     load_or_explain,
     locate_model,
 )
@@ -108,14 +109,7 @@ class MusicEngine:
                 raise Cancelled(completed=outputs) from None
             clock.emit("decoding", index, eta=None)
             outputs.append(MusicOutput(audio=audio[:samples], sample_rate=self.sample_rate, seed=seed))
-        return GenerationResult(
-            request=request,
-            outputs=outputs,
-            model_name=self.model_name,
-            device=self.placement.device,
-            dtype=self.placement.dtype_name,
-            seconds=time.perf_counter() - started,
-        )
+        return engine_result(self, request, outputs, started)
 
     def _sample(self, inputs: Any, request: MusicRequest, tokens: int, seed: int, stopping: Any) -> Any:
         devices = [torch.cuda.current_device()] if self.placement.device == "cuda" else []

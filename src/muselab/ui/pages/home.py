@@ -12,7 +12,8 @@ if image.button("Image", key="home-image", icon=":material/image:", width="stret
 if scene.button("Scene", key="home-scene", icon=":material/movie:", width="stretch"):
     st.switch_page(PAGES["scene"])
 
-info = backend().info()
+with st.spinner("Starting muselab..."):
+    info = backend().info()
 st.caption(device_line())
 st.caption(f"Music model: {info['models']['music']}")
 st.caption(f"Image model: {info['models']['image']}")

@@ -1,0 +1,177 @@
+"""One real-browser run: Playwright drives Debian's chromium against `muselab ui` on the tiny models.
+
+It saves a screenshot of every page, at 1280x800 and 400x800, under test-output/screenshots/.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+SHOTS = Path(__file__).resolve().parents[1] / "test-output" / "screenshots"
+
+pytestmark = pytest.mark.skipif(
+    not Path(CHROMIUM).exists() and not os.environ.get("CI"), reason="Debian's chromium is not installed"
+)
+
+
+@pytest.fixture(scope="module")
+def studio(tiny_dir, tmp_path_factory):
+    from test_server import free_port
+
+    data = tmp_path_factory.mktemp("browser-data")
+    (data / "tiny-models").symlink_to(tiny_dir / "tiny-models")
+    port = free_port()
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("MUSELAB_")},
+        "MUSELAB_DATA_DIR": str(data),
+        "HF_HUB_OFFLINE": "1",
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "muselab", "ui", "--preset", "tiny", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url + "/_stcore/health", timeout=2).status_code == 200:
+                break
+        except httpx.TransportError:
+            time.sleep(0.3)
+    else:
+        process.kill()
+        raise AssertionError("the studio did not start")
+    yield url
+    process.terminate()
+    try:
+        process.wait(20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        instance = playwright.chromium.launch(
+            executable_path=CHROMIUM,
+            args=[
+                "--no-sandbox",
+                "--headless=new",
+                "--disable-gpu",
+                "--autoplay-policy=no-user-gesture-required",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--no-first-run",
+            ],
+        )
+        yield instance
+        instance.close()
+
+
+def shoot(page, name: str) -> None:
+    """Screenshots at desktop and phone width; the page must not scroll sideways at either."""
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    for width in (1280, 400):
+        page.set_viewport_size({"width": width, "height": 800})
+        page.wait_for_timeout(400)
+        page.screenshot(path=str(SHOTS / f"{name}-{width}.png"), full_page=True)
+        overflow = page.evaluate("document.documentElement.scrollWidth - document.documentElement.clientWidth")
+        assert overflow <= 1, f"{name} scrolls sideways at {width}px"
+    page.set_viewport_size({"width": 1280, "height": 800})
+
+
+def go(page, url: str, path: str, heading: str) -> None:
+    page.goto(f"{url}/{path}")
+    page.get_by_role("heading", name=heading).first.wait_for(timeout=60_000)
+
+
+def generate(page) -> None:
+    page.get_by_role("button", name="Generate").click()
+
+
+def assert_audio_plays(page) -> None:
+    audio = page.locator("audio").first
+    audio.wait_for(state="attached", timeout=120_000)
+    page.wait_for_function("document.querySelector('audio') && document.querySelector('audio').readyState >= 1")
+    page.evaluate("document.querySelector('audio').play()")
+    page.wait_for_function("!document.querySelector('audio').paused && document.querySelector('audio').currentTime > 0")
+
+
+def test_the_studio_in_a_real_browser(studio, browser, tmp_path):
+    page = browser.new_page(viewport={"width": 1280, "height": 800}, accept_downloads=True)
+    page.set_default_timeout(60_000)
+
+    go(page, studio, "", "muselab")
+    music_button = page.locator(".st-key-home-music button")
+    music_button.wait_for()
+    assert page.locator(".st-key-home-image button").is_visible()
+    page.get_by_text("Device: cpu").wait_for()
+    shoot(page, "home")
+
+    music_button.click()
+    page.get_by_role("heading", name="Music").first.wait_for()
+    page.get_by_label("Describe the music").fill("calm piano, 70 bpm")
+    page.keyboard.press("Tab")
+    generate(page)
+    assert_audio_plays(page)
+    with page.expect_download() as wav:
+        page.get_by_role("button", name="WAV").first.click()
+    saved = tmp_path / "music.wav"
+    wav.value.save_as(saved)
+    assert saved.read_bytes()[:4] == b"RIFF" and wav.value.suggested_filename.endswith(".wav")
+    shoot(page, "music")
+
+    go(page, studio, "image", "Image")
+    page.get_by_label("Describe the picture").fill("a red fox in snow, watercolor")
+    page.keyboard.press("Tab")
+    generate(page)
+    png_button = page.get_by_role("button", name="PNG").first
+    png_button.wait_for(timeout=120_000)
+    assert page.locator("[data-testid='stImage'] img").count() >= 1
+    with page.expect_download() as png:
+        png_button.click()
+    saved = tmp_path / "fox.png"
+    png.value.save_as(saved)
+    assert saved.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    shoot(page, "image")
+
+    go(page, studio, "scene", "Scene")
+    page.get_by_label("Describe the scene").fill("a quiet harbour at dawn")
+    page.keyboard.press("Tab")
+    generate(page)
+    page.locator("video").first.wait_for(state="attached", timeout=180_000)
+    assert page.locator("[data-testid='stImage'] img").count() >= 1
+    assert_audio_plays(page)
+    shoot(page, "scene")
+
+    go(page, studio, "gallery", "Gallery")
+    for prompt in ("calm piano, 70 bpm", "a red fox in snow, watercolor", "a quiet harbour at dawn"):
+        page.get_by_text(prompt, exact=True).first.wait_for()
+    shoot(page, "gallery")
+
+    go(page, studio, "image", "Image")
+    page.get_by_label("Describe the picture").fill("a long one")
+    page.get_by_label("Images").fill("8")
+    page.keyboard.press("Tab")
+    page.get_by_text("Advanced settings").click()
+    page.get_by_label("Steps (0 = model default)").fill("150")
+    page.keyboard.press("Tab")
+    generate(page)
+    cancel = page.get_by_role("button", name="Cancel")
+    cancel.wait_for(timeout=120_000)
+    shoot(page, "image-running")
+    cancel.click()
+    page.get_by_text("Cancelled. Nothing partial was saved").wait_for(timeout=120_000)
