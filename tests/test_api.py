@@ -374,3 +374,16 @@ def test_a_missing_model_fails_the_job_clearly_and_the_service_goes_on(client):
     assert status["status"] == "failed" and status["error_kind"] == "model_unavailable"
     assert "muselab models download someone/not-downloaded" in status["error"]
     assert wait_done(client, image_job(client)["id"])["status"] == "succeeded"
+
+
+def test_scene_job_makes_png_wav_and_mp4(client):
+    response = client.post(
+        "/api/jobs/scene?wait=true", json={"prompt": "a quiet harbour", "music_prompt": "calm piano", "duration": 2}
+    )
+    assert response.status_code == 200, response.text
+    status = response.json()
+    assert [o["kind"] for o in status["outputs"]] == ["image", "music", "scene"]
+    assert status["outputs"][1]["prompt"] == "calm piano" and status["outputs"][0]["prompt"] == "a quiet harbour"
+    video = client.get(f"/api/outputs/{status['outputs'][2]['id']}/file")
+    assert video.headers["content-type"] == "video/mp4" and video.content[4:8] == b"ftyp"
+    assert [o["kind"] for o in client.get("/api/outputs?kind=scene").json()["outputs"]] == ["scene"]

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import soundfile as sf
 from PIL import Image
@@ -220,3 +221,24 @@ def test_info_on_a_file_without_recipe(cli_env, tmp_path):
     Image.new("RGB", (4, 4)).save(tmp_path / "plain.png")
     done = run_cli(["info", "plain.png"], cli_env, tmp_path)
     assert done.returncode == 2 and "carries no generation recipe" in done.stderr
+
+
+def test_history_lists_rates_and_exports_cli_generations(cli_env, tmp_path):
+    env = {**cli_env, "MUSELAB_DATA_DIR": str(tmp_path / "data")}
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "tiny-models").symlink_to(Path(cli_env["MUSELAB_DATA_DIR"]) / "tiny-models")
+    made = run_cli(["image", "a lighthouse", "--preset", "tiny", "--steps", "2", "--json"], env, tmp_path)
+    assert made.returncode == 0, made.stderr
+    output_id = json.loads(made.stdout)["files"][0]["id"]
+    listed = json.loads(run_cli(["history", "--json"], env).stdout)
+    assert [row["id"] for row in listed] == [output_id] and listed[0]["prompt"] == "a lighthouse"
+    rated = run_cli(["history", "rate", output_id[:8], "--up", "--stars", "4", "--comment", "bright"], env)
+    assert rated.returncode == 0, rated.stderr
+    exported = run_cli(["history", "export", "--format", "csv"], env).stdout.splitlines()
+    assert exported[0].startswith("id,job_id,kind,filename,prompt")
+    assert ",1,4,bright," in exported[1]
+    scene = run_cli(
+        ["scene", "a harbour", "--preset", "tiny", "-d", "1", "--steps", "2", "-o", "scene/"], env, tmp_path
+    )
+    assert scene.returncode == 0, scene.stderr
+    assert sorted(p.suffix for p in (tmp_path / "scene").iterdir()) == [".mp4", ".png", ".wav"]

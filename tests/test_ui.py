@@ -172,3 +172,24 @@ def test_prompts_are_shown_as_text_not_html(ui_env):
     at = open_page("gallery")
     assert hostile in [text.value for text in at.text]
     assert all(hostile not in markdown.value for markdown in at.markdown)
+
+
+def test_the_studio_can_drive_a_running_server(ui_env, tiny_dir, tmp_path, monkeypatch):
+    from test_server import Server
+
+    server = Server(tmp_path / "server-data", tiny_dir, MUSELAB_API_TOKEN="t0ken").start()
+    try:
+        monkeypatch.setenv("MUSELAB_UI_API_URL", server.url)
+        monkeypatch.setenv("MUSELAB_API_TOKEN", "t0ken")
+        at = open_page("music")
+        at.text_area(key="music.prompt").input("remote strings")
+        at.slider(key="music.duration").set_value(1)
+        at.button(key="music.generate").click().run()
+        run_until(at, lambda page: page.get("audio"))
+        assert [button.label for button in at.get("download_button")] == ["WAV", "FLAC"]
+        import httpx
+
+        listed = httpx.get(server.url + "/api/outputs", headers={"authorization": "Bearer t0ken"}).json()
+        assert [o["prompt"] for o in listed["outputs"]] == ["remote strings"]
+    finally:
+        server.stop()

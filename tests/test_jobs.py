@@ -1,0 +1,107 @@
+"""The job service's own rules: one generation per engine, LRU unloading, out-of-memory recovery."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from muselab.config import Settings
+from muselab.devices import Placement
+from muselab.engines import Cancelled, load_engine
+from muselab.engines.base import engine_result
+from muselab.jobs import JobService
+from muselab.schemas import ImageRequest, MusicRequest
+
+
+class FakeEngine:
+    """Stands in for a real engine where the test is about the service, not the model."""
+
+    def __init__(self, kind: str, model: str, behaviour=None):
+        self.kind, self.model, self.model_name = kind, model, model
+        self.placement = Placement("cpu", torch.float32, "test")
+        self.behaviour = behaviour
+        self.running = 0
+        self.most_at_once = 0
+        self.lock = threading.Lock()
+
+    def resolve(self, request):
+        return request.model_copy(update={"seed": request.seed or 1})
+
+    def generate(self, request, on_progress=None, cancel=None, **options):
+        with self.lock:
+            self.running += 1
+            self.most_at_once = max(self.most_at_once, self.running)
+        try:
+            if self.behaviour is not None:
+                self.behaviour(request)
+            time.sleep(0.05)
+            if cancel is not None and cancel.cancelled:
+                raise Cancelled()
+            return engine_result(self, request, [])
+        finally:
+            with self.lock:
+                self.running -= 1
+
+
+@pytest.fixture
+def settings(tmp_path):
+    return Settings(data_dir=tmp_path, preset="tiny", offline=True, max_models=1)
+
+
+def test_out_of_memory_is_a_clear_error_and_the_service_goes_on(settings):
+    def exhaust(request):
+        if request.prompt == "huge":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    engines = {}
+
+    def loader(kind, settings, model):
+        return engines.setdefault((kind, model), FakeEngine(kind, model, exhaust))
+
+    service = JobService(settings, loader=loader)
+    try:
+        failed = service.wait(service.submit(ImageRequest(prompt="huge")).id, 10)
+        assert failed["status"] == "failed" and failed["error_kind"] == "out_of_memory"
+        assert "Out of memory" in failed["error"] and "smaller size" in failed["error"]
+        assert service.models.loaded() == []  # memory was freed
+        assert service.wait(service.submit(ImageRequest(prompt="small")).id, 10)["status"] == "succeeded"
+    finally:
+        service.shutdown()
+
+
+def test_least_recently_used_model_is_unloaded(settings):
+    service = JobService(settings, loader=lambda kind, s, model: FakeEngine(kind, model))
+    try:
+        service.wait(service.submit(ImageRequest(prompt="a")).id, 10)
+        assert [m["kind"] for m in service.models.loaded()] == ["image"]
+        service.wait(service.submit(MusicRequest(prompt="b")).id, 10)
+        assert [m["kind"] for m in service.models.loaded()] == ["music"]  # max_models=1
+    finally:
+        service.shutdown()
+
+
+def test_one_model_never_runs_two_generations_at_once(settings):
+    engine = FakeEngine("image", "m")
+    service = JobService(settings, loader=lambda kind, s, model: engine)
+    try:
+        jobs = [service.submit(ImageRequest(prompt=f"p{i}", model="m")) for i in range(6)]
+        assert [service.wait(job.id, 20)["status"] for job in jobs] == ["succeeded"] * 6
+        assert engine.most_at_once == 1
+    finally:
+        service.shutdown()
+
+
+def test_real_engines_share_the_manager(tiny_dir):
+    settings = Settings(data_dir=tiny_dir, preset="tiny", offline=True)
+    service = JobService(settings, loader=load_engine)
+    try:
+        music = service.submit(MusicRequest(prompt="calm", duration=1, seed=1))
+        image = service.submit(ImageRequest(prompt="fox", steps=2, seed=1))
+        assert service.wait(music.id, 120)["status"] == "succeeded"
+        assert service.wait(image.id, 120)["status"] == "succeeded"
+        assert sorted(m["kind"] for m in service.models.loaded()) == ["image", "music"]
+    finally:
+        service.shutdown()
