@@ -32,8 +32,8 @@ demo: setup
 	./scripts/demo.sh
 
 lint: setup
-	$(BIN)/ruff check src tests bench
-	$(BIN)/ruff format --check src tests bench
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 # The browser test drives Debian's chromium (Playwright's own browser download needs the network).
 browser:
