@@ -66,8 +66,10 @@ class MusicEngine:
         return request.model_copy(update={"model": self.model, "seed": seed})
 
     def tokens_for(self, duration: float) -> int:
-        """New decoder steps for `duration` seconds: one per frame, plus the codebook delay pattern."""
-        return math.ceil(duration * self.frame_rate) + self.num_codebooks - 1
+        """New decoder steps for `duration` seconds: one per frame, the codebook delay pattern, and
+        one spare frame, since the codec's output can come out a few samples short of whole frames;
+        the audio is then cut to the exact length."""
+        return math.ceil(duration * self.frame_rate) + self.num_codebooks
 
     def generate(
         self,
