@@ -172,6 +172,8 @@ def test_the_studio_in_a_real_browser(studio, browser, tmp_path):
     generate(page)
     cancel = page.get_by_role("button", name="Cancel")
     cancel.wait_for(timeout=120_000)
+    cancel.scroll_into_view_if_needed()
+    page.get_by_text("denoising steps").first.wait_for()  # the live progress bar with its ETA
     shoot(page, "image-running")
     cancel.click()
     page.get_by_text("Cancelled. Nothing partial was saved").wait_for(timeout=120_000)

@@ -406,8 +406,6 @@ def ui(
     offline: OfflineOpt = False,
 ) -> None:
     """Start the Streamlit studio (Home, Music, Image, Scene, Gallery) in your browser."""
-    import subprocess
-
     from muselab.api import is_loopback
 
     if not is_loopback(host) and api_url is None and not os.environ.get("MUSELAB_ALLOW_REMOTE_UI"):
@@ -427,6 +425,9 @@ def ui(
     }.items():
         if value is not None:
             env[name] = value
+    for name in ("MUSELAB_DATA_DIR", "MUSELAB_OUTPUT_DIR"):
+        if env.get(name):
+            env[name] = str(Path(env[name]).expanduser().resolve())  # the studio runs from its own folder
     folder = Path(__file__).parent / "ui"
     command = [
         sys.executable, "-m", "streamlit", "run", str(folder / "app.py"),
@@ -435,8 +436,10 @@ def ui(
         "--browser.gatherUsageStats", "false",
     ]  # fmt: skip
     err.print(f"muselab studio on http://{host}:{port}", highlight=False)
-    # Run from the ui folder so Streamlit finds its .streamlit/config.toml (theme, server defaults).
-    raise typer.Exit(subprocess.call(command, cwd=folder, env=env))
+    # Become Streamlit (no child process left behind when this one is stopped), started from the
+    # ui folder so it finds its .streamlit/config.toml (theme, server defaults).
+    os.chdir(folder)
+    os.execve(sys.executable, command, env)
 
 
 history_app = typer.Typer(help="Past outputs, with their ratings: list and export.", invoke_without_command=True)
