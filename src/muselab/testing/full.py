@@ -1,0 +1,239 @@
+"""Full-size musicgen-small and Stable Diffusion 1.x architectures with random weights.
+
+For benchmarks only (see `bench/bench_core.py`): the shapes are the published checkpoints'
+(facebook/musicgen-small, CompVis/stable-diffusion-v1-4), so every matmul and convolution costs
+exactly what it costs with the real weights, but nothing has to be downloaded. The output is
+noise. The tokenizers are the tiny offline ones from `muselab.testing.tiny` (their ids all fall
+inside the real vocabularies), so prompts are a few tokens longer than with the real BPE /
+SentencePiece tokenizers; that changes the text encoders' cost by a negligible amount.
+
+Parameter counts of what these functions build (printed by `describe`):
+
+- musicgen-small: T5-base encoder 109.6M, decoder 419.6M (24 layers, 4 embedding tables and
+  4 LM heads), EnCodec 32 kHz 56.9M; 586.9M in all (published: about 590M).
+- SD 1.x: UNet 859.5M, KL VAE 83.7M, CLIP text encoder 123.1M (published: 860M, 84M, 123M).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from muselab.testing.tiny import build_tiny_clip_tokenizer, build_tiny_t5_tokenizer
+
+FULL_SEED = 0
+
+#: facebook/musicgen-small's sub-model configurations (config.json of the checkpoint).
+MUSICGEN_SMALL_TEXT_ENCODER = {
+    "model_type": "t5",
+    "vocab_size": 32128,
+    "d_model": 768,
+    "d_ff": 3072,
+    "num_layers": 12,
+    "num_heads": 12,
+    "d_kv": 64,
+    "feed_forward_proj": "relu",
+    "relative_attention_num_buckets": 32,
+    "dropout_rate": 0.1,
+}
+MUSICGEN_SMALL_AUDIO_ENCODER = {
+    "model_type": "encodec",
+    "sampling_rate": 32000,
+    "audio_channels": 1,
+    "num_filters": 64,
+    "upsampling_ratios": [8, 5, 4, 4],  # hop 640: 50 frames a second
+    "codebook_size": 2048,
+    "hidden_size": 128,
+    "num_lstm_layers": 2,
+    "num_residual_layers": 1,
+    "target_bandwidths": [2.2],  # 4 codebooks
+    "use_causal_conv": False,
+    "use_conv_shortcut": False,
+    "normalize": False,
+    "norm_type": "weight_norm",
+}
+MUSICGEN_SMALL_DECODER = {
+    "model_type": "musicgen_decoder",
+    "vocab_size": 2048,
+    "pad_token_id": 2048,
+    "bos_token_id": 2048,
+    "decoder_start_token_id": 2048,
+    "hidden_size": 1024,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 16,
+    "ffn_dim": 4096,
+    "num_codebooks": 4,
+    "max_position_embeddings": 2048,
+    "activation_function": "gelu",
+}
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """Create parameters directly in `dtype`, as `from_pretrained(dtype=...)` does.
+
+    Building in float32 and casting afterwards would hold both copies at once (about 2 GB more
+    peak memory for SD 1.x in bf16), which would inflate the benchmark's peak-RSS figures.
+    """
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def count_parameters(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _millions(count: int) -> str:
+    return f"{count / 1e6:.1f}M"
+
+
+def build_musicgen_small_random(dtype: torch.dtype = torch.float32, verbose: bool = True) -> tuple[Any, Any]:
+    """musicgen-small's architecture with random weights: `(network, processor)`, cast to `dtype`.
+
+    Mirrors `muselab.testing.tiny.build_tiny_musicgen` (same classes, same generation defaults:
+    sampling, guidance 3.0, top-k 250) at the published sizes.
+    """
+    from transformers import (
+        EncodecFeatureExtractor,
+        MusicgenConfig,
+        MusicgenForConditionalGeneration,
+        MusicgenProcessor,
+    )
+
+    started = time.perf_counter()
+    torch.manual_seed(FULL_SEED)
+    config = MusicgenConfig(
+        text_encoder=dict(MUSICGEN_SMALL_TEXT_ENCODER),
+        audio_encoder=dict(MUSICGEN_SMALL_AUDIO_ENCODER),
+        decoder=dict(MUSICGEN_SMALL_DECODER),
+    )
+    with _default_dtype(dtype):
+        network = MusicgenForConditionalGeneration(config).eval().to(dtype)
+    gen = network.generation_config
+    gen.decoder_start_token_id = gen.pad_token_id = gen.bos_token_id = 2048
+    gen.do_sample, gen.guidance_scale, gen.top_k, gen.max_length = True, 3.0, 250, 1500
+    processor = MusicgenProcessor(
+        feature_extractor=EncodecFeatureExtractor(feature_size=1, sampling_rate=32000),
+        tokenizer=build_tiny_t5_tokenizer(),
+    )
+    if verbose:
+        print(
+            f"built musicgen-small (random, {str(dtype).removeprefix('torch.')}) in "
+            f"{time.perf_counter() - started:.1f} s: {describe_musicgen(network)}",
+            flush=True,
+        )
+    return network, processor
+
+
+def describe_musicgen(network: Any) -> str:
+    parts = {
+        "text encoder": count_parameters(network.text_encoder),
+        "decoder": count_parameters(network.decoder),
+        "audio encoder": count_parameters(network.audio_encoder),
+    }
+    listed = ", ".join(f"{name} {_millions(count)}" for name, count in parts.items())
+    return f"{listed}; total {_millions(count_parameters(network))} parameters"
+
+
+def build_sd1_random(dtype: torch.dtype = torch.float32, verbose: bool = True) -> Any:
+    """A Stable Diffusion 1.x pipeline (UNet, KL VAE, CLIP ViT-L/14 text) with random weights.
+
+    No safety checker. The scheduler is the checkpoints' PNDM configuration; muselab's image
+    engine swaps it per request anyway.
+    """
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    started = time.perf_counter()
+    torch.manual_seed(FULL_SEED)
+    tokenizer = build_tiny_clip_tokenizer()
+    with _default_dtype(dtype):
+        unet = UNet2DConditionModel(
+            sample_size=64,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(320, 640, 1280, 1280),
+            layers_per_block=2,
+            down_block_types=(
+                "CrossAttnDownBlock2D",
+                "CrossAttnDownBlock2D",
+                "CrossAttnDownBlock2D",
+                "DownBlock2D",
+            ),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            attention_head_dim=8,
+            cross_attention_dim=768,
+            norm_num_groups=32,
+        )
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            block_out_channels=(128, 256, 512, 512),
+            layers_per_block=2,
+            latent_channels=4,
+            sample_size=512,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            norm_num_groups=32,
+            scaling_factor=0.18215,
+        )
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=49408,
+                hidden_size=768,
+                intermediate_size=3072,
+                num_hidden_layers=12,
+                num_attention_heads=12,
+                max_position_embeddings=77,
+                hidden_act="quick_gelu",
+                projection_dim=768,
+                # The tiny byte-level tokenizer's special ids (start 0, end 1).
+                bos_token_id=0,
+                eos_token_id=1,
+                pad_token_id=1,
+            )
+        )
+    scheduler = PNDMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        skip_prk_steps=True,
+        steps_offset=1,
+        set_alpha_to_one=False,
+    )
+    pipe = StableDiffusionPipeline(
+        unet=unet.eval(),
+        vae=vae.eval(),
+        text_encoder=text_encoder.eval(),
+        tokenizer=tokenizer,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe = pipe.to(dtype=dtype)
+    if verbose:
+        print(
+            f"built SD 1.x (random, {str(dtype).removeprefix('torch.')}) in "
+            f"{time.perf_counter() - started:.1f} s: {describe_sd(pipe)}",
+            flush=True,
+        )
+    return pipe
+
+
+def describe_sd(pipe: Any) -> str:
+    parts = {
+        "UNet": count_parameters(pipe.unet),
+        "VAE": count_parameters(pipe.vae),
+        "CLIP text": count_parameters(pipe.text_encoder),
+    }
+    return ", ".join(f"{name} {_millions(count)}" for name, count in parts.items()) + " parameters"
