@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from muselab.testing.tiny import build_tiny_clip_tokenizer, build_tiny_t5_tokenizer
+from muselab.testing.tiny import build_tiny_clip_tokenizer, build_tiny_t5_tokenizer, sd1_scheduler
 
 FULL_SEED = 0
 
@@ -149,7 +149,7 @@ def build_sd1_random(dtype: torch.dtype = torch.float32, verbose: bool = True) -
     No safety checker. The scheduler is the checkpoints' PNDM configuration; muselab's image
     engine swaps it per request anyway.
     """
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     started = time.perf_counter()
@@ -201,21 +201,12 @@ def build_sd1_random(dtype: torch.dtype = torch.float32, verbose: bool = True) -
                 pad_token_id=1,
             )
         )
-    scheduler = PNDMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        num_train_timesteps=1000,
-        skip_prk_steps=True,
-        steps_offset=1,
-        set_alpha_to_one=False,
-    )
     pipe = StableDiffusionPipeline(
         unet=unet.eval(),
         vae=vae.eval(),
         text_encoder=text_encoder.eval(),
         tokenizer=tokenizer,
-        scheduler=scheduler,
+        scheduler=sd1_scheduler(),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,

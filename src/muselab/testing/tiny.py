@@ -14,6 +14,7 @@ import string
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -123,9 +124,24 @@ def build_tiny_musicgen(path: str | Path, replace: bool = True) -> Path:
     return _save_atomically(path, lambda tmp: (model.save_pretrained(tmp), processor.save_pretrained(tmp)), replace)
 
 
+def sd1_scheduler() -> Any:
+    """The SD 1.x checkpoints' own scheduler: PNDM with scaled-linear betas."""
+    from diffusers import PNDMScheduler
+
+    return PNDMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        skip_prk_steps=True,
+        steps_offset=1,
+        set_alpha_to_one=False,
+    )
+
+
 def build_tiny_stable_diffusion(path: str | Path, replace: bool = True) -> Path:
     """Write a tiny SD 1.x-shaped pipeline (UNet, KL VAE, CLIP text, safety checker) to `path`."""
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPTextConfig, CLIPTextModel
 
@@ -181,22 +197,12 @@ def build_tiny_stable_diffusion(path: str | Path, replace: bool = True) -> Path:
     )
     safety_checker = StableDiffusionSafetyChecker(safety_config)
     feature_extractor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    # The real checkpoints' scheduler configuration (PNDM, scaled-linear betas).
-    scheduler = PNDMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        num_train_timesteps=1000,
-        skip_prk_steps=True,
-        steps_offset=1,
-        set_alpha_to_one=False,
-    )
     pipe = StableDiffusionPipeline(
         unet=unet,
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
-        scheduler=scheduler,
+        scheduler=sd1_scheduler(),
         safety_checker=safety_checker,
         feature_extractor=feature_extractor,
         requires_safety_checker=True,
