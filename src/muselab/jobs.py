@@ -112,17 +112,15 @@ class ModelManager:
         # One generation at a time per engine, whichever worker (single-model or scene) asks.
         self._run_locks: dict[tuple[str, str], threading.Lock] = {}
         self._lock = threading.Lock()
-        self._loading: dict[tuple[str, str], threading.Lock] = {}
 
     @contextmanager
     def use(self, kind: str, model: str) -> Iterator[Engine]:
         key = (kind, model)
         with self._lock:
-            load_lock = self._loading.setdefault(key, threading.Lock())
             run_lock = self._run_locks.setdefault(key, threading.Lock())
         run_lock.acquire()
         try:
-            engine = self._get(key, load_lock)  # counts the engine as in use once it is loaded
+            engine = self._get(key)  # counts the engine as in use once it is loaded
             try:
                 yield engine
             finally:
@@ -131,20 +129,20 @@ class ModelManager:
         finally:
             run_lock.release()
 
-    def _get(self, key: tuple[str, str], load_lock: threading.Lock) -> Engine:
+    def _get(self, key: tuple[str, str]) -> Engine:
+        """The engine for `key`, loaded if needed; the caller holds the key's run lock."""
         kind, model = key
-        with load_lock:
+        with self._lock:
+            engine = self._engines.get(key)
+            if engine is not None:
+                self._engines.move_to_end(key)
+        if engine is None:
+            self._evict(keep=self.capacity - 1)
+            engine = self.loader(kind, self.settings, model)
             with self._lock:
-                engine = self._engines.get(key)
-                if engine is not None:
-                    self._engines.move_to_end(key)
-            if engine is None:
-                self._evict(keep=self.capacity - 1)
-                engine = self.loader(kind, self.settings, model)
-                with self._lock:
-                    self._engines[key] = engine
-            with self._lock:
-                self._in_use[key] = self._in_use.get(key, 0) + 1
+                self._engines[key] = engine
+        with self._lock:
+            self._in_use[key] = self._in_use.get(key, 0) + 1
         return engine
 
     def loaded(self) -> list[dict[str, str]]:

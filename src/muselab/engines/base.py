@@ -249,10 +249,16 @@ def missing_weights_message(model: str, kind: str, why: str) -> str:
     )
 
 
+# transformers and diffusers build models under process-wide context managers (meta-device
+# initialisation), so two loads in two threads corrupt each other: one load at a time.
+LOADING = threading.Lock()
+
+
 def load_or_explain(load: Callable[[], Any], model: str, kind: str) -> Any:
     """Run a from_pretrained call on a local folder, turning its failures into ModelUnavailable."""
     try:
-        return load()
+        with LOADING:
+            return load()
     except ModelUnavailable:
         raise
     except (OSError, ValueError, KeyError, TypeError) as exc:
