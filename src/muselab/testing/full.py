@@ -23,7 +23,12 @@ from typing import Any
 
 import torch
 
-from muselab.testing.tiny import build_tiny_clip_tokenizer, build_tiny_t5_tokenizer, sd1_scheduler
+from muselab.testing.tiny import (
+    build_musicgen_processor,
+    build_tiny_clip_tokenizer,
+    sd1_scheduler,
+    set_musicgen_generation_defaults,
+)
 
 FULL_SEED = 0
 
@@ -102,10 +107,8 @@ def build_musicgen_small_random(dtype: torch.dtype = torch.float32, verbose: boo
     sampling, guidance 3.0, top-k 250) at the published sizes.
     """
     from transformers import (
-        EncodecFeatureExtractor,
         MusicgenConfig,
         MusicgenForConditionalGeneration,
-        MusicgenProcessor,
     )
 
     started = time.perf_counter()
@@ -117,13 +120,8 @@ def build_musicgen_small_random(dtype: torch.dtype = torch.float32, verbose: boo
     )
     with _default_dtype(dtype):
         network = MusicgenForConditionalGeneration(config).eval().to(dtype)
-    gen = network.generation_config
-    gen.decoder_start_token_id = gen.pad_token_id = gen.bos_token_id = 2048
-    gen.do_sample, gen.guidance_scale, gen.top_k, gen.max_length = True, 3.0, 250, 1500
-    processor = MusicgenProcessor(
-        feature_extractor=EncodecFeatureExtractor(feature_size=1, sampling_rate=32000),
-        tokenizer=build_tiny_t5_tokenizer(),
-    )
+    set_musicgen_generation_defaults(network, special_token_id=2048)
+    processor = build_musicgen_processor()
     if verbose:
         print(
             f"built musicgen-small (random, {str(dtype).removeprefix('torch.')}) in "

@@ -59,13 +59,28 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(printable, map(chr, codes), strict=True))
 
 
+def set_musicgen_generation_defaults(model: Any, special_token_id: int) -> None:
+    """The real checkpoints' sampling defaults, so random-weight models take the same code path."""
+    gen = model.generation_config
+    gen.decoder_start_token_id = gen.pad_token_id = gen.bos_token_id = special_token_id
+    gen.do_sample, gen.guidance_scale, gen.top_k, gen.max_length = True, 3.0, 250, 1500
+
+
+def build_musicgen_processor() -> Any:
+    """MusicGen's processor (EnCodec feature extractor at 32 kHz) with the tiny T5 tokenizer."""
+    from transformers import EncodecFeatureExtractor, MusicgenProcessor
+
+    return MusicgenProcessor(
+        feature_extractor=EncodecFeatureExtractor(feature_size=1, sampling_rate=32000),
+        tokenizer=build_tiny_t5_tokenizer(),
+    )
+
+
 def build_tiny_musicgen(path: str | Path, replace: bool = True) -> Path:
     """Write a tiny MusicGen (T5 encoder, 2-layer decoder, EnCodec at 32 kHz) to `path`."""
     from transformers import (
-        EncodecFeatureExtractor,
         MusicgenConfig,
         MusicgenForConditionalGeneration,
-        MusicgenProcessor,
     )
 
     torch.manual_seed(TINY_SEED)
@@ -113,14 +128,8 @@ def build_tiny_musicgen(path: str | Path, replace: bool = True) -> Path:
         # model's logits are peaked, so widen them.
         for head in model.decoder.lm_heads:
             head.weight.mul_(30.0)
-    gen = model.generation_config
-    gen.decoder_start_token_id = gen.pad_token_id = gen.bos_token_id = 64
-    # The real checkpoint's sampling defaults, so tiny runs take the same code path.
-    gen.do_sample, gen.guidance_scale, gen.top_k, gen.max_length = True, 3.0, 250, 1500
-    processor = MusicgenProcessor(
-        feature_extractor=EncodecFeatureExtractor(feature_size=1, sampling_rate=32000),
-        tokenizer=build_tiny_t5_tokenizer(),
-    )
+    set_musicgen_generation_defaults(model, special_token_id=64)
+    processor = build_musicgen_processor()
     return _save_atomically(path, lambda tmp: (model.save_pretrained(tmp), processor.save_pretrained(tmp)), replace)
 
 
