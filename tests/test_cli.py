@@ -242,3 +242,16 @@ def test_history_lists_rates_and_exports_cli_generations(cli_env, tmp_path):
     )
     assert scene.returncode == 0, scene.stderr
     assert sorted(p.suffix for p in (tmp_path / "scene").iterdir()) == [".mp4", ".png", ".wav"]
+
+
+def test_fast_decoder_from_the_command_line(cli_env, tmp_path):
+    made = run_cli(
+        ["image", "fox", "--preset", "tiny", "--steps", "2", "--seed", "3", "--fast-decoder", "-o", "f.png"],
+        cli_env,
+        tmp_path,
+    )
+    assert made.returncode == 0, made.stderr
+    assert "VAE: TAESD" in Image.open(tmp_path / "f.png").text["parameters"]
+    again = run_cli(["image", "--from", "f.png", "-o", "g.png"], cli_env, tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert (tmp_path / "f.png").read_bytes() == (tmp_path / "g.png").read_bytes()

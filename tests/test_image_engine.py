@@ -129,3 +129,27 @@ def test_safety_checker_can_be_turned_off(tiny_settings):
     assert not engine.has_safety_checker
     result = engine.generate(ImageRequest(prompt="fox", seed=1, steps=2))
     assert result.outputs[0].flagged is False
+
+
+def test_fast_decoder_is_deterministic_and_recorded(image_engine, tiny_dir):
+    image_engine.fast_decoder = str(tiny_dir / "tiny-models" / "tiny-taesd")
+    request = ImageRequest(prompt="a red fox", seed=4, steps=3)
+    full = image_engine.generate(request)
+    fast = image_engine.generate(request.model_copy(update={"decoder": "fast"}))
+    again = image_engine.generate(request.model_copy(update={"decoder": "fast"}))
+    assert fast.outputs[0].image.size == full.outputs[0].image.size == (64, 64)
+    assert np.array_equal(pixels(fast), pixels(again))
+    assert not np.array_equal(pixels(fast), pixels(full))
+    assert fast.request.decoder == "fast"
+    # The full decoder comes back for the next request that asks for it.
+    assert np.array_equal(pixels(image_engine.generate(request)), pixels(full))
+
+
+def test_missing_fast_decoder_is_explained(tiny_settings):
+    from muselab.engines import ModelUnavailable
+    from muselab.engines.image import ImageEngine
+
+    engine = ImageEngine.load(tiny_settings.model_for("image"), offline=True)
+    assert engine.fast_decoder == "madebyollin/taesd"
+    with pytest.raises(ModelUnavailable, match="muselab models download madebyollin/taesd"):
+        engine.generate(ImageRequest(prompt="fox", seed=1, steps=1, decoder="fast"))

@@ -202,3 +202,10 @@ def test_writes_are_atomic_links(tmp_path, monkeypatch):
     path = media.write_new_file(tmp_path / "a.bin", lambda handle: handle.write(b"complete"))
     assert seen == [b"complete"] and path.read_bytes() == b"complete"
     assert [p.name for p in tmp_path.iterdir()] == ["a.bin"]
+
+
+def test_fast_decoder_is_written_as_a1111_vae_and_read_back(tmp_path):
+    [path] = media.save_result(image_result(decoder="fast"), tmp_path / "fox.png", tmp_path)
+    text = Image.open(path).text["parameters"]
+    assert "VAE: TAESD" in text
+    assert media.parse_a1111_parameters(text)["decoder"] == "fast"

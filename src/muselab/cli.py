@@ -160,6 +160,10 @@ def image(
     no_safety_checker: Annotated[
         bool, typer.Option("--no-safety-checker", help="Turn off the model's safety checker.")
     ] = False,
+    fast_decoder: Annotated[
+        bool | None,
+        typer.Option("--fast-decoder/--full-decoder", help="Decode with the tiny autoencoder (TAESD): much faster."),
+    ] = None,
     model: ModelOpt = None,
     from_file: FromOpt = None,
     preset: PresetOpt = None,
@@ -183,6 +187,7 @@ def image(
             "seed": seed,
             "num_images": images,
             "model": model,
+            "decoder": None if fast_decoder is None else ("fast" if fast_decoder else "full"),
         },
     )
     settings = _settings(preset, device, dtype, offline, **({"safety_checker": False} if no_safety_checker else {}))

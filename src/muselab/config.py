@@ -68,6 +68,10 @@ CATALOGUE: tuple[CatalogueEntry, ...] = (
 GENERIC_IMAGE_DEFAULTS = CatalogueEntry("", "image", "", steps=25, guidance=7.5, scheduler="DPM++ 2M Karras")
 
 
+#: The tiny autoencoder (TAESD) for SD 1.x/2.x latents: previews and the fast decoder.
+FAST_DECODER = "madebyollin/taesd"
+
+
 def catalogue_entry(model_id: str) -> CatalogueEntry | None:
     return next((entry for entry in CATALOGUE if entry.id == model_id), None)
 
@@ -93,6 +97,9 @@ class Settings(BaseSettings):
     )
     music_model: str | None = Field(default=None, description="Hub id or folder of the music model.")
     image_model: str | None = Field(default=None, description="Hub id or folder of the image model.")
+    fast_decoder_model: str | None = Field(
+        default=None, description="Hub id or folder of the tiny autoencoder (TAESD) for fast decoding."
+    )
     device: DeviceChoice = "auto"
     dtype: DtypeChoice = "auto"
     safety_checker: bool = True
@@ -129,6 +136,16 @@ class Settings(BaseSettings):
 
             return str(self.tiny_models_dir / TINY_FOLDERS[kind])
         return default_model(kind)
+
+    def fast_decoder(self) -> str:
+        """The tiny autoencoder used when a request asks for the fast decoder."""
+        if self.fast_decoder_model:
+            return self.fast_decoder_model
+        if self.preset == "tiny":
+            from muselab.testing.tiny import TINY_FOLDERS
+
+            return str(self.tiny_models_dir / TINY_FOLDERS["decoder"])
+        return FAST_DECODER
 
     def is_offline(self) -> bool:
         if self.offline is not None:

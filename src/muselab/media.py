@@ -70,8 +70,10 @@ def a1111_parameters(request: dict[str, Any], model_name: str) -> str:
         ("Seed", request["seed"]),
         ("Size", f"{request['width']}x{request['height']}"),
         ("Model", model_name),
-        ("Version", f"muselab {__version__}"),
     ]
+    if request.get("decoder") == "fast":
+        pairs.append(("VAE", "TAESD"))
+    pairs.append(("Version", f"muselab {__version__}"))
     lines = [request["prompt"]]
     if request.get("negative_prompt"):
         lines.append(f"Negative prompt: {request['negative_prompt']}")
@@ -110,6 +112,8 @@ def parse_a1111_parameters(text: str) -> dict[str, Any]:
         request["scheduler"] = _scheduler_from_a1111(pairs["Sampler"], pairs.get("Schedule type"))
     if "Model" in pairs:
         request["model_name"] = pairs["Model"]
+    if pairs.get("VAE", "").lower().startswith("taesd"):
+        request["decoder"] = "fast"
     return request
 
 

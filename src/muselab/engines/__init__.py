@@ -45,4 +45,15 @@ def load_engine(kind: Kind, settings: Settings, model: str | None = None) -> Eng
         return MusicEngine.load(model, placement, offline=settings.is_offline())
     from muselab.engines.image import ImageEngine
 
-    return ImageEngine.load(model, placement, safety_checker=settings.safety_checker, offline=settings.is_offline())
+    fast_decoder = settings.fast_decoder()
+    if settings.preset == "tiny" and not settings.fast_decoder_model:
+        from muselab.testing.tiny import ensure_tiny_model
+
+        ensure_tiny_model(settings.tiny_models_dir, "decoder")
+    return ImageEngine.load(
+        model,
+        placement,
+        safety_checker=settings.safety_checker,
+        offline=settings.is_offline(),
+        fast_decoder=fast_decoder,
+    )

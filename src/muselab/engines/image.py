@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from muselab.config import GENERIC_IMAGE_DEFAULTS, catalogue_entry
+from muselab.config import FAST_DECODER, GENERIC_IMAGE_DEFAULTS, catalogue_entry
 from muselab.devices import Placement, choose_placement
 from muselab.engines.base import (
     Cancelled,
@@ -61,12 +61,27 @@ def make_scheduler(name: str, base_config: Any) -> Any:
 class ImageEngine:
     kind = "image"
 
-    def __init__(self, pipe: Any, model: str, placement: Placement):
-        """Wrap a loaded diffusers text-to-image pipeline; see `ImageEngine.load`."""
+    def __init__(
+        self,
+        pipe: Any,
+        model: str,
+        placement: Placement,
+        *,
+        fast_decoder: str = FAST_DECODER,
+        offline: bool = False,
+    ):
+        """Wrap a loaded diffusers text-to-image pipeline; see `ImageEngine.load`.
+
+        `fast_decoder` names the tiny autoencoder (TAESD) loaded on the first request that asks
+        for `decoder="fast"`.
+        """
         pipe.set_progress_bar_config(disable=True)
         self.pipe = pipe.to(placement.device)
         self.model = model
         self.placement = placement
+        self._full_vae = pipe.vae
+        self._fast_vaes: dict[str, Any] = {}
+        self.fast_decoder, self.offline = fast_decoder, offline
         self._scheduler_config = dict(pipe.scheduler.config)
         self.has_safety_checker = getattr(pipe, "safety_checker", None) is not None
         self.defaults = catalogue_entry(model) or GENERIC_IMAGE_DEFAULTS
@@ -80,6 +95,7 @@ class ImageEngine:
         *,
         safety_checker: bool = True,
         offline: bool = False,
+        fast_decoder: str = FAST_DECODER,
     ) -> ImageEngine:
         """Load a hub id or local folder (safetensors only) through diffusers' `from_pretrained`."""
         from diffusers import AutoPipelineForText2Image
@@ -96,7 +112,24 @@ class ImageEngine:
             model,
             "image",
         )
-        return cls(pipe, model, placement)
+        return cls(pipe, model, placement, fast_decoder=fast_decoder, offline=offline)
+
+    def fast_vae(self, source: str | None = None) -> Any:
+        """A tiny autoencoder (default: this engine's), loaded or downloaded the first time it is needed."""
+        source = source or self.fast_decoder
+        if source not in self._fast_vaes:
+            from diffusers import AutoencoderTiny
+
+            folder = locate_model(source, self.offline, "fast decoder (TAESD)")
+            vae = load_or_explain(
+                lambda: AutoencoderTiny.from_pretrained(
+                    folder, dtype=self.placement.dtype, use_safetensors=True, local_files_only=True
+                ),
+                source,
+                "fast decoder (TAESD)",
+            )
+            self._fast_vaes[source] = vae.to(self.placement.device).eval()
+        return self._fast_vaes[source]
 
     @property
     def model_name(self) -> str:
@@ -113,6 +146,7 @@ class ImageEngine:
                 "steps": request.steps or self.defaults.steps,
                 "guidance": request.guidance if request.guidance is not None else self.defaults.guidance,
                 "scheduler": request.scheduler or self.defaults.scheduler,
+                "decoder_model": (request.decoder_model or self.fast_decoder) if request.decoder == "fast" else None,
             }
         )
 
@@ -127,6 +161,9 @@ class ImageEngine:
         assert request.seed is not None and request.steps is not None
         cancel = cancel or CancelToken()
         self.pipe.scheduler = make_scheduler(request.scheduler, self._scheduler_config)
+        # One engine runs one generation at a time (the job service's run lock), so the decoder
+        # can be chosen per request.
+        self.pipe.vae = self.fast_vae(request.decoder_model) if request.decoder == "fast" else self._full_vae
         clock = ProgressClock(request.steps * request.num_images, on_progress, items=request.num_images)
         started = time.perf_counter()
         outputs: list[ImageOutput] = []

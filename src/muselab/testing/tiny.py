@@ -242,12 +242,27 @@ def _save_atomically(path: str | Path, save: Callable[[Path], object], replace: 
     return path
 
 
-TINY_FOLDERS = {"music": "tiny-musicgen", "image": "tiny-stable-diffusion"}
-_BUILDERS = {"music": build_tiny_musicgen, "image": build_tiny_stable_diffusion}
+def build_tiny_taesd(path: str | Path, replace: bool = True) -> Path:
+    """Write a tiny TAESD-shaped autoencoder (AutoencoderTiny) matching the tiny SD's 2x latents."""
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(TINY_SEED)
+    decoder = AutoencoderTiny(
+        encoder_block_out_channels=(16, 16),
+        decoder_block_out_channels=(16, 16),
+        num_encoder_blocks=(1, 1),
+        num_decoder_blocks=(1, 1),
+        latent_channels=4,
+    )
+    return _save_atomically(path, lambda tmp: decoder.save_pretrained(tmp, safe_serialization=True), replace)
+
+
+TINY_FOLDERS = {"music": "tiny-musicgen", "image": "tiny-stable-diffusion", "decoder": "tiny-taesd"}
+_BUILDERS = {"music": build_tiny_musicgen, "image": build_tiny_stable_diffusion, "decoder": build_tiny_taesd}
 
 
 def build_tiny_models(directory: str | Path, replace: bool = True) -> dict[str, Path]:
-    """Write both tiny models under `directory` (tiny-musicgen/ and tiny-stable-diffusion/)."""
+    """Write the tiny models under `directory` (tiny-musicgen/, tiny-stable-diffusion/, tiny-taesd/)."""
     directory = Path(directory)
     return {kind: _BUILDERS[kind](directory / name, replace) for kind, name in TINY_FOLDERS.items()}
 

@@ -22,6 +22,7 @@ DEFAULTS = {
     "seed": -1,
     "images": 1,
     "model": "",
+    "fast": False,
 }
 for name, value in DEFAULTS.items():
     st.session_state.setdefault(f"image.{name}", value)
@@ -39,6 +40,7 @@ with st.expander("Advanced settings"):
     a.selectbox("Sampler", ["Model default", *SCHEDULERS], key="image.scheduler")
     b.number_input("Seed (-1 = random)", -1, 2**32 - 1, key="image.seed")
     st.text_input("Model (hub id or folder; empty = default)", key="image.model")
+    st.toggle("Fast decoder (TAESD): much quicker, slightly softer", key="image.fast")
 
 state = st.session_state
 if st.button("Generate", type="primary", key="image.generate", icon=":material/play_arrow:"):
@@ -56,6 +58,7 @@ if st.button("Generate", type="primary", key="image.generate", icon=":material/p
             "seed": None if state["image.seed"] < 0 else state["image.seed"],
             "num_images": state["image.images"],
             "model": state["image.model"] or None,
+            "decoder": "fast" if state["image.fast"] else "full",
         },
     )
 
