@@ -33,7 +33,7 @@ from muselab.engines.image import ImageEngine
 from muselab.engines.music import MusicEngine
 from muselab.quiet import quiet_libraries
 from muselab.schemas import ImageRequest, MusicRequest
-from muselab.testing.full import build_musicgen_small_random, build_sd1_random, count_parameters
+from muselab.testing.full import build_musicgen_small_random, build_sd1_random, build_taesd_random, count_parameters
 
 #: FLOPs of one SD 1.x UNet call at batch 2 (classifier-free guidance), 64x64 latents (512x512
 #: pixels), counted with torch.utils.flop_counter (see /work/shared/reference/baseline.md).
@@ -291,8 +291,19 @@ def bench_image(placement: Placement, steps: int) -> dict[str, Any]:
         f"image: {figures['seconds']:.1f} s, {per_step:.2f} s/step (median of steps 2..{steps}), "
         f"decode {figures['decode_seconds']:.1f} s"
     )
+    figures["fast_decode_seconds"] = time_fast_decoder(engine, request)
+    say(f"image: the fast decoder (TAESD) decodes in {figures['fast_decode_seconds']:.2f} s")
     del engine, pipe, result, image
     return figures
+
+
+def time_fast_decoder(engine: ImageEngine, request: ImageRequest) -> float:
+    """Decode time with `decoder="fast"` (TAESD architecture, random weights), after one step."""
+    engine._fast_vaes["taesd-random"] = build_taesd_random(engine.placement.dtype)
+    fast = request.model_copy(update={"steps": 1, "decoder": "fast", "decoder_model": "taesd-random"})
+    log = EventLog("fast decoder", every=1)
+    engine.generate(fast, on_progress=log)
+    return time.perf_counter() - log.times("generating")[-1]
 
 
 # ---- music ----------------------------------------------------------------------------------
@@ -379,6 +390,7 @@ def summary_table(report: dict[str, Any]) -> str:
             ),
             ("  first step (incl. text encoding, set-up)", f"{image['first_step_seconds']:.2f} s"),
             ("  VAE decode + post-processing", f"{image['decode_seconds']:.1f} s"),
+            ("  fast decoder (TAESD) decode + post-processing", f"{image['fast_decode_seconds']:.2f} s"),
             ("  CLIP text encoding (prompt + negative)", f"{image['text_encode_seconds']:.2f} s"),
             (
                 "  UNet share of matmul peak, median step",

@@ -226,3 +226,13 @@ def describe_sd(pipe: Any) -> str:
         "CLIP text": count_parameters(pipe.text_encoder),
     }
     return ", ".join(f"{name} {_millions(count)}" for name, count in parts.items()) + " parameters"
+
+
+def build_taesd_random(dtype: torch.dtype = torch.float32) -> Any:
+    """The tiny autoencoder (TAESD) architecture with random weights: diffusers' AutoencoderTiny
+    defaults are TAESD's shapes (64 channels, 8x upsampling, about 2.4M parameters)."""
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(FULL_SEED)
+    with _default_dtype(dtype):
+        return AutoencoderTiny().eval().to(dtype)
