@@ -52,8 +52,7 @@ def run_until(at: AppTest, done, timeout: float = 120) -> AppTest:
 def store(ui_env):
     from muselab.store import HistoryStore
 
-    settings = Settings(data_dir=ui_env)
-    return HistoryStore(settings.data_dir / "history.sqlite3", settings.outputs)
+    return HistoryStore.for_settings(Settings(data_dir=ui_env))
 
 
 def test_home_has_the_two_entry_points_and_the_device(ui_env):

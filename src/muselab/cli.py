@@ -80,7 +80,7 @@ def _settings(preset: str | None, device: str | None, dtype: str | None, offline
 
 def _request(kind: str, from_file: Path | None, options: dict[str, Any]) -> Any:
     from muselab.media import MetadataError, request_from_file
-    from muselab.schemas import ImageRequest, MusicRequest, RequestError, SceneRequest, parse_request
+    from muselab.schemas import REQUEST_TYPES, RequestError, parse_request
 
     data: dict[str, Any] = {}
     if from_file is not None:
@@ -94,8 +94,7 @@ def _request(kind: str, from_file: Path | None, options: dict[str, Any]) -> Any:
     if not data.get("prompt"):
         raise CliError("Give a prompt, e.g. muselab " + kind + ' "a red fox in snow", or --from FILE.', 2)
     try:
-        model = {"music": MusicRequest, "image": ImageRequest, "scene": SceneRequest}[kind]
-        return parse_request(model, data)
+        return parse_request(REQUEST_TYPES[kind], data)
     except RequestError as exc:
         raise CliError(str(exc), EXIT_BAD_INPUT) from None
 
@@ -560,8 +559,7 @@ def jobs(
 def _store() -> Any:
     from muselab.store import HistoryStore
 
-    settings = Settings()
-    return HistoryStore(settings.data_dir / "history.sqlite3", settings.outputs)
+    return HistoryStore.for_settings(Settings())
 
 
 @app.command()

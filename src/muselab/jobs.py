@@ -196,7 +196,7 @@ class JobService:
         loader: Callable[..., Engine] = load_engine,
     ):
         self.settings = settings
-        self.store = store or HistoryStore(settings.data_dir / "history.sqlite3", settings.outputs)
+        self.store = store or HistoryStore.for_settings(settings)
         self.interrupted = self.store.recover_interrupted()
         self.models = ModelManager(settings, settings.max_models, loader)
         self._lock = threading.Condition()
@@ -375,7 +375,7 @@ class JobService:
 
     def _run_single(self, job: Job, on_progress: Any, timed_out: threading.Event, started: float) -> None:
         with self.models.use(job.kind, job.model) as engine:
-            resolved_request = engine.resolve(job.request)  # type: ignore[attr-defined]
+            resolved_request = engine.resolve(job.request)
             job.resolved = resolved_request.model_dump(mode="json")
             self.store.mark_running(job.id, job.model, engine.placement.device, engine.placement.dtype_name)
             self._update(job, status="running")
@@ -399,7 +399,7 @@ class JobService:
             self.models.use("image", scene.image_model or "") as image_engine,
             self.models.use("music", scene.music_model or "") as music_engine,
         ):
-            image_request = image_engine.resolve(scene.image_request())  # type: ignore[attr-defined]
+            image_request = image_engine.resolve(scene.image_request())
             scene = scene.model_copy(
                 update={
                     "seed": image_request.seed,
@@ -408,7 +408,7 @@ class JobService:
                     "steps": image_request.steps,
                 }
             )
-            music_request = music_engine.resolve(scene.music_request())  # type: ignore[attr-defined]
+            music_request = music_engine.resolve(scene.music_request())
             job.resolved = scene.model_dump(mode="json")
             placement = image_engine.placement
             self.store.mark_running(job.id, job.model, placement.device, placement.dtype_name)
@@ -453,7 +453,7 @@ class JobService:
             *self._describe(sound, media.save_result(sound, None, folder)),
         ]
         video_recipe = {
-            "software": media.recipe_for(picture, image)["software"],
+            "software": media.SOFTWARE,
             "model_name": f"{picture.model_name} + {sound.model_name}",
             "device": picture.device,
             "dtype": picture.dtype,

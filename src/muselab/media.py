@@ -27,6 +27,7 @@ from muselab import __version__
 from muselab.engines.base import GenerationResult, ImageOutput, MusicOutput
 
 RECIPE_KEY = "muselab"
+SOFTWARE = f"muselab {__version__}"
 AUDIO_FORMATS = {"wav": ("WAV", "PCM_16"), "flac": ("FLAC", "PCM_16"), "ogg": ("OGG", "VORBIS")}
 _A1111_SAMPLERS = {"DPM++ 2M Karras": ("DPM++ 2M", "Karras"), "PNDM": ("PLMS", None)}
 
@@ -46,7 +47,7 @@ def recipe_for(result: GenerationResult, output: ImageOutput | MusicOutput) -> d
     count_field = "num_images" if isinstance(output, ImageOutput) else "num_clips"
     request = result.request.model_copy(update={"seed": output.seed, count_field: 1})
     recipe: dict[str, Any] = {
-        "software": f"muselab {__version__}",
+        "software": SOFTWARE,
         "model_name": result.model_name,
         "device": result.device,
         "dtype": result.dtype,
@@ -73,7 +74,7 @@ def a1111_parameters(request: dict[str, Any], model_name: str) -> str:
     ]
     if request.get("decoder") == "fast":
         pairs.append(("VAE", "TAESD"))
-    pairs.append(("Version", f"muselab {__version__}"))
+    pairs.append(("Version", SOFTWARE))
     lines = [request["prompt"]]
     if request.get("negative_prompt"):
         lines.append(f"Negative prompt: {request['negative_prompt']}")

@@ -98,6 +98,7 @@ class SceneRequest(_Request):
 
 
 Request = MusicRequest | ImageRequest | SceneRequest
+REQUEST_TYPES: dict[str, type[_Request]] = {"music": MusicRequest, "image": ImageRequest, "scene": SceneRequest}
 
 
 class RequestError(ValueError):

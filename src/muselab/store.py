@@ -136,6 +136,11 @@ class HistoryStore:
         self._local = threading.local()
         self._connection().executescript(SCHEMA)
 
+    @classmethod
+    def for_settings(cls, settings: Any) -> HistoryStore:
+        """The store a muselab with these settings uses: <data_dir>/history.sqlite3 and its outputs."""
+        return cls(settings.data_dir / "history.sqlite3", settings.outputs)
+
     # ------------------------------------------------------------ plumbing
 
     def _connection(self) -> sqlite3.Connection:

@@ -143,6 +143,11 @@ class Engine(Protocol):
     model: str
     placement: Placement
 
+    @property
+    def model_name(self) -> str: ...
+
+    def resolve(self, request: Any) -> Any: ...
+
     def generate(
         self,
         request: Any,

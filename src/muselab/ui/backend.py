@@ -8,9 +8,8 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 from muselab.config import Settings
-from muselab.schemas import ImageRequest, MusicRequest, RequestError, SceneRequest, parse_request
+from muselab.schemas import REQUEST_TYPES, RequestError, parse_request
 
-REQUESTS = {"music": MusicRequest, "image": ImageRequest, "scene": SceneRequest}
 ACTIVE = ("queued", "running")
 
 
@@ -31,7 +30,7 @@ class Backend(Protocol):
 
 def validate(kind: str, data: dict[str, Any]) -> Any:
     """Check a request before sending it; RequestError says which field to change."""
-    return parse_request(REQUESTS[kind], {k: v for k, v in data.items() if v not in (None, "")})
+    return parse_request(REQUEST_TYPES[kind], {k: v for k, v in data.items() if v not in (None, "")})
 
 
 class LocalBackend:
