@@ -1,4 +1,4 @@
-"""Device and dtype choice: bf16 only where the CPU has it natively."""
+"""Device and dtype choice: bf16 only where the CPU has it natively and a probe finds it faster."""
 
 from __future__ import annotations
 
@@ -21,12 +21,31 @@ def test_avx2_only_cpu_gets_float32(cpu_only, monkeypatch):
     assert "no native bf16" in placement.reason
 
 
+def fake_probe(monkeypatch, fp32: float, bf16: float) -> None:
+    speeds = {torch.float32: fp32, torch.bfloat16: bf16}
+    monkeypatch.setattr(devices, "matmul_gflops", lambda dtype: speeds[dtype])
+
+
 @pytest.mark.parametrize("flag", ["avx512_bf16", "amx_bf16"])
-def test_native_bf16_cpu_gets_bfloat16(cpu_only, monkeypatch, flag):
+def test_native_bf16_cpu_gets_bfloat16_when_the_probe_finds_it_faster(cpu_only, monkeypatch, flag):
     monkeypatch.setattr(devices, "cpu_flags", lambda: frozenset({"avx2", flag}))
+    fake_probe(monkeypatch, fp32=182, bf16=399)  # 2-core AMD EPYC
     placement = devices.choose_placement()
     assert (placement.device, placement.dtype) == ("cpu", torch.bfloat16)
     assert flag in placement.reason and placement.dtype_name == "bfloat16"
+    assert "182" in placement.reason and "399" in placement.reason
+
+
+def test_native_bf16_that_is_slower_than_float32_is_not_used(cpu_only, monkeypatch):
+    monkeypatch.setattr(devices, "cpu_flags", lambda: frozenset({"avx512_bf16"}))
+    fake_probe(monkeypatch, fp32=376, bf16=186)  # 2-core Intel Xeon without AMX
+    placement = devices.choose_placement()
+    assert placement.dtype == torch.float32
+    assert "float32 is faster here" in placement.reason
+
+
+def test_the_probe_measures_real_matmuls():
+    assert devices.matmul_gflops(torch.float32, size=256, repeats=2) > 1.0
 
 
 def test_explicit_dtype_wins(cpu_only, monkeypatch):

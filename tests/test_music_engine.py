@@ -77,21 +77,60 @@ def test_a_cancel_before_start_does_no_work(music_engine):
     assert seen == []
 
 
-def test_off_values_really_turn_sampling_filters_off(music_engine):
-    """0 for top-k/top-p and guidance <= 1 must not fall back to the checkpoint's defaults."""
-    from transformers import GenerationConfig
+def test_off_values_really_turn_sampling_filters_off(music_engine, monkeypatch):
+    """0 for top-k/top-p and guidance <= 1 must build no filter at all (not the checkpoint's defaults)."""
+    from muselab.engines import musicgen_sampler
 
-    seen = {}
-    original = music_engine.network.generate
+    built = []
+    original = musicgen_sampler._logits_processors
 
-    def spy(**kwargs):
-        config = GenerationConfig.from_dict({**music_engine.network.generation_config.to_dict(), **kwargs})
-        seen.update(top_k=config.top_k, top_p=config.top_p, guidance=config.guidance_scale)
-        return original(**kwargs)
+    def spy(*args):
+        built.append(original(*args))
+        return built[-1]
 
-    music_engine.network.generate = spy
-    try:
-        music_engine.generate(MusicRequest(prompt="x", duration=1, seed=1, top_k=0, top_p=0, guidance=0.5))
-    finally:
-        del music_engine.network.generate
-    assert seen == {"top_k": 0, "top_p": 1.0, "guidance": 1.0}
+    monkeypatch.setattr(musicgen_sampler, "_logits_processors", spy)
+    music_engine.generate(MusicRequest(prompt="x", duration=1, seed=1, top_k=0, top_p=0, guidance=0.5))
+    assert [type(p).__name__ for p in built[0]] == []
+    music_engine.generate(MusicRequest(prompt="x", duration=1, seed=1, top_k=7, top_p=0.5, guidance=2, temperature=0.5))
+    assert [type(p).__name__ for p in built[1]] == [
+        "ClassifierFreeGuidanceLogitsProcessor",
+        "TemperatureLogitsWarper",
+        "TopKLogitsWarper",
+        "TopPLogitsWarper",
+    ]
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"guidance_scale": 3.0, "temperature": 1.0, "top_k": 250, "top_p": 1.0},
+        {"guidance_scale": 1.0, "temperature": 0.7, "top_k": 5, "top_p": 0.9},
+    ],
+)
+def test_the_lean_sampler_draws_the_same_audio_as_transformers_generate(music_engine, settings):
+    """Same weights, same seed: the fast loop must be a faster way to the very same clip."""
+    import torch
+
+    network, processor = music_engine.network, music_engine.processor
+    inputs = processor(text=["calm piano"], padding=True, return_tensors="pt")
+    with torch.inference_mode():
+        torch.manual_seed(3)
+        reference = network.generate(**inputs, do_sample=True, max_new_tokens=60, **settings)
+        torch.manual_seed(3)
+        ours = music_engine.sampler.generate(inputs.input_ids, inputs.attention_mask, max_new_tokens=60, **settings)
+    assert ours.shape == reference.shape
+    assert torch.equal(ours, reference)
+
+
+def test_int8_weights_make_a_clip_of_the_same_length_and_say_so(tiny_settings):
+    import torch
+
+    from muselab.engines.music import MusicEngine
+    from muselab.quantize import Int8Linear
+
+    engine = MusicEngine.load(tiny_settings.model_for("music"), offline=True, quantize="int8")
+    linears = [m for m in engine.network.decoder.modules() if isinstance(m, Int8Linear)]
+    assert linears and all(m.weight.dtype == torch.int8 for m in linears)
+    result = engine.generate(MusicRequest(prompt="calm piano", duration=1, seed=1))
+    assert result.outputs[0].audio.shape == (32000, 1)
+    assert result.dtype.endswith("+int8")

@@ -1,15 +1,19 @@
 """Which device and dtype to run on, and why.
 
-On CPUs the right dtype depends on the exact chip: with native bf16
-(avx512_bf16 or AMX) bf16 is about twice as fast as fp32, while on AVX2-only
-chips PyTorch emulates it and it is about 100x *slower*. So bf16 is chosen only
-when the CPU advertises it natively.
+On CPUs the right dtype depends on the exact chip, and the flags alone do not tell:
+- AVX2-only chips emulate bf16, about 100x *slower* than fp32;
+- some chips with avx512_bf16 (2-core AMD EPYC here) run bf16 matmuls twice as fast as fp32;
+- others with the same flag (2-core Intel Xeon here, AMX not exposed) run them at *half* fp32's
+  speed, because their fp32 units are that much wider.
+So bf16 is considered only when the CPU advertises it natively, and then a short matmul probe
+(a few milliseconds) decides between the two.
 """
 
 from __future__ import annotations
 
 import functools
 import platform
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,10 +30,14 @@ class Placement:
     device: str
     dtype: torch.dtype
     reason: str
+    #: "int8" when linear layers hold int8 weights (`muselab.quantize`); compute stays in `dtype`.
+    quantize: str = "none"
 
     @property
     def dtype_name(self) -> str:
-        return str(self.dtype).removeprefix("torch.")
+        """The number format as recorded with every output: "float32", or "float32+int8"."""
+        name = str(self.dtype).removeprefix("torch.")
+        return name if self.quantize == "none" else f"{name}+{self.quantize}"
 
 
 @functools.cache
@@ -78,18 +86,42 @@ def choose_placement(device: DeviceChoice = "auto", dtype: DtypeChoice = "auto")
         return Placement(device, _DTYPES[dtype], f"{why}; --dtype {dtype} was asked for")
     if device in ("cuda", "mps"):
         return Placement(device, torch.float16, f"{why}; float16 is the fast dtype on GPUs")
-    if cpu_has_native_bf16():
-        return Placement(device, torch.bfloat16, f"{why}; the CPU has native bf16 ({_bf16_flag()})")
-    capability = torch.backends.cpu.get_cpu_capability()
+    if not cpu_has_native_bf16():
+        capability = torch.backends.cpu.get_cpu_capability()
+        return Placement(
+            device,
+            torch.float32,
+            f"{why}; the CPU ({capability}) has no native bf16, where bf16 runs far slower than float32",
+        )
+    fp32, bf16 = matmul_gflops(torch.float32), matmul_gflops(torch.bfloat16)
+    measured = f"a matmul probe ran float32 at {fp32:.0f} and bfloat16 at {bf16:.0f} GFLOP/s"
+    if bf16 > BF16_MARGIN * fp32:
+        return Placement(device, torch.bfloat16, f"{why}; the CPU has native bf16 ({_bf16_flag()}) and {measured}")
     return Placement(
-        device,
-        torch.float32,
-        f"{why}; the CPU ({capability}) has no native bf16, where bf16 runs far slower than float32",
+        device, torch.float32, f"{why}; the CPU has {_bf16_flag()}, but {measured}, so float32 is faster here"
     )
+
+
+#: bf16 must beat fp32 by this factor to be chosen: it also costs precision.
+BF16_MARGIN = 1.15
 
 
 def _bf16_flag() -> str:
     return next(flag for flag in _NATIVE_BF16_FLAGS if flag in cpu_flags())
+
+
+@functools.cache
+def matmul_gflops(dtype: torch.dtype, size: int = 1024, repeats: int = 4) -> float:
+    """Best-of-`repeats` speed of a square matmul in `dtype` on this CPU (about 50 ms in all)."""
+    a = torch.randn(size, size).to(dtype)
+    b = torch.randn(size, size).to(dtype)
+    torch.mm(a, b)  # thread pool start-up and kernel selection
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - started)
+    return 2 * size**3 / best / 1e9
 
 
 class DeviceError(RuntimeError):

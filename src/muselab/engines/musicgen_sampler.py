@@ -1,0 +1,177 @@
+"""MusicGen's sampling loop, lean: a preallocated KV cache and nothing but the maths per token.
+
+`MusicgenForConditionalGeneration.generate` (transformers 5) spends on a CPU about as long on
+bookkeeping as on the matmuls: it grows its KV cache with `torch.cat` at every token (quadratic
+copying over a 30 s clip), rebuilds attention masks, re-applies the delay pattern to the whole
+sequence and recomputes the cross-attention of the unconditional half, which is always zero.
+This loop runs the same network weights through the same operations in the same order, and
+samples exactly as `generate` does (classifier-free guidance, then temperature, top-k, top-p,
+with transformers' own logits processors and one `torch.multinomial` per step), so the same seed
+draws the same tokens (`tests/test_music_engine.py` checks this against `generate`).
+
+What it does not do: audio prompts (melody conditioning) and beam search; muselab uses neither.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.nn import functional as F
+
+
+class MusicgenSampler:
+    """Generates audio codes with a `MusicgenForConditionalGeneration`'s weights, then decodes them."""
+
+    def __init__(self, network: Any):
+        self.network = network
+        lm = network.decoder  # MusicgenForCausalLM
+        self.decoder = lm.model.decoder
+        self.lm_heads = lm.lm_heads
+        self.num_codebooks = int(self.decoder.num_codebooks)
+        config = lm.config
+        self.num_heads = int(config.num_attention_heads)
+        self.head_dim = int(config.hidden_size) // self.num_heads
+        self.pad_token_id = int(network.generation_config.pad_token_id)
+        self.start_token_id = int(network.generation_config.decoder_start_token_id)
+        self.project_encoder = (
+            network.text_encoder.config.hidden_size != config.hidden_size and config.cross_attention_hidden_size is None
+        )
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        *,
+        max_new_tokens: int,
+        guidance_scale: float,
+        temperature: float,
+        top_k: int,
+        top_p: float,
+        on_token: Callable[[], None] | None = None,
+    ) -> torch.Tensor:
+        """Audio (batch, channels, samples) for a batch of tokenized prompts. `on_token` runs after
+        every token and may raise to stop (cancellation)."""
+        batch = input_ids.shape[0]
+        guided = guidance_scale is not None and guidance_scale > 1
+        processors = _logits_processors(guidance_scale if guided else None, temperature, top_k, top_p)
+        cross_keys, cross_values, cross_mask = self._encode_text(input_ids, attention_mask)
+        max_length = 1 + max_new_tokens
+        start = torch.full((batch * self.num_codebooks, 1), self.start_token_id, dtype=torch.long)
+        start = start.to(input_ids.device)
+        # build_delay_pattern_mask lives on MusicgenForCausalLM and knows mono from stereo. The
+        # pattern is (batch * codebooks, max_length): -1 where a sampled token goes, else the pad id.
+        _, pattern = self.network.decoder.build_delay_pattern_mask(
+            start, pad_token_id=self.start_token_id, max_length=max_length
+        )
+        tokens = pattern.clone()
+        rows = 2 * batch if guided else batch
+        cache_shape = (len(self.decoder.layers), rows, self.num_heads, max_length, self.head_dim)
+        dtype = self.decoder.layer_norm.weight.dtype
+        keys = torch.empty(cache_shape, dtype=dtype, device=input_ids.device)
+        values = torch.empty(cache_shape, dtype=dtype, device=input_ids.device)
+        for position in range(max_new_tokens):
+            step_tokens = tokens[:, position].reshape(batch, self.num_codebooks)
+            if guided:
+                step_tokens = step_tokens.repeat(2, 1)
+            logits = self._step(step_tokens, position, keys, values, cross_keys, cross_values, cross_mask, batch)
+            scores = processors(tokens[:, : position + 1], logits.float())
+            probs = F.softmax(scores, dim=-1)
+            sampled = torch.multinomial(probs, num_samples=1).squeeze(1)
+            column = pattern[:, position + 1]
+            tokens[:, position + 1] = torch.where(column == -1, sampled, column)
+            if on_token is not None:
+                on_token()
+        return self._decode(tokens, batch)
+
+    def _encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[list, list, torch.Tensor]:
+        """Cross-attention keys and values of every layer, for the conditional half only: the
+        unconditional half's encoder states are zeros (masked), so its cross-attention adds zero."""
+        network = self.network
+        hidden = network.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        if self.project_encoder:
+            hidden = network.enc_to_dec_proj(hidden)
+        hidden = hidden * attention_mask[..., None]
+        batch, length, _ = hidden.shape
+        keys, values = [], []
+        for layer in self.decoder.layers:
+            attention = layer.encoder_attn
+            keys.append(self._heads(attention.k_proj(hidden)))
+            values.append(self._heads(attention.v_proj(hidden)))
+        mask = attention_mask.bool()[:, None, None, :]  # (batch, 1, 1, text length)
+        return keys, values, mask
+
+    def _heads(self, states: torch.Tensor) -> torch.Tensor:
+        batch, length, _ = states.shape
+        return states.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def _step(
+        self,
+        step_tokens: torch.Tensor,
+        position: int,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        cross_keys: list,
+        cross_values: list,
+        cross_mask: torch.Tensor,
+        batch: int,
+    ) -> torch.Tensor:
+        """Logits (rows * codebooks, vocab) for the next position, given the tokens at `position`."""
+        decoder = self.decoder
+        hidden = sum(decoder.embed_tokens[k](step_tokens[:, k]) for k in range(self.num_codebooks))
+        hidden = (hidden + decoder.embed_positions.weights[position]).unsqueeze(1)  # (rows, 1, hidden)
+        rows = hidden.shape[0]
+        for index, layer in enumerate(decoder.layers):
+            attention = layer.self_attn
+            normed = layer.self_attn_layer_norm(hidden)
+            keys[index, :, :, position] = self._heads(attention.k_proj(normed))[:, :, 0]
+            values[index, :, :, position] = self._heads(attention.v_proj(normed))[:, :, 0]
+            query = self._heads(attention.q_proj(normed))
+            context = F.scaled_dot_product_attention(
+                query, keys[index, :, :, : position + 1], values[index, :, :, : position + 1]
+            )
+            hidden = hidden + attention.out_proj(context.transpose(1, 2).reshape(rows, 1, -1))
+
+            cross = layer.encoder_attn
+            conditional = hidden[:batch]
+            query = self._heads(cross.q_proj(layer.encoder_attn_layer_norm(conditional)))
+            context = F.scaled_dot_product_attention(
+                query, cross_keys[index], cross_values[index], attn_mask=cross_mask
+            )
+            added = cross.out_proj(context.transpose(1, 2).reshape(batch, 1, -1))
+            hidden = torch.cat([conditional + added, hidden[batch:]]) if rows > batch else conditional + added
+
+            normed = layer.final_layer_norm(hidden)
+            hidden = hidden + layer.fc2(layer.activation_fn(layer.fc1(normed)))
+        hidden = decoder.layer_norm(hidden)
+        logits = torch.stack([head(hidden[:, 0]) for head in self.lm_heads], dim=1)  # (rows, codebooks, vocab)
+        return logits.reshape(rows * self.num_codebooks, -1)
+
+    def _decode(self, tokens: torch.Tensor, batch: int) -> torch.Tensor:
+        """Audio codes -> waveform, as `generate` does it: drop the delay pattern's pads, run EnCodec."""
+        codes = tokens[tokens != self.pad_token_id].reshape(batch, self.num_codebooks, -1)[None, ...]
+        audio_encoder = self.network.audio_encoder
+        if self.network.decoder.config.audio_channels == 1:
+            return audio_encoder.decode(codes, audio_scales=[None] * batch).audio_values
+        left = audio_encoder.decode(codes[:, :, ::2, :], audio_scales=[None] * batch).audio_values
+        right = audio_encoder.decode(codes[:, :, 1::2, :], audio_scales=[None] * batch).audio_values
+        return torch.cat([left, right], dim=1)
+
+
+def _logits_processors(guidance: float | None, temperature: float, top_k: int, top_p: float) -> Any:
+    """transformers' own processors, in the order `generate` applies them."""
+    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+    from transformers.generation.logits_process import ClassifierFreeGuidanceLogitsProcessor
+
+    processors = LogitsProcessorList()
+    if guidance is not None:
+        processors.append(ClassifierFreeGuidanceLogitsProcessor(guidance))
+    if temperature != 1.0:
+        processors.append(TemperatureLogitsWarper(temperature))
+    if top_k:
+        processors.append(TopKLogitsWarper(top_k=top_k, min_tokens_to_keep=1))
+    if top_p < 1.0:
+        processors.append(TopPLogitsWarper(top_p=top_p, min_tokens_to_keep=1))
+    return processors

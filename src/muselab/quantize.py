@@ -1,0 +1,120 @@
+"""Weight-only int8: a quarter of float32's memory for every linear layer, close to the same output.
+
+Each output channel of a weight matrix gets its own scale (absmax / 127), so a channel with small
+weights keeps its precision. Two ways to multiply, chosen per call by the number of rows:
+
+- few rows on a CPU (a token at a time: MusicGen's decoder) go through
+  `torch._weight_int8pack_mm`, PyTorch's CPU kernel that reads the int8 weights directly. That
+  step is bound by memory traffic, so reading a quarter of the bytes is where the speed comes from.
+- many rows (a UNet layer sees 8192 at 512x512), and GPUs, dequantize the weight for that call and use the
+  ordinary matmul: the work is then in the multiply, which int8 storage cannot make cheaper, and
+  the dequantized copy of one layer is small next to the activations.
+
+This is PyTorch's own kernel rather than torchao or optimum-quanto: on these CPUs torchao's eager
+int8 weight-only path dequantizes every call (it is fast only under torch.compile), and the kernel
+here needs no extra dependency. The int8 kernel is fast with bfloat16 activations and slow with
+float32 ones on some CPUs, so the activation dtype for it is measured once (`int8_kernel_dtype`).
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+#: Up to this many rows per call, the int8 kernel; above it, dequantize and use the float matmul.
+#: The kernel also needs the input width to be a multiple of 16 (other widths crash the process).
+SMALL_BATCH_ROWS = 64
+QUANTIZE_CHOICES = ("none", "int8")
+
+
+class Int8Linear(nn.Module):
+    """A drop-in `nn.Linear` with int8 weights and one float scale per output channel."""
+
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("weight", weight, persistent=True)
+        self.register_buffer("scale", scale, persistent=True)
+        self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> Int8Linear:
+        weight = linear.weight.detach().float()
+        scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+        quantized = torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8)
+        bias = linear.bias.detach() if linear.bias is not None else None
+        return cls(quantized, scale.to(linear.weight.dtype), bias)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.scale.dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        rows = x.reshape(-1, self.in_features)
+        if rows.shape[0] <= SMALL_BATCH_ROWS and x.device.type == "cpu" and self.in_features % 16 == 0:
+            kernel_dtype = int8_kernel_dtype(x.device.type, x.dtype)
+            out = torch._weight_int8pack_mm(
+                rows.to(kernel_dtype).contiguous(), self.weight, self._scale_as(kernel_dtype)
+            ).to(x.dtype)
+            if self.bias is not None:
+                out = out + self.bias.to(x.dtype)
+        else:
+            weight = self.weight.to(x.dtype).mul_(self._scale_as(x.dtype)[:, None])
+            out = nn.functional.linear(rows, weight, self.bias.to(x.dtype) if self.bias is not None else None)
+        return out.reshape(*shape[:-1], self.out_features)
+
+    def _scale_as(self, dtype: torch.dtype) -> torch.Tensor:
+        return self.scale if self.scale.dtype == dtype else self.scale.to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 weights"
+
+
+def quantize_linears(module: nn.Module, skip: Iterable[str] = ()) -> int:
+    """Replace every `nn.Linear` inside `module` (except names containing a `skip` part) with
+    `Int8Linear`, one layer at a time so that the float copy of only one layer is alive at once.
+    Returns the number of layers replaced."""
+    skip = tuple(skip)
+    names = [
+        name
+        for name, child in module.named_modules()
+        if isinstance(child, nn.Linear) and not any(part in name for part in skip)
+    ]
+    for name in names:
+        parent_name, _, attribute = name.rpartition(".")
+        parent = module.get_submodule(parent_name) if parent_name else module
+        setattr(parent, attribute, Int8Linear.from_linear(getattr(parent, attribute)))
+    return len(names)
+
+
+def parameter_bytes(module: nn.Module) -> int:
+    """Bytes held by a module's parameters and buffers (what its weights cost in memory)."""
+    tensors = [*module.parameters(), *module.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@functools.cache
+def int8_kernel_dtype(device: str, activation_dtype: torch.dtype) -> torch.dtype:
+    """The activation dtype to run `_weight_int8pack_mm` in: the faster of bfloat16 and the model's.
+
+    On CPUs the kernel's float32 path can be ten times slower than its bfloat16 path, and on
+    others the reverse; a 4096x1024 product timed both ways (a few milliseconds) settles it.
+    """
+    if device != "cpu" or activation_dtype == torch.bfloat16:
+        return activation_dtype
+    weight = torch.randint(-127, 127, (4096, 1024), dtype=torch.int8)
+    timings = {}
+    for dtype in (activation_dtype, torch.bfloat16):
+        x = torch.randn(2, 1024).to(dtype)
+        scale = torch.rand(4096).to(dtype)
+        torch._weight_int8pack_mm(x, weight, scale)
+        started = time.perf_counter()
+        for _ in range(5):
+            torch._weight_int8pack_mm(x, weight, scale)
+        timings[dtype] = time.perf_counter() - started
+    return min(timings, key=timings.__getitem__)
