@@ -106,7 +106,8 @@ class Settings(BaseSettings):
     quantize: QuantizeChoice = Field(
         default="none",
         description="'int8' stores the linear layers of the UNet, the text encoders and the MusicGen decoder "
-        "as int8 (a quarter of float32's memory; MusicGen tokens about 1.5x faster on a CPU; slightly different output).",
+        "as int8: a quarter of float32's memory, MusicGen tokens about 1.5x faster on a CPU, "
+        "slightly different output.",
     )
     low_memory: bool = Field(
         default=False,

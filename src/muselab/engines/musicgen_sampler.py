@@ -94,7 +94,6 @@ class MusicgenSampler:
         if self.project_encoder:
             hidden = network.enc_to_dec_proj(hidden)
         hidden = hidden * attention_mask[..., None]
-        batch, length, _ = hidden.shape
         keys, values = [], []
         for layer in self.decoder.layers:
             attention = layer.encoder_attn
