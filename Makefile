@@ -45,7 +45,8 @@ test: lint browser
 	$(BIN)/python -m pytest
 
 bench: setup
-	$(BIN)/python bench/bench_core.py
+	mkdir -p bench/results
+	$(BIN)/muselab bench --quick --json bench/results/quick.json --docs docs/PERFORMANCE.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache test-output

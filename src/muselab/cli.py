@@ -729,6 +729,36 @@ def _human_size(size: int | None) -> str:
     return f"{value:.1f} TB"
 
 
+@app.command()
+def bench(
+    quick: Annotated[
+        bool, typer.Option("--quick", help="Time a few steps and extrapolate (under 10 minutes).")
+    ] = False,
+    json_file: Annotated[Path | None, typer.Option("--json", help="Write every figure here as JSON.")] = None,
+    docs: Annotated[
+        Path | None, typer.Option("--docs", help="Write the table into this Markdown file, between bench markers.")
+    ] = None,
+    only: Annotated[str, typer.Option(help="Parts to run, comma-separated: image, fast, music.")] = "image,fast,music",
+    music_seconds: Annotated[float | None, typer.Option(help="Seconds of audio (default 5 quick, 10 full).")] = None,
+) -> None:
+    """Baseline (a plain diffusers/transformers script) against muselab's defaults, side by side, on
+    full-size random-weight SD 1.x, sd-turbo and musicgen-small; nothing is downloaded."""
+    from muselab import benchmark
+
+    parts = tuple(part.strip() for part in only.split(",") if part.strip())
+    unknown = set(parts) - {"image", "fast", "music"}
+    if unknown:
+        raise CliError(f"--only: unknown part(s) {', '.join(sorted(unknown))}; choose from image, fast, music.", 2)
+    if docs is not None and not docs.exists():
+        raise CliError(f"--docs {docs}: no such file.", EXIT_BAD_INPUT)
+    report = benchmark.run(quick=quick, json_path=json_file, parts=parts, music_seconds=music_seconds)
+    table = benchmark.markdown_table(report)
+    out.print(table, highlight=False, markup=False)
+    if docs is not None:
+        benchmark.update_docs(docs, report, "muselab " + " ".join(sys.argv[2:]) if len(sys.argv) > 1 else "")
+        out.print(f"wrote the table into {docs}", highlight=False)
+
+
 @app.callback(invoke_without_command=True)
 def _root(
     version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,

@@ -42,7 +42,9 @@ def load_engine(kind: Kind, settings: Settings, model: str | None = None) -> Eng
     if kind == "music":
         from muselab.engines.music import MusicEngine
 
-        return MusicEngine.load(model, placement, offline=settings.is_offline())
+        return MusicEngine.load(
+            model, placement, offline=settings.is_offline(), quantize=settings.music_quantize(placement.device)
+        )
     from muselab.engines.image import ImageEngine
 
     fast_decoder = settings.fast_decoder()
@@ -56,4 +58,7 @@ def load_engine(kind: Kind, settings: Settings, model: str | None = None) -> Eng
         safety_checker=settings.safety_checker,
         offline=settings.is_offline(),
         fast_decoder=fast_decoder,
+        quantize=settings.image_quantize(),
+        low_memory=settings.low_memory,
+        compile=settings.compile,
     )

@@ -12,6 +12,7 @@ Parameter counts of what these functions build (printed by `describe`):
 - musicgen-small: T5-base encoder 109.6M, decoder 419.6M (24 layers, 4 embedding tables and
   4 LM heads), EnCodec 32 kHz 56.9M; 586.9M in all (published: about 590M).
 - SD 1.x: UNet 859.5M, KL VAE 83.7M, CLIP text encoder 123.1M (published: 860M, 84M, 123M).
+- sd-turbo (SD 2.1 shapes): UNet 865.9M, the same VAE, OpenCLIP ViT-H text encoder 340.4M.
 """
 
 from __future__ import annotations
@@ -147,6 +148,69 @@ def build_sd1_random(dtype: torch.dtype = torch.float32, verbose: bool = True) -
     No safety checker. The scheduler is the checkpoints' PNDM configuration; muselab's image
     engine swaps it per request anyway.
     """
+    return _build_sd_random("SD 1.x", SD1_UNET, SD1_TEXT_ENCODER, sd1_scheduler(), dtype, verbose)
+
+
+def build_sd_turbo_random(dtype: torch.dtype = torch.float32, verbose: bool = True) -> Any:
+    """stabilityai/sd-turbo's architecture (SD 2.1: UNet with linear projections and 1024-wide
+    cross-attention, OpenCLIP ViT-H text encoder, the same KL VAE) with random weights, and its
+    scheduler configuration (Euler, trailing timesteps: one step starts from pure noise)."""
+    from diffusers import EulerDiscreteScheduler
+
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        timestep_spacing="trailing",
+        steps_offset=1,
+    )
+    return _build_sd_random("sd-turbo", SD_TURBO_UNET, SD_TURBO_TEXT_ENCODER, scheduler, dtype, verbose)
+
+
+#: CompVis/stable-diffusion-v1-4's UNet configuration (860M parameters).
+SD1_UNET: dict[str, Any] = {
+    "sample_size": 64,
+    "in_channels": 4,
+    "out_channels": 4,
+    "block_out_channels": (320, 640, 1280, 1280),
+    "layers_per_block": 2,
+    "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    "attention_head_dim": 8,
+    "cross_attention_dim": 768,
+    "norm_num_groups": 32,
+}
+#: stabilityai/sd-turbo's UNet (SD 2.1 shapes, 865M parameters).
+SD_TURBO_UNET: dict[str, Any] = {
+    **SD1_UNET,
+    "attention_head_dim": (5, 10, 20, 20),
+    "cross_attention_dim": 1024,
+    "use_linear_projection": True,
+}
+#: CLIP ViT-L/14's text model (SD 1.x, 123M parameters).
+SD1_TEXT_ENCODER: dict[str, Any] = {
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "hidden_act": "quick_gelu",
+    "projection_dim": 768,
+}
+#: OpenCLIP ViT-H/14's text model as SD 2.x uses it (23 layers, 340M parameters).
+SD_TURBO_TEXT_ENCODER: dict[str, Any] = {
+    "hidden_size": 1024,
+    "intermediate_size": 4096,
+    "num_hidden_layers": 23,
+    "num_attention_heads": 16,
+    "hidden_act": "gelu",
+    "projection_dim": 512,
+}
+
+
+def _build_sd_random(
+    label: str, unet_config: dict, text_config: dict, scheduler: Any, dtype: torch.dtype, verbose: bool
+) -> Any:
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -154,23 +218,7 @@ def build_sd1_random(dtype: torch.dtype = torch.float32, verbose: bool = True) -
     torch.manual_seed(FULL_SEED)
     tokenizer = build_tiny_clip_tokenizer()
     with _default_dtype(dtype):
-        unet = UNet2DConditionModel(
-            sample_size=64,
-            in_channels=4,
-            out_channels=4,
-            block_out_channels=(320, 640, 1280, 1280),
-            layers_per_block=2,
-            down_block_types=(
-                "CrossAttnDownBlock2D",
-                "CrossAttnDownBlock2D",
-                "CrossAttnDownBlock2D",
-                "DownBlock2D",
-            ),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-            attention_head_dim=8,
-            cross_attention_dim=768,
-            norm_num_groups=32,
-        )
+        unet = UNet2DConditionModel(**unet_config)
         vae = AutoencoderKL(
             in_channels=3,
             out_channels=3,
@@ -186,17 +234,12 @@ def build_sd1_random(dtype: torch.dtype = torch.float32, verbose: bool = True) -
         text_encoder = CLIPTextModel(
             CLIPTextConfig(
                 vocab_size=49408,
-                hidden_size=768,
-                intermediate_size=3072,
-                num_hidden_layers=12,
-                num_attention_heads=12,
                 max_position_embeddings=77,
-                hidden_act="quick_gelu",
-                projection_dim=768,
                 # The tiny byte-level tokenizer's special ids (start 0, end 1).
                 bos_token_id=0,
                 eos_token_id=1,
                 pad_token_id=1,
+                **text_config,
             )
         )
     pipe = StableDiffusionPipeline(
@@ -204,7 +247,7 @@ def build_sd1_random(dtype: torch.dtype = torch.float32, verbose: bool = True) -
         vae=vae.eval(),
         text_encoder=text_encoder.eval(),
         tokenizer=tokenizer,
-        scheduler=sd1_scheduler(),
+        scheduler=scheduler,
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -212,7 +255,7 @@ def build_sd1_random(dtype: torch.dtype = torch.float32, verbose: bool = True) -
     pipe = pipe.to(dtype=dtype)
     if verbose:
         print(
-            f"built SD 1.x (random, {str(dtype).removeprefix('torch.')}) in "
+            f"built {label} (random, {str(dtype).removeprefix('torch.')}) in "
             f"{time.perf_counter() - started:.1f} s: {describe_sd(pipe)}",
             flush=True,
         )

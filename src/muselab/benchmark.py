@@ -1,0 +1,687 @@
+"""`muselab bench`: muselab's defaults against a plain script, side by side, in one run.
+
+Full-size architectures with random weights (`muselab.testing.full`): every matmul and convolution
+costs what it costs with the real checkpoints, nothing is downloaded, and the output is noise.
+
+- **baseline**: what a plain script does. Images: `StableDiffusionPipeline` in float32 with the
+  checkpoint's PNDM scheduler, 50 steps, guidance 7.5, VAE decode. Music: float32
+  `MusicgenForConditionalGeneration.generate` with the checkpoint's sampling settings.
+- **default**: muselab's engines with muselab's defaults on this machine (dtype from
+  `choose_placement`, DPM++ 2M Karras in 25 steps, the lean MusicGen loop, int8 decoder on a CPU).
+- **int8**: the same with `quantize="int8"`; its output is compared with float32's for the same seed.
+- **fast**: the distilled path: sd-turbo's architecture, 1 step, tiny-autoencoder (TAESD) decode.
+
+`--quick` times a few denoising steps and computes steps x step time + text encoding + decode (the
+JSON says so with `"extrapolated": true`); a full run makes every image whole.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import gc
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from muselab.config import GENERIC_IMAGE_DEFAULTS
+from muselab.devices import Placement, choose_placement, cpu_has_native_bf16, cpu_name
+from muselab.engines.base import ProgressEvent
+from muselab.schemas import ImageRequest, MusicRequest
+
+#: FLOPs of one SD 1.x UNet call at batch 2 (classifier-free guidance), 64x64 latents (512x512
+#: pixels), counted with torch.utils.flop_counter (shared/reference/baseline.md).
+UNET_STEP_FLOP_512_CFG = 1.354e12
+IMAGE_PROMPT = "a red fox in snow, watercolor"
+MUSIC_PROMPT = "lo-fi beat with warm piano"
+#: Width and height of every benchmark image (the tests shrink it for the tiny models).
+IMAGE_SIZE = 512
+BASELINE_STEPS = 50
+DEFAULT_SAMPLER = "DPM++ 2M Karras"
+SEED = 1
+
+Say = Callable[[str], None]
+
+
+def run(
+    quick: bool = True,
+    json_path: Path | None = None,
+    parts: tuple[str, ...] = ("image", "fast", "music"),
+    music_seconds: float | None = None,
+    say: Say | None = None,
+) -> dict[str, Any]:
+    """Run the benchmark; the report (also written to `json_path` after every part) is returned."""
+    from muselab.quiet import quiet_libraries
+
+    quiet_libraries()
+    say = say or _say
+    placement = choose_placement()
+    started = time.perf_counter()
+    report: dict[str, Any] = {
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "command": " ".join(["muselab", *sys.argv[1:]]) if Path(sys.argv[0]).name == "muselab" else None,
+        "quick": quick,
+        "machine": machine_info(),
+        "placement": {"device": placement.device, "dtype": placement.dtype_name, "reason": placement.reason},
+        "load_average_at_start": os.getloadavg(),
+    }
+    say(f"{report['machine']['cpu']}, {report['machine']['cores']} cores; default: {placement.reason}")
+    report["peak"] = measure_peaks(placement)
+    say(
+        f"matmul peak: fp32 {report['peak']['matmul_gflops_fp32']:.0f} GFLOP/s, bf16 "
+        f"{report['peak']['matmul_gflops_bf16']:.0f} GFLOP/s; copy {report['peak']['copy_gbps']:.1f} GB/s"
+    )
+    save(report, json_path)
+    steps = 3 if quick else None
+    if "image" in parts:
+        report["image"] = bench_image(placement, report["peak"], steps, say)
+        save(report, json_path)
+    if "fast" in parts:
+        report.setdefault("image", {}).update(bench_fast(placement, say))
+        image = report["image"]
+        if "baseline_s" in image:
+            image["fast_ratio"] = image["baseline_s"] / image["fast_s"]
+        save(report, json_path)
+    if "music" in parts:
+        seconds = music_seconds or (5.0 if quick else 10.0)
+        report["music"] = bench_music(placement, seconds, say)
+        save(report, json_path)
+    report["total_seconds"] = time.perf_counter() - started
+    report["load_average_at_end"] = os.getloadavg()
+    save(report, json_path)
+    return report
+
+
+def save(report: dict[str, Any], path: Path | None) -> None:
+    if path is not None:
+        tmp = Path(path).with_suffix(".tmp")
+        tmp.write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
+        tmp.replace(path)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return str(value)
+
+
+def _say(text: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
+
+
+# ---- machine ------------------------------------------------------------------------------------
+
+
+def machine_info() -> dict[str, Any]:
+    import diffusers
+    import transformers
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {
+        "cpu": cpu_name(),
+        "cores": os.cpu_count(),
+        "gpu": gpu,
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "native_bf16_flag": cpu_has_native_bf16(),
+        "ram_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "python": platform.python_version(),
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+    }
+
+
+def measure_peaks(placement: Placement) -> dict[str, float]:
+    """The practical ceilings: big matmuls in fp32 and bf16 (and fp16 on a GPU), a memory copy."""
+    device = placement.device
+    peaks = {
+        "matmul_gflops_fp32": matmul_gflops(torch.float32, device),
+        "matmul_gflops_bf16": matmul_gflops(torch.bfloat16, device),
+        "copy_gbps": copy_gbps(device),
+    }
+    if device == "cuda":
+        peaks["matmul_gflops_fp16"] = matmul_gflops(torch.float16, device)
+    return peaks
+
+
+def peak_for(peaks: dict[str, float], dtype: torch.dtype) -> float:
+    name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    return peaks[f"matmul_gflops_{name}"]
+
+
+def matmul_gflops(dtype: torch.dtype, device: str = "cpu", n: int = 4096, repeats: int = 3) -> float:
+    """Best of `repeats` n x n x n matmuls; on AVX2-only CPUs bf16 is emulated, so a smaller one."""
+    if device == "cpu" and dtype == torch.bfloat16 and not cpu_has_native_bf16():
+        n, repeats = 1024, 1  # emulated: about 100x slower, a big one would take minutes
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    _sync(device)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        _sync(device)
+        started = time.perf_counter()
+        torch.mm(a, b)
+        _sync(device)
+        best = min(best, time.perf_counter() - started)
+    return 2 * n**3 / best / 1e9
+
+
+def copy_gbps(device: str = "cpu", megabytes: int = 256) -> float:
+    """Bytes read plus bytes written per second copying a 256 MB buffer (best of 3)."""
+    source = torch.empty(megabytes * 2**20 // 4, device=device)
+    target = torch.empty_like(source)
+    target.copy_(source)
+    best = float("inf")
+    for _ in range(3):
+        _sync(device)
+        started = time.perf_counter()
+        target.copy_(source)
+        _sync(device)
+        best = min(best, time.perf_counter() - started)
+    return 2 * source.numel() * 4 / best / 1e9
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+# ---- memory -------------------------------------------------------------------------------------
+
+
+class PeakMemory:
+    """Peak resident memory of one part: the kernel's high-water mark (VmHWM), reset at the start
+    (Linux); on a GPU, torch's peak allocation. Only a part's own models and work are counted, as
+    the previous part's are freed before it starts."""
+
+    def __init__(self, device: str):
+        self.device = device
+        gc.collect()
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+            self.reset = True
+        except OSError:
+            self.reset = False
+        if device == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+
+    def gib(self) -> float:
+        if self.device == "cuda":
+            return torch.cuda.max_memory_allocated() / 2**30
+        try:
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**20
+        except OSError:
+            pass
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+# ---- images -------------------------------------------------------------------------------------
+
+
+class StepTimes:
+    """Times of the denoising steps of one generation, from its progress events or callbacks."""
+
+    def __init__(self, stop_after: int | None = None):
+        self.start = time.perf_counter()
+        self.marks: list[float] = []
+        self.stop_after = stop_after
+
+    def on_progress(self, event: ProgressEvent) -> None:
+        if event.stage == "generating":
+            self.mark()
+
+    def mark(self) -> None:
+        self.marks.append(time.perf_counter())
+        if self.stop_after is not None and len(self.marks) >= self.stop_after:
+            raise _EnoughSteps()
+
+    def step_seconds(self) -> float:
+        """Median step, leaving out the first (it carries text encoding and set-up)."""
+        intervals = [b - a for a, b in zip([self.start, *self.marks[:-1]], self.marks, strict=True)]
+        return statistics.median(intervals[1:] or intervals)
+
+
+class _EnoughSteps(Exception):
+    """Stops a baseline run once enough steps were timed (quick mode)."""
+
+
+def time_text_encoding(pipe: Any, device: str) -> float:
+    times = []
+    with torch.inference_mode():
+        for _ in range(3):
+            started = time.perf_counter()
+            pipe.encode_prompt(IMAGE_PROMPT, device=device, num_images_per_prompt=1, do_classifier_free_guidance=True)
+            times.append(time.perf_counter() - started)
+    return min(times)
+
+
+def time_vae_decode(pipe: Any, dtype: torch.dtype, device: str) -> float:
+    """One 512x512 decode with post-processing to a PIL image, as the pipeline ends."""
+    side = IMAGE_SIZE // pipe.vae_scale_factor
+    latents = torch.randn(1, 4, side, side, generator=torch.Generator().manual_seed(SEED)).to(device, dtype)
+    with torch.inference_mode():
+        _sync(device)
+        started = time.perf_counter()
+        image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
+        pipe.image_processor.postprocess(image, output_type="pil")
+        _sync(device)
+    return time.perf_counter() - started
+
+
+def bench_image(placement: Placement, peaks: dict[str, float], steps: int | None, say: Say) -> dict[str, Any]:
+    """Baseline vs default vs int8 for one 512x512 SD 1.x image; `steps` set = quick mode."""
+    from muselab.engines.image import ImageEngine, load_dtype
+    from muselab.testing.full import build_sd1_random
+
+    device = placement.device
+    baseline_placement = Placement(device, torch.float32, "baseline: float32, as a plain script")
+    figures: dict[str, Any] = {"size": [IMAGE_SIZE] * 2, "extrapolated": steps is not None, "timed_steps": steps}
+
+    # 1. Baseline: plain diffusers, float32, PNDM, 50 steps.
+    memory = PeakMemory(device)
+    pipe = build_sd1_random(torch.float32, verbose=False).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    text = time_text_encoding(pipe, device)
+    say(f"image baseline: float32, PNDM {BASELINE_STEPS} steps ({'timing ' + str(steps) if steps else 'all'})")
+    clock = StepTimes(stop_after=steps)
+    try:
+        pipe(
+            IMAGE_PROMPT,
+            width=IMAGE_SIZE,
+            height=IMAGE_SIZE,
+            num_inference_steps=BASELINE_STEPS,
+            guidance_scale=7.5,
+            generator=torch.Generator("cpu").manual_seed(SEED),
+            output_type="pil",
+            callback_on_step_end=lambda *args: (clock.mark(), args[-1])[1],
+        )
+        whole = time.perf_counter() - clock.start
+    except _EnoughSteps:
+        whole = None
+    decode = time_vae_decode(pipe, torch.float32, device)
+    step = clock.step_seconds()
+    figures["baseline_text_encode_s"] = text
+    figures["baseline_unet_step_s"] = step
+    figures["baseline_decode_s"] = decode
+    figures["baseline_s"] = whole if whole is not None else text + BASELINE_STEPS * step + decode
+    figures["baseline_peak_rss_gb"] = memory.gib()
+    say(f"image baseline: {step:.2f} s/step, decode {decode:.1f} s -> {figures['baseline_s']:.0f} s per image")
+
+    # 2. The output difference of int8 (and of the default dtype) against float32, same recipe and seed.
+    psnr_steps = steps + 1 if steps else GENERIC_IMAGE_DEFAULTS.steps
+    recipe = ImageRequest(
+        prompt=IMAGE_PROMPT,
+        width=IMAGE_SIZE,
+        height=IMAGE_SIZE,
+        steps=psnr_steps,
+        guidance=7.5,
+        scheduler="DPM++ 2M Karras",
+        seed=SEED,
+    )
+    reference = _image_array(ImageEngine(pipe, "sd1.x-random", baseline_placement).generate(recipe))
+    if placement.dtype != torch.float32:
+        pipe.to(placement.dtype)
+        default_image = _image_array(ImageEngine(pipe, "sd1.x-random", placement).generate(recipe))
+        figures["default_psnr_db"] = psnr(reference, default_image)
+    pipe.to(load_dtype(placement, "int8"))  # what loading with quantize="int8" reads the weights as
+    int8_engine = ImageEngine(pipe, "sd1.x-random", placement, quantize="int8")
+    figures["int8_psnr_db"] = psnr(reference, _image_array(int8_engine.generate(recipe)))
+    figures["psnr_recipe"] = f"DPM++ 2M Karras, {psnr_steps} steps, guidance 7.5, seed {SEED}"
+    say(f"image int8: PSNR {figures['int8_psnr_db']:.1f} dB against float32 ({figures['psnr_recipe']})")
+    del pipe, int8_engine
+
+    # 3. muselab's defaults: the machine's dtype, DPM++ 2M Karras, 25 steps.
+    default = _engine_run(placement, "none", steps, say, "default")
+    figures.update({f"default_{key}": value for key, value in default.items()})
+    figures["default_s"] = default["image_s"]
+    figures["unet_step_peak_fraction"] = (
+        UNET_STEP_FLOP_512_CFG / default["unet_step_s"] / 1e9 / peak_for(peaks, placement.dtype)
+    )
+    figures["unet_step_dtype"] = placement.dtype_name
+    figures["default_ratio"] = figures["baseline_s"] / figures["default_s"]
+
+    # 4. int8 weights: memory of the whole pipeline, and its speed.
+    int8 = _engine_run(placement, "int8", steps, say, "int8")
+    figures.update({f"int8_{key}": value for key, value in int8.items()})
+    figures["int8_s"] = int8["image_s"]
+    figures["int8_peak_rss_gb"] = int8["peak_rss_gb"]
+    figures["int8_memory_ratio"] = int8["peak_rss_gb"] / figures["baseline_peak_rss_gb"]
+    say(
+        f"image default: {figures['default_s']:.0f} s per image ({figures['default_ratio']:.2f}x the baseline), "
+        f"UNet step at {100 * figures['unet_step_peak_fraction']:.0f}% of the {placement.dtype_name} peak; "
+        f"int8 peak memory {figures['int8_peak_rss_gb']:.2f} GiB vs {figures['baseline_peak_rss_gb']:.2f} GiB"
+    )
+    return figures
+
+
+def _engine_run(placement: Placement, quantize: str, steps: int | None, say: Say, label: str) -> dict[str, Any]:
+    """Build SD 1.x as loading would (dtype, int8), then one image through `ImageEngine`."""
+    from muselab.engines.image import ImageEngine, load_dtype
+    from muselab.testing.full import build_sd1_random
+
+    memory = PeakMemory(placement.device)
+    pipe = build_sd1_random(load_dtype(placement, quantize), verbose=False)
+    engine = ImageEngine(pipe, "sd1.x-random", placement, quantize=quantize)
+    text = time_text_encoding(engine.pipe, placement.device)
+    total_steps = GENERIC_IMAGE_DEFAULTS.steps
+    request = ImageRequest(
+        prompt=IMAGE_PROMPT,
+        width=IMAGE_SIZE,
+        height=IMAGE_SIZE,
+        steps=steps or total_steps,
+        guidance=GENERIC_IMAGE_DEFAULTS.guidance,
+        scheduler=GENERIC_IMAGE_DEFAULTS.scheduler,
+        seed=SEED,
+    )
+    say(f"image {label}: {engine.placement.dtype_name}, {request.scheduler}, {total_steps} steps")
+    clock = StepTimes()
+    engine.generate(request, on_progress=clock.on_progress)
+    end = time.perf_counter()
+    step, decode = clock.step_seconds(), end - clock.marks[-1]
+    result = {
+        "text_encode_s": text,
+        "unet_step_s": step,
+        "decode_s": decode,
+        "steps": total_steps,
+        "image_s": text + total_steps * step + decode if steps else end - clock.start,
+        "peak_rss_gb": memory.gib(),
+    }
+    del engine, pipe
+    return result
+
+
+def bench_fast(placement: Placement, say: Say) -> dict[str, Any]:
+    """sd-turbo's architecture, 1 step, no guidance, decoded by the tiny autoencoder."""
+    from muselab.engines.image import ImageEngine
+    from muselab.testing.full import build_sd_turbo_random, build_taesd_random
+
+    memory = PeakMemory(placement.device)
+    pipe = build_sd_turbo_random(placement.dtype, verbose=False)
+    engine = ImageEngine(pipe, "sd-turbo-random", placement)
+    engine._fast_vaes["taesd-random"] = build_taesd_random(placement.dtype).to(placement.device)
+    request = ImageRequest(
+        prompt=IMAGE_PROMPT,
+        width=IMAGE_SIZE,
+        height=IMAGE_SIZE,
+        steps=1,
+        guidance=0.0,
+        scheduler="Euler a",
+        seed=SEED,
+        decoder="fast",
+        decoder_model="taesd-random",
+    )
+    engine.generate(request)  # the first call carries one-off set-up costs
+    times = []
+    for _ in range(3):
+        _sync(placement.device)
+        started = time.perf_counter()
+        engine.generate(request)
+        _sync(placement.device)
+        times.append(time.perf_counter() - started)
+    fast = min(times)
+    say(f"image fast path (sd-turbo, 1 step, TAESD): {fast:.2f} s per image ({placement.dtype_name})")
+    figures = {"fast_s": fast, "fast_runs_s": times, "fast_peak_rss_gb": memory.gib()}
+    del engine, pipe
+    return figures
+
+
+def _image_array(result: Any) -> np.ndarray:
+    return np.asarray(result.outputs[0].image, dtype=np.float64)
+
+
+def psnr(reference: np.ndarray, other: np.ndarray) -> float:
+    """Peak signal-to-noise ratio of 8-bit images, in dB (inf when identical)."""
+    mse = float(np.mean((reference - other) ** 2))
+    return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
+
+
+# ---- music --------------------------------------------------------------------------------------
+
+
+def bench_music(placement: Placement, seconds: float, say: Say) -> dict[str, Any]:
+    """Baseline `generate` vs muselab's engine (default, and int8) on musicgen-small's architecture."""
+    from muselab.engines.music import MusicEngine
+    from muselab.testing.full import build_musicgen_small_random
+
+    device = placement.device
+    memory = PeakMemory(device)
+    network, processor = build_musicgen_small_random(torch.float32, verbose=False)
+    network = network.to(device)
+    frame_rate = float(network.config.audio_encoder.frame_rate)
+    sample_rate = int(network.config.audio_encoder.sampling_rate)
+    # As MusicEngine.tokens_for: one per frame, the delay pattern, one spare frame.
+    tokens = math.ceil(seconds * frame_rate) + int(network.decoder.num_codebooks)
+    inputs = processor(text=[MUSIC_PROMPT], padding=True, return_tensors="pt").to(device)
+    say(f"music baseline: float32 generate(), {seconds:g} s of audio ({tokens} tokens), guidance 3")
+    with torch.inference_mode():
+        torch.manual_seed(SEED)
+        _sync(device)
+        started, cpu = time.perf_counter(), cpu_seconds()
+        reference = network.generate(**inputs, do_sample=True, max_new_tokens=tokens, guidance_scale=3.0)
+        _sync(device)
+        baseline_s = time.perf_counter() - started
+    samples = round(seconds * sample_rate)
+    reference_audio = reference[0, 0, :samples].float().cpu().numpy()
+    figures: dict[str, Any] = {
+        "audio_seconds": seconds,
+        "tokens": tokens,
+        "baseline_s": baseline_s,
+        "baseline_rtf": baseline_s / seconds,
+        "baseline_ms_per_token": 1000 * baseline_s / tokens,
+        "baseline_cpu_share": (cpu_seconds() - cpu) / (baseline_s * torch.get_num_threads()),
+        "baseline_peak_rss_gb": memory.gib(),
+    }
+    say(f"music baseline: {baseline_s:.1f} s, RTF {figures['baseline_rtf']:.2f}")
+    logits_reference = _teacher_forced_logits(network, inputs)
+
+    request = MusicRequest(prompt=MUSIC_PROMPT, duration=seconds, seed=SEED)
+    variants = {"default": default_music_quantize(placement), "int8": "int8"}
+    for label, quantize in variants.items():
+        if label == "int8" and variants["default"] == "int8":
+            figures.update({f"int8_{key[8:]}": value for key, value in figures.items() if key.startswith("default_")})
+            continue
+        network_copy, _ = build_musicgen_small_random(torch.float32, verbose=False)
+        network_copy = network_copy.to(placement.dtype)
+        engine = MusicEngine(network_copy, processor, "musicgen-small-random", placement, quantize=quantize)
+        engine.generate(request.model_copy(update={"duration": 1.0}))  # warm-up: thread pools, kernel choice
+        clock = StepTimes()
+        _sync(device)
+        result = engine.generate(request, on_progress=clock.on_progress)
+        _sync(device)
+        total = time.perf_counter() - clock.start
+        audio = result.outputs[0].audio[:, 0]
+        figures[f"{label}_weights"] = engine.placement.dtype_name
+        figures[f"{label}_s"] = total
+        figures[f"{label}_rtf"] = total / seconds
+        figures[f"{label}_ms_per_token"] = 1000 * clock.step_seconds()
+        figures[f"{label}_snr_db"] = snr(reference_audio, audio)
+        figures[f"{label}_logits_snr_db"] = snr(logits_reference, _teacher_forced_logits(engine.network, inputs))
+        figures[f"{label}_ratio"] = figures["baseline_rtf"] / figures[f"{label}_rtf"]
+        say(
+            f"music {label} ({engine.placement.dtype_name}): {total:.1f} s, RTF {total / seconds:.2f} "
+            f"({figures[f'{label}_ratio']:.2f}x the baseline), {figures[f'{label}_ms_per_token']:.0f} ms/token, "
+            f"logits SNR {figures[f'{label}_logits_snr_db']:.1f} dB"
+        )
+        del engine, network_copy
+    return figures
+
+
+def default_music_quantize(placement: Placement) -> str:
+    from muselab.config import Settings
+
+    return Settings(quantize="auto").music_quantize(placement.device)
+
+
+def _teacher_forced_logits(network: Any, inputs: Any, length: int = 48) -> np.ndarray:
+    """The decoder's logits for a fixed random code sequence (no sampling involved): how far the
+    network's numbers move, free of the divergence sampling adds. 48 positions keep the rows
+    within the int8 kernel's small-batch path, the one token-by-token generation uses."""
+    decoder = network.config.decoder
+    shape = (decoder.num_codebooks, length)
+    codes = torch.randint(0, decoder.vocab_size, shape, generator=torch.Generator().manual_seed(SEED))
+    codes = codes.to(network.device)
+    with torch.inference_mode():
+        logits = network(
+            input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], decoder_input_ids=codes
+        ).logits
+    return logits.float().cpu().numpy()
+
+
+def snr(reference: np.ndarray, other: np.ndarray) -> float:
+    """Signal-to-noise ratio of `other` against `reference`, in dB."""
+    reference, other = np.asarray(reference, np.float64), np.asarray(other, np.float64)
+    noise = float(np.sum((reference - other) ** 2))
+    return math.inf if noise == 0 else 10 * math.log10(float(np.sum(reference**2)) / noise)
+
+
+# ---- the table ----------------------------------------------------------------------------------
+
+DOCS_START, DOCS_END = "<!-- bench:start -->", "<!-- bench:end -->"
+
+
+def markdown_table(report: dict[str, Any]) -> str:
+    """The report as the Markdown table docs/PERFORMANCE.md shows."""
+    machine, peak = report["machine"], report["peak"]
+    lines = [
+        f"Machine: {machine['cpu']}, {machine['cores']} cores, {machine['cpu_capability']}"
+        + (f", GPU {machine['gpu']}" if machine.get("gpu") else "")
+        + f"; torch {machine['torch']}. Run {report['date']}"
+        + (", quick mode (steps x measured step time + text encoding + decode)" if report.get("quick") else "")
+        + f"; {report.get('total_seconds', 0):.0f} s in all.",
+        "",
+        f"Default placement: {report['placement']['dtype']} ({report['placement']['reason']}).",
+        "",
+        f"Peaks: matmul fp32 {peak['matmul_gflops_fp32']:.0f} GFLOP/s, bf16 {peak['matmul_gflops_bf16']:.0f} GFLOP/s; "
+        f"memory copy {peak['copy_gbps']:.1f} GB/s (read + write).",
+        "",
+        "| what | baseline (plain script) | muselab default | int8 weights | ratio default/baseline |",
+        "|---|---|---|---|---|",
+    ]
+    image = report.get("image", {})
+    if "baseline_s" in image:
+        baseline_fraction = UNET_STEP_FLOP_512_CFG / image["baseline_unet_step_s"] / 1e9 / peak["matmul_gflops_fp32"]
+        lines += [
+            _row(
+                "image 512x512: seconds per image",
+                f"{image['baseline_s']:.1f} (fp32, PNDM 50)",
+                f"{image['default_s']:.1f} ({image['unet_step_dtype']}, DPM++ 2M Karras {image['default_steps']})",
+                f"{image['int8_s']:.1f}",
+                f"**{image['default_ratio']:.2f}x**",
+            ),
+            _row(
+                "text encoding (CFG pair)",
+                f"{image['baseline_text_encode_s']:.2f} s",
+                f"{image['default_text_encode_s']:.2f} s",
+                f"{image['int8_text_encode_s']:.2f} s",
+                "",
+            ),
+            _row(
+                "UNet step, batch 2",
+                f"{image['baseline_unet_step_s']:.2f} s",
+                f"{image['default_unet_step_s']:.2f} s",
+                f"{image['int8_unet_step_s']:.2f} s",
+                f"{image['baseline_unet_step_s'] / image['default_unet_step_s']:.2f}x",
+            ),
+            _row(
+                "UNet step as a share of the matmul peak",
+                f"{100 * baseline_fraction:.0f}% of fp32",
+                f"**{100 * image['unet_step_peak_fraction']:.0f}%** of {image['unet_step_dtype']}",
+                "",
+                "",
+            ),
+            _row(
+                "VAE decode + post-processing",
+                f"{image['baseline_decode_s']:.1f} s",
+                f"{image['default_decode_s']:.1f} s",
+                f"{image['int8_decode_s']:.1f} s",
+                "",
+            ),
+            _row(
+                "peak resident memory (build + one image)",
+                f"{image['baseline_peak_rss_gb']:.2f} GiB",
+                f"{image['default_peak_rss_gb']:.2f} GiB",
+                f"**{image['int8_peak_rss_gb']:.2f} GiB** ({100 * image['int8_memory_ratio']:.0f}% of baseline)",
+                "",
+            ),
+            _row(
+                "output vs fp32, same seed (PSNR)",
+                "reference",
+                f"{image['default_psnr_db']:.1f} dB" if "default_psnr_db" in image else "identical (fp32)",
+                f"{image['int8_psnr_db']:.1f} dB",
+                image["psnr_recipe"],
+            ),
+        ]
+    if "fast_s" in image:
+        ratio = f"**1/{image['fast_ratio']:.0f}** of the baseline" if "fast_ratio" in image else ""
+        lines.append(
+            _row("fast path: sd-turbo, 1 step, TAESD decode", "", f"{image['fast_s']:.2f} s per image", "", ratio)
+        )
+    music = report.get("music")
+    if music:
+        lines += [
+            _row(
+                f"music {music['audio_seconds']:g} s ({music['tokens']} tokens, CFG 3): real-time factor",
+                f"{music['baseline_rtf']:.2f} (fp32 generate)",
+                f"{music['default_rtf']:.2f} ({music['default_weights']})",
+                f"{music['int8_rtf']:.2f}",
+                f"**{music['default_ratio']:.2f}x**",
+            ),
+            _row(
+                "per token",
+                f"{music['baseline_ms_per_token']:.0f} ms (mean, incl. text + decode)",
+                f"{music['default_ms_per_token']:.0f} ms (median)",
+                f"{music['int8_ms_per_token']:.0f} ms (median)",
+                "",
+            ),
+            _row(
+                "decoder logits vs fp32, teacher-forced (SNR)",
+                "reference",
+                f"{music['default_logits_snr_db']:.1f} dB",
+                f"{music['int8_logits_snr_db']:.1f} dB",
+                "",
+            ),
+            _row(
+                "audio vs fp32, same seed (SNR)",
+                "reference",
+                f"{music['default_snr_db']:.1f} dB",
+                f"{music['int8_snr_db']:.1f} dB",
+                "sampling diverges once a token differs",
+            ),
+            _row("peak resident memory (build + one clip)", f"{music['baseline_peak_rss_gb']:.2f} GiB", "", "", ""),
+        ]
+    return "\n".join(lines)
+
+
+def _row(*cells: str) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def update_docs(path: Path, report: dict[str, Any], command: str) -> None:
+    """Replace the table between the bench markers in `path` with this run's."""
+    text = path.read_text()
+    if DOCS_START not in text or DOCS_END not in text:
+        raise ValueError(f"{path} has no {DOCS_START} ... {DOCS_END} markers to write the table between")
+    head, rest = text.split(DOCS_START, 1)
+    _, tail = rest.split(DOCS_END, 1)
+    block = f"{DOCS_START}\n```\n{command}\n```\n\n{markdown_table(report)}\n{DOCS_END}"
+    path.write_text(head + block + tail)

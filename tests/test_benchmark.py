@@ -1,0 +1,106 @@
+"""`muselab bench` end to end, on the tiny models standing in for the full-size architectures.
+
+The figures are meaningless at this size; what is checked is that every part runs through the real
+engines, that the JSON carries the keys other tools read, and that the table and docs get written.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from muselab import benchmark
+from muselab.testing import full
+from muselab.testing.tiny import TINY_FOLDERS
+
+
+@pytest.fixture
+def tiny_architectures(monkeypatch, tiny_dir):
+    """Swap the full-size builders for loaders of the tiny models (same classes, a few MB)."""
+    from diffusers import AutoencoderTiny, StableDiffusionPipeline
+    from transformers import AutoProcessor, MusicgenForConditionalGeneration
+
+    models = tiny_dir / "tiny-models"
+
+    def sd(dtype=torch.float32, verbose=True):
+        return StableDiffusionPipeline.from_pretrained(
+            models / TINY_FOLDERS["image"], dtype=dtype, safety_checker=None, requires_safety_checker=False
+        )
+
+    def musicgen(dtype=torch.float32, verbose=True):
+        folder = models / TINY_FOLDERS["music"]
+        return MusicgenForConditionalGeneration.from_pretrained(folder, dtype=dtype), AutoProcessor.from_pretrained(
+            folder
+        )
+
+    def taesd(dtype=torch.float32):
+        return AutoencoderTiny.from_pretrained(models / TINY_FOLDERS["decoder"], dtype=dtype)
+
+    monkeypatch.setattr(full, "build_sd1_random", sd)
+    monkeypatch.setattr(full, "build_sd_turbo_random", sd)
+    monkeypatch.setattr(full, "build_musicgen_small_random", musicgen)
+    monkeypatch.setattr(full, "build_taesd_random", taesd)
+    monkeypatch.setattr(benchmark, "matmul_gflops", lambda dtype, device="cpu": 100.0)
+    monkeypatch.setattr(benchmark, "IMAGE_SIZE", 64)
+
+
+def test_quick_bench_writes_every_documented_key(tiny_architectures, tmp_path):
+    path = tmp_path / "bench.json"
+    lines: list[str] = []
+    report = benchmark.run(quick=True, json_path=path, music_seconds=1.0, say=lines.append)
+    saved = json.loads(path.read_text())
+    assert saved["quick"] is True and saved["image"]["extrapolated"] is True
+    for key in ("cpu", "cores", "gpu", "torch"):
+        assert key in saved["machine"]
+    for key in ("matmul_gflops_fp32", "matmul_gflops_bf16", "copy_gbps"):
+        assert saved["peak"][key] > 0
+    image_keys = (
+        "baseline_s",
+        "default_s",
+        "baseline_unet_step_s",
+        "unet_step_peak_fraction",
+        "fast_s",
+        "baseline_peak_rss_gb",
+        "int8_peak_rss_gb",
+        "int8_psnr_db",
+    )
+    for key in image_keys:
+        assert isinstance(saved["image"][key], float), key
+    for key in ("baseline_rtf", "default_rtf", "int8_rtf", "int8_snr_db", "int8_logits_snr_db"):
+        assert isinstance(saved["music"][key], float), key
+    image, music = report["image"], report["music"]
+    # The quick baseline is 50 steps at the measured step time, plus text encoding and decode.
+    expected = image["baseline_text_encode_s"] + 50 * image["baseline_unet_step_s"] + image["baseline_decode_s"]
+    assert math.isclose(image["baseline_s"], expected)
+    assert math.isclose(image["default_ratio"], image["baseline_s"] / image["default_s"])
+    # int8 really changed the numbers, but not beyond recognition.
+    assert 10 < music["int8_logits_snr_db"] < 200
+    assert image["int8_psnr_db"] > 10
+    assert music["int8_weights"].endswith("+int8")
+    assert any("image baseline" in line for line in lines) and any("music default" in line for line in lines)
+
+
+def test_the_table_lands_between_the_markers_of_the_docs(tiny_architectures, tmp_path):
+    report = benchmark.run(quick=True, parts=("fast", "music"), music_seconds=1.0, say=lambda line: None)
+    docs = tmp_path / "PERFORMANCE.md"
+    docs.write_text(f"# Title\n\nbefore\n{benchmark.DOCS_START}\nold table\n{benchmark.DOCS_END}\nafter\n")
+    benchmark.update_docs(docs, report, "muselab bench --quick")
+    text = docs.read_text()
+    assert "old table" not in text and text.startswith("# Title\n\nbefore\n") and text.endswith("after\n")
+    assert "muselab bench --quick" in text and "real-time factor" in text and "sd-turbo" in text
+    docs.write_text("no markers")
+    with pytest.raises(ValueError, match="markers"):
+        benchmark.update_docs(docs, report, "x")
+
+
+def test_psnr_and_snr_measure_the_difference():
+    import numpy as np
+
+    image = np.full((4, 4, 3), 100.0)
+    assert benchmark.psnr(image, image) == math.inf
+    assert math.isclose(benchmark.psnr(image, image + 1), 20 * math.log10(255))
+    signal = np.sin(np.linspace(0, 20, 1000))
+    assert math.isclose(benchmark.snr(signal, signal * 1.1), 20.0, abs_tol=1e-9)
