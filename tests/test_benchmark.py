@@ -50,7 +50,7 @@ def tiny_architectures(monkeypatch, tiny_dir):
 def test_quick_bench_writes_every_documented_key(tiny_architectures, tmp_path):
     path = tmp_path / "bench.json"
     lines: list[str] = []
-    report = benchmark.run(quick=True, json_path=path, music_seconds=1.0, say=lines.append)
+    report = benchmark.run(quick=True, json_path=path, music_seconds=1.0, say=lines.append, isolate=False)
     saved = json.loads(path.read_text())
     assert saved["quick"] is True and saved["image"]["extrapolated"] is True
     for key in ("cpu", "cores", "gpu", "torch"):
@@ -84,7 +84,7 @@ def test_quick_bench_writes_every_documented_key(tiny_architectures, tmp_path):
 
 
 def test_the_table_lands_between_the_markers_of_the_docs(tiny_architectures, tmp_path):
-    report = benchmark.run(quick=True, parts=("fast", "music"), music_seconds=1.0, say=lambda line: None)
+    report = benchmark.run(quick=True, parts=("fast", "music"), music_seconds=1.0, say=lambda line: None, isolate=False)
     docs = tmp_path / "PERFORMANCE.md"
     docs.write_text(f"# Title\n\nbefore\n{benchmark.DOCS_START}\nold table\n{benchmark.DOCS_END}\nafter\n")
     benchmark.update_docs(docs, report, "muselab bench --quick")

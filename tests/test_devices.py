@@ -72,3 +72,13 @@ def test_asking_for_a_missing_gpu_is_a_clear_error(cpu_only):
 def test_this_machine_reads_its_cpu_flags():
     flags = devices.cpu_flags()
     assert not flags or "sse2" in flags or "neon" in flags or "asimd" in flags
+
+
+def test_auto_quantize_uses_int8_only_where_it_buys_speed():
+    from muselab.config import Settings
+
+    auto = Settings(quantize="auto")
+    assert auto.music_quantize("cpu") == "int8" and auto.music_quantize("cuda") == "none"
+    assert auto.image_quantize() == "none"
+    assert Settings(quantize="int8").image_quantize() == "int8"
+    assert Settings(quantize="none").music_quantize("cpu") == "none"

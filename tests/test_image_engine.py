@@ -153,3 +153,59 @@ def test_missing_fast_decoder_is_explained(tiny_settings):
     assert engine.fast_decoder == "madebyollin/taesd"
     with pytest.raises(ModelUnavailable, match="muselab models download madebyollin/taesd"):
         engine.generate(ImageRequest(prompt="fox", seed=1, steps=1, decoder="fast"))
+
+
+def test_int8_weights_draw_nearly_the_same_image_and_say_so(tiny_settings, image_engine):
+    import torch
+
+    from muselab.engines.image import ImageEngine, load_dtype
+    from muselab.quantize import Int8Linear
+
+    engine = ImageEngine.load(tiny_settings.model_for("image"), offline=True, quantize="int8")
+    assert any(isinstance(m, Int8Linear) for m in engine.pipe.unet.modules())
+    assert any(isinstance(m, Int8Linear) for m in engine.pipe.text_encoder.modules())
+    # Compute happens in the placement's dtype, whatever the weights were read as.
+    assert engine.pipe.unet.conv_in.weight.dtype == engine.placement.dtype
+    request = ImageRequest(prompt="a red fox", seed=7, steps=3)
+    int8, reference = engine.generate(request), image_engine.generate(request)
+    assert int8.dtype == f"{engine.placement.dtype_name}" and int8.dtype.endswith("+int8")
+    difference = np.abs(pixels(int8).astype(int) - pixels(reference).astype(int))
+    assert difference.mean() < 8  # the same picture, give or take quantization noise
+    # float32 machines read int8 models as bfloat16 first (half the peak memory while loading).
+    assert load_dtype(image_engine.placement.__class__("cpu", torch.float32, ""), "int8") == torch.bfloat16
+    assert load_dtype(image_engine.placement.__class__("cpu", torch.float32, ""), "none") == torch.float32
+
+
+def test_previews_use_the_tiny_autoencoder_when_there_is_one(tiny_settings, tiny_dir):
+    from muselab.engines.image import ImageEngine
+
+    engine = ImageEngine.load(
+        tiny_settings.model_for("image"), offline=True, fast_decoder=str(tiny_dir / "tiny-models" / "tiny-taesd")
+    )
+    previews = []
+    engine.generate(
+        ImageRequest(prompt="fox", seed=1, steps=2), on_progress=lambda e: previews.append(e.preview), preview_every=1
+    )
+    # TAESD upsamples the 32x32 latents 8x (then the preview is cut to 128 px); the linear
+    # projection would have stayed at 32x32.
+    assert [p.size for p in previews] == [(128, 128), (128, 128)]
+    offline = ImageEngine.load(tiny_settings.model_for("image"), offline=True)  # TAESD not in the cache
+    assert offline.preview_decoder() is None
+    previews.clear()
+    offline.generate(
+        ImageRequest(prompt="fox", seed=1, steps=1), on_progress=lambda e: previews.append(e.preview), preview_every=1
+    )
+    assert previews[0].size == (32, 32)
+
+
+def test_low_memory_slices_attention_and_tiles_the_decode(tiny_settings, image_engine):
+    from muselab.engines.image import ImageEngine
+
+    engine = ImageEngine.load(tiny_settings.model_for("image"), offline=True, low_memory=True)
+    processors = {type(p).__name__ for p in engine.pipe.unet.attn_processors.values()}
+    assert processors == {"SlicedAttnProcessor"}
+    request = ImageRequest(prompt="fox", seed=2, steps=2)
+    result = engine.generate(request)
+    assert engine.pipe.vae.use_tiling and engine.pipe.vae.use_slicing
+    assert np.array_equal(pixels(result), pixels(image_engine.generate(request)))
+    assert not image_engine.pipe.vae.use_tiling  # small images decode whole by default

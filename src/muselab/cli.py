@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from muselab import __version__
-from muselab.config import CATALOGUE, DeviceChoice, DtypeChoice, Preset, Settings, hf_cache_dir
+from muselab.config import CATALOGUE, DeviceChoice, DtypeChoice, Preset, QuantizeChoice, Settings, hf_cache_dir
 
 app = typer.Typer(
     help="Text to music and text to image on your own machine.",
@@ -39,6 +39,14 @@ PresetOpt = Annotated[
 DeviceOpt = Annotated[DeviceChoice | None, typer.Option(help="Where to run; auto picks CUDA, MPS, then CPU.")]
 DtypeOpt = Annotated[DtypeChoice | None, typer.Option(help="Number format; auto picks per device and CPU.")]
 OfflineOpt = Annotated[bool, typer.Option("--offline", help="Never reach the hub; use the local cache only.")]
+QuantizeOpt = Annotated[
+    QuantizeChoice | None,
+    typer.Option(help="int8 weights: a quarter of the memory; auto = only where faster (MusicGen on a CPU)."),
+]
+LowMemoryOpt = Annotated[
+    bool | None,
+    typer.Option("--low-memory", help="Attention slicing, VAE tiling, CPU offload on CUDA: less memory, slower."),
+]
 ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="Hub id or local folder.")]
 SeedOpt = Annotated[int | None, typer.Option(help="Seed; the same seed gives the same output. Random if unset.")]
 FromOpt = Annotated[
@@ -118,6 +126,8 @@ def music(
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
     offline: OfflineOpt = False,
+    quantize: QuantizeOpt = None,
+    low_memory: LowMemoryOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Make music from a text prompt, e.g. muselab music "lo-fi beat with warm piano" -d 8."""
@@ -136,7 +146,7 @@ def music(
             "model": model,
         },
     )
-    settings = _settings(preset, device, dtype, offline)
+    settings = _settings(preset, device, dtype, offline, quantize=quantize, low_memory=low_memory)
     _generate("music", request, settings, output, as_json, audio_format=audio_format, normalize=normalize)
 
 
@@ -169,6 +179,8 @@ def image(
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
     offline: OfflineOpt = False,
+    quantize: QuantizeOpt = None,
+    low_memory: LowMemoryOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Make an image from a text prompt, e.g. muselab image "a red fox in snow, watercolor"."""
@@ -189,7 +201,15 @@ def image(
             "decoder": None if fast_decoder is None else ("fast" if fast_decoder else "full"),
         },
     )
-    settings = _settings(preset, device, dtype, offline, **({"safety_checker": False} if no_safety_checker else {}))
+    settings = _settings(
+        preset,
+        device,
+        dtype,
+        offline,
+        quantize=quantize,
+        low_memory=low_memory,
+        **({"safety_checker": False} if no_safety_checker else {}),
+    )
     _generate("image", request, settings, output, as_json)
 
 
@@ -210,6 +230,8 @@ def scene(
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
     offline: OfflineOpt = False,
+    quantize: QuantizeOpt = None,
+    low_memory: LowMemoryOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """A picture and its soundtrack from one prompt, saved as PNG, WAV and an MP4 of both."""
@@ -230,7 +252,7 @@ def scene(
             "seed": seed,
         },
     )
-    settings = _settings(preset, device, dtype, offline)
+    settings = _settings(preset, device, dtype, offline, quantize=quantize, low_memory=low_memory)
     _generate("scene", request, settings, output, as_json)
 
 
@@ -371,13 +393,17 @@ def serve(
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
     offline: OfflineOpt = False,
+    quantize: QuantizeOpt = None,
+    low_memory: LowMemoryOpt = None,
 ) -> None:
     """Serve the HTTP API (OpenAPI docs at /docs), plus A1111 and OpenAI compatible image routes."""
     import uvicorn
 
     from muselab.api import create_app, is_loopback
 
-    settings = _settings(preset, device, dtype, offline, host=host, port=port, api_token=token)
+    settings = _settings(
+        preset, device, dtype, offline, host=host, port=port, api_token=token, quantize=quantize, low_memory=low_memory
+    )
     if not is_loopback(settings.host) and not settings.api_token:
         raise CliError(
             f"Refusing to listen on {settings.host} without a token: anyone who can reach this machine could "

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import zlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -242,6 +243,8 @@ def _build_sd_random(
                 **text_config,
             )
         )
+    for module in (unet, vae, text_encoder):
+        fill_deterministically(module)
     pipe = StableDiffusionPipeline(
         unet=unet.eval(),
         vae=vae.eval(),
@@ -260,6 +263,29 @@ def _build_sd_random(
             flush=True,
         )
     return pipe
+
+
+def fill_deterministically(module: torch.nn.Module) -> None:
+    """Overwrite every parameter with values drawn in float32 from a seed derived from its name.
+
+    So the same architecture built in float32 and in bfloat16 holds the same weights (the bf16
+    ones rounded), exactly as one checkpoint loaded in two dtypes would: the benchmark compares the
+    output of its variants, built in separate processes, against float32's. One float32 tensor at a
+    time is alive, so the build's peak memory stays that of the target dtype. Matrices and kernels
+    get a 1/sqrt(fan-in) scale (activations keep their size through the layers); norm scales stay
+    ones; other vectors get small values.
+    """
+    with torch.no_grad():
+        for name, parameter in module.named_parameters():
+            generator = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+            if parameter.dim() >= 2:
+                scale = parameter[0].numel() ** -0.5
+            elif "norm" in name and name.endswith("weight"):
+                continue
+            else:
+                scale = 0.02
+            values = torch.randn(parameter.shape, generator=generator).mul_(scale)
+            parameter.copy_(values.to(parameter.dtype))
 
 
 def describe_sd(pipe: Any) -> str:
