@@ -65,3 +65,17 @@ def test_quantize_linears_replaces_every_layer_but_skipped_ones_and_quarters_the
 def test_the_kernel_dtype_is_measured_and_is_a_float_dtype():
     assert int8_kernel_dtype("cpu", torch.float32) in (torch.float32, torch.bfloat16)
     assert int8_kernel_dtype("cpu", torch.bfloat16) == torch.bfloat16
+
+
+def test_int8_convolutions_stay_close_and_keep_their_geometry():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.SiLU(), nn.Conv2d(16, 8, 3, stride=2, padding=1))
+    x = torch.randn(2, 8, 16, 16)
+    reference = model(x)
+    assert quantize_linears(model) == 0  # convolutions only when asked
+    assert quantize_linears(model, convolutions=True) == 2
+    assert type(model[0]).__name__ == "Int8Conv2d" and model[0].weight.dtype == torch.int8
+    with torch.inference_mode():
+        ours = model(x)
+    assert ours.shape == reference.shape == (2, 8, 8, 8)
+    assert 0 < relative_error(reference, ours) < 0.02

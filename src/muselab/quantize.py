@@ -75,20 +75,53 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 weights"
 
 
-def quantize_linears(module: nn.Module, skip: Iterable[str] = ()) -> int:
-    """Replace every `nn.Linear` inside `module` (except names containing a `skip` part) with
-    `Int8Linear`, one layer at a time so that the float copy of only one layer is alive at once.
-    Returns the number of layers replaced."""
+class Int8Conv2d(nn.Module):
+    """A drop-in `nn.Conv2d` with int8 weights (one scale per output channel), dequantized for
+    each call: a UNet's convolutions hold over half its weights, and their work is in the multiply
+    (thousands of pixels per weight), so one layer's float copy per call costs little time."""
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        weight = conv.weight.detach().float()
+        scale = weight.flatten(1).abs().amax(dim=1).clamp(min=1e-12) / 127.0
+        quantized = torch.round(weight / scale[:, None, None, None]).clamp(-127, 127).to(torch.int8)
+        self.register_buffer("weight", quantized, persistent=True)
+        self.register_buffer("scale", scale.to(conv.weight.dtype), persistent=True)
+        self.bias = nn.Parameter(conv.bias.detach(), requires_grad=False) if conv.bias is not None else None
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        self.kernel_size, self.stride, self.padding = conv.kernel_size, conv.stride, conv.padding
+        self.dilation, self.groups, self.padding_mode = conv.dilation, conv.groups, conv.padding_mode
+        if conv.padding_mode != "zeros":
+            raise ValueError("Int8Conv2d handles zero padding only")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight.to(x.dtype).mul_(self.scale.to(x.dtype)[:, None, None, None])
+        bias = self.bias.to(x.dtype) if self.bias is not None else None
+        return nn.functional.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, int8 weights"
+
+
+def quantize_linears(module: nn.Module, skip: Iterable[str] = (), convolutions: bool = False) -> int:
+    """Replace every `nn.Linear` (and with `convolutions`, every zero-padded `nn.Conv2d`) inside
+    `module`, except names containing a `skip` part, with its int8 version, one layer at a time so
+    that the float copy of only one layer is alive at once. Returns the number of layers replaced."""
     skip = tuple(skip)
-    names = [
-        name
-        for name, child in module.named_modules()
-        if isinstance(child, nn.Linear) and not any(part in name for part in skip)
-    ]
+
+    def wanted(name: str, child: nn.Module) -> bool:
+        if any(part in name for part in skip):
+            return False
+        if isinstance(child, nn.Linear):
+            return True
+        return convolutions and isinstance(child, nn.Conv2d) and child.padding_mode == "zeros"
+
+    names = [name for name, child in module.named_modules() if name and wanted(name, child)]
     for name in names:
         parent_name, _, attribute = name.rpartition(".")
         parent = module.get_submodule(parent_name) if parent_name else module
-        setattr(parent, attribute, Int8Linear.from_linear(getattr(parent, attribute)))
+        layer = getattr(parent, attribute)
+        setattr(parent, attribute, Int8Linear.from_linear(layer) if isinstance(layer, nn.Linear) else Int8Conv2d(layer))
     return len(names)
 
 
