@@ -69,7 +69,7 @@ def test_quick_bench_writes_every_documented_key(tiny_architectures, tmp_path):
     )
     for key in image_keys:
         assert isinstance(saved["image"][key], float), key
-    for key in ("baseline_rtf", "default_rtf", "int8_rtf", "int8_snr_db", "int8_logits_snr_db"):
+    for key in ("baseline_rtf", "default_rtf", "int8_rtf", "int8_snr_db", "int8_logits_snr_db", "int8_dynamic_rtf"):
         assert isinstance(saved["music"][key], float), key
     image, music = report["image"], report["music"]
     # The quick baseline is 50 steps at the measured step time, plus text encoding and decode.

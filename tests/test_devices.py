@@ -76,9 +76,12 @@ def test_this_machine_reads_its_cpu_flags():
 
 def test_auto_quantize_uses_int8_only_where_it_buys_speed():
     from muselab.config import Settings
+    from muselab.quantize import fbgemm_available
 
     auto = Settings(quantize="auto")
-    assert auto.music_quantize("cpu") == "int8" and auto.music_quantize("cuda") == "none"
+    assert auto.music_quantize("cpu") == ("int8-dynamic" if fbgemm_available() else "int8")
+    assert auto.music_quantize("cuda") == "none"
     assert auto.image_quantize() == "none"
     assert Settings(quantize="int8").image_quantize() == "int8"
+    assert Settings(quantize="int8-dynamic").image_quantize() == "int8"  # images: the same int8 either way
     assert Settings(quantize="none").music_quantize("cpu") == "none"

@@ -122,15 +122,16 @@ def test_the_lean_sampler_draws_the_same_audio_as_transformers_generate(music_en
     assert torch.equal(ours, reference)
 
 
-def test_int8_weights_make_a_clip_of_the_same_length_and_say_so(tiny_settings):
+@pytest.mark.parametrize("quantize", ["int8", "int8-dynamic"])
+def test_int8_weights_make_a_clip_of_the_same_length_and_say_so(tiny_settings, quantize):
     import torch
 
     from muselab.engines.music import MusicEngine
     from muselab.quantize import Int8Linear
 
-    engine = MusicEngine.load(tiny_settings.model_for("music"), offline=True, quantize="int8")
+    engine = MusicEngine.load(tiny_settings.model_for("music"), offline=True, quantize=quantize)
     linears = [m for m in engine.network.decoder.modules() if isinstance(m, Int8Linear)]
     assert linears and all(m.weight.dtype == torch.int8 for m in linears)
     result = engine.generate(MusicRequest(prompt="calm piano", duration=1, seed=1))
     assert result.outputs[0].audio.shape == (32000, 1)
-    assert result.dtype.endswith("+int8")
+    assert result.dtype.endswith(f"+{quantize}")

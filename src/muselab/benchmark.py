@@ -535,10 +535,11 @@ def bench_music(seconds: float, say: Say) -> dict[str, Any]:
     logits_reference = _teacher_forced_logits(network, inputs)
 
     request = MusicRequest(prompt=MUSIC_PROMPT, duration=seconds, seed=SEED)
-    variants = {"default": default_music_quantize(placement), "int8": "int8"}
+    variants = {"default": default_music_quantize(placement), "int8": "int8", "int8_dynamic": "int8-dynamic"}
     for label, quantize in variants.items():
-        if label == "int8" and variants["default"] == "int8":
-            figures.update({f"int8_{key[8:]}": value for key, value in figures.items() if key.startswith("default_")})
+        if label != "default" and variants["default"] == quantize:
+            copied = {f"{label}_{key[8:]}": value for key, value in figures.items() if key.startswith("default_")}
+            figures.update(copied)
             continue
         network_copy, _ = full.build_musicgen_small_random(torch.float32, verbose=False)
         network_copy = network_copy.to(placement.dtype)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -28,26 +29,35 @@ from torch import nn
 #: Up to this many rows per call, the int8 kernel; above it, dequantize and use the float matmul.
 #: The kernel also needs the input width to be a multiple of 16 (other widths crash the process).
 SMALL_BATCH_ROWS = 64
-QUANTIZE_CHOICES = ("none", "int8")
+QUANTIZE_CHOICES = ("none", "int8", "int8-dynamic")
 
 
 class Int8Linear(nn.Module):
-    """A drop-in `nn.Linear` with int8 weights and one float scale per output channel."""
+    """A drop-in `nn.Linear` with int8 weights and one float scale per output channel.
 
-    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
+    `dynamic=True` ("int8-dynamic") also quantizes the *activations* of small batches, per call,
+    and multiplies int8 by int8 with fbgemm (x86, VNNI where the CPU has it): about twice the speed
+    of the weight-only kernel for MusicGen's tokens, at a little more error. Large batches are the
+    same in both modes.
+    """
+
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, dynamic: bool = False):
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.register_buffer("weight", weight, persistent=True)
         self.register_buffer("scale", scale, persistent=True)
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+        self.dynamic = dynamic and fbgemm_available()
+        self._cast: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self._packed: Any = None
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> Int8Linear:
+    def from_linear(cls, linear: nn.Linear, dynamic: bool = False) -> Int8Linear:
         weight = linear.weight.detach().float()
         scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127.0
         quantized = torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8)
         bias = linear.bias.detach() if linear.bias is not None else None
-        return cls(quantized, scale.to(linear.weight.dtype), bias)
+        return cls(quantized, scale.to(linear.weight.dtype), bias, dynamic=dynamic)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -56,20 +66,43 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         rows = x.reshape(-1, self.in_features)
-        if rows.shape[0] <= SMALL_BATCH_ROWS and x.device.type == "cpu" and self.in_features % 16 == 0:
+        small = rows.shape[0] <= SMALL_BATCH_ROWS and x.device.type == "cpu"
+        if small and self.dynamic:
+            out = torch.ops.quantized.linear_dynamic(rows.float(), self._packed_weight(), _REDUCE_RANGE)
+            out = out.to(x.dtype)
+        elif small and self.in_features % 16 == 0:
             kernel_dtype = int8_kernel_dtype(x.device.type, x.dtype)
-            out = torch._weight_int8pack_mm(
-                rows.to(kernel_dtype).contiguous(), self.weight, self._scale_as(kernel_dtype)
-            ).to(x.dtype)
-            if self.bias is not None:
-                out = out + self.bias.to(x.dtype)
+            scale, bias = self._cast_to(kernel_dtype)
+            out = torch._weight_int8pack_mm(rows.to(kernel_dtype).contiguous(), self.weight, scale)
+            if bias is not None:
+                out = out + bias
+            out = out.to(x.dtype)
         else:
-            weight = self.weight.to(x.dtype).mul_(self._scale_as(x.dtype)[:, None])
-            out = nn.functional.linear(rows, weight, self.bias.to(x.dtype) if self.bias is not None else None)
+            scale, bias = self._cast_to(x.dtype)
+            weight = self.weight.to(x.dtype).mul_(scale[:, None])
+            out = nn.functional.linear(rows, weight, bias)
         return out.reshape(*shape[:-1], self.out_features)
 
-    def _scale_as(self, dtype: torch.dtype) -> torch.Tensor:
-        return self.scale if self.scale.dtype == dtype else self.scale.to(dtype)
+    def _cast_to(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Scale and bias in `dtype`, converted once rather than at every token."""
+        cached = self._cast.get(dtype)
+        if cached is None or cached[0].device != self.scale.device:
+            bias = self.bias.detach().to(dtype) if self.bias is not None else None
+            cached = self._cast[dtype] = (self.scale.to(dtype), bias)
+        return cached
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:
+        self._cast, self._packed = {}, None  # .to() and friends: re-derive the cached copies
+        return super()._apply(fn, recurse)
+
+    def _packed_weight(self) -> Any:
+        """fbgemm's packed int8 weight (its own copy, in its own layout), made on first use."""
+        if self._packed is None:
+            zero_points = torch.zeros(self.out_features, dtype=torch.long)
+            quantized = torch._make_per_channel_quantized_tensor(self.weight, self.scale.double(), zero_points, 0)
+            bias = self.bias.detach().float() if self.bias is not None else None
+            self._packed = torch.ops.quantized.linear_prepack(quantized, bias)
+        return self._packed
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 weights"
@@ -103,7 +136,9 @@ class Int8Conv2d(nn.Module):
         return f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, int8 weights"
 
 
-def quantize_linears(module: nn.Module, skip: Iterable[str] = (), convolutions: bool = False) -> int:
+def quantize_linears(
+    module: nn.Module, skip: Iterable[str] = (), convolutions: bool = False, dynamic: bool = False
+) -> int:
     """Replace every `nn.Linear` (and with `convolutions`, every zero-padded `nn.Conv2d`) inside
     `module`, except names containing a `skip` part, with its int8 version, one layer at a time so
     that the float copy of only one layer is alive at once. Returns the number of layers replaced."""
@@ -121,7 +156,10 @@ def quantize_linears(module: nn.Module, skip: Iterable[str] = (), convolutions: 
         parent_name, _, attribute = name.rpartition(".")
         parent = module.get_submodule(parent_name) if parent_name else module
         layer = getattr(parent, attribute)
-        setattr(parent, attribute, Int8Linear.from_linear(layer) if isinstance(layer, nn.Linear) else Int8Conv2d(layer))
+        if isinstance(layer, nn.Linear):
+            setattr(parent, attribute, Int8Linear.from_linear(layer, dynamic=dynamic))
+        else:
+            setattr(parent, attribute, Int8Conv2d(layer))
     return len(names)
 
 
@@ -129,6 +167,21 @@ def parameter_bytes(module: nn.Module) -> int:
     """Bytes held by a module's parameters and buffers (what its weights cost in memory)."""
     tensors = [*module.parameters(), *module.buffers()]
     return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@functools.cache
+def fbgemm_available() -> bool:
+    return "fbgemm" in torch.backends.quantized.supported_engines
+
+
+def _cpu_has_vnni() -> bool:
+    from muselab.devices import cpu_flags
+
+    return bool({"avx512_vnni", "avx_vnni"} & cpu_flags())
+
+
+#: Without VNNI, fbgemm's int8 products can overflow unless activations use 7 bits.
+_REDUCE_RANGE = not _cpu_has_vnni()
 
 
 @functools.cache

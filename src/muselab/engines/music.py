@@ -35,15 +35,17 @@ class MusicEngine:
 
         `quantize="int8"` stores the text encoder's and the decoder's linear layers as int8: the
         decoder reads all its weights once per token, so a quarter of the bytes is most of the
-        speed on a CPU. EnCodec (convolutions and an LSTM) stays as it is.
+        speed on a CPU. `"int8-dynamic"` also quantizes each token's activations (fbgemm, x86).
+        EnCodec (convolutions and an LSTM) stays as it is.
         """
         self.network = network.to(placement.device).eval()
-        if quantize == "int8":
+        if quantize in ("int8", "int8-dynamic"):
             from muselab.quantize import quantize_linears
 
-            quantize_linears(self.network.text_encoder)
-            quantize_linears(self.network.decoder)
-            placement = dataclasses.replace(placement, quantize="int8")
+            dynamic = quantize == "int8-dynamic"
+            quantize_linears(self.network.text_encoder, dynamic=dynamic)
+            quantize_linears(self.network.decoder, dynamic=dynamic)
+            placement = dataclasses.replace(placement, quantize=quantize)
         self.sampler = MusicgenSampler(self.network)
         self.processor = processor
         self.model = model
