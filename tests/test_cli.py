@@ -255,3 +255,28 @@ def test_fast_decoder_from_the_command_line(cli_env, tmp_path):
     again = run_cli(["image", "--from", "f.png", "-o", "g.png"], cli_env, tmp_path)
     assert again.returncode == 0, again.stderr
     assert (tmp_path / "f.png").read_bytes() == (tmp_path / "g.png").read_bytes()
+
+
+def test_quantize_flag_reaches_the_engines_and_the_recipe(cli_env, tmp_path):
+    image = run_cli(
+        ["image", "fox", "--preset", "tiny", "--steps", "2", "--quantize", "int8", "-o", "a.png", "--json"],
+        cli_env,
+        tmp_path,
+    )
+    assert image.returncode == 0, image.stderr
+    assert json.loads(image.stdout)["dtype"].endswith("+int8")
+    music = run_cli(
+        ["music", "drums", "--preset", "tiny", "-d", "1", "--quantize", "none", "-o", "a.wav", "--json"],
+        cli_env,
+        tmp_path,
+    )
+    assert music.returncode == 0, music.stderr
+    assert "+int8" not in json.loads(music.stdout)["dtype"]
+    wrong = run_cli(["image", "fox", "--preset", "tiny", "--quantize", "int4"], cli_env, tmp_path)
+    assert wrong.returncode == 2 and "int8" in wrong.stderr
+
+
+def test_bench_refuses_unknown_parts_before_building_anything(cli_env, tmp_path):
+    done = run_cli(["bench", "--only", "image,video"], cli_env, tmp_path, timeout=60)
+    assert done.returncode == 2
+    assert "unknown part(s) video" in done.stderr and "image, fast, music" in done.stderr

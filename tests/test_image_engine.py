@@ -188,8 +188,16 @@ def test_previews_use_the_tiny_autoencoder_when_there_is_one(tiny_settings, tiny
         ImageRequest(prompt="fox", seed=1, steps=2), on_progress=lambda e: previews.append(e.preview), preview_every=1
     )
     # The tiny TAESD decodes the 32x32 latents to pixels (64x64: it upsamples 2x, as the tiny VAE
-    # does; the real one 8x, cut to 128 px for the preview); the linear projection stays 32x32.
+    # does; the real one 8x); the linear projection stays 32x32.
     assert [p.size for p in previews] == [(64, 64), (64, 64)]
+    # A big image's latents are shrunk first: the preview costs the same whatever the size.
+    big = []
+    engine.generate(
+        ImageRequest(prompt="fox", seed=1, steps=1, width=512, height=256),
+        on_progress=lambda e: big.append(e.preview),
+        preview_every=1,
+    )
+    assert big[0].size == (128, 64)
     offline = ImageEngine.load(tiny_settings.model_for("image"), offline=True)  # TAESD not in the cache
     assert offline.preview_decoder() is None
     previews.clear()

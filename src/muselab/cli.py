@@ -434,6 +434,8 @@ def ui(
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
     offline: OfflineOpt = False,
+    quantize: QuantizeOpt = None,
+    low_memory: LowMemoryOpt = None,
 ) -> None:
     """Start the Streamlit studio (Home, Music, Image, Scene, Gallery) in your browser."""
     from muselab.api import is_loopback
@@ -449,6 +451,8 @@ def ui(
         "MUSELAB_PRESET": preset,
         "MUSELAB_DEVICE": device,
         "MUSELAB_DTYPE": dtype,
+        "MUSELAB_QUANTIZE": quantize,
+        "MUSELAB_LOW_MEMORY": "1" if low_memory else None,
         "MUSELAB_OFFLINE": "1" if offline else None,
         "MUSELAB_UI_API_URL": api_url,
         "MUSELAB_API_TOKEN": token,
@@ -781,7 +785,7 @@ def bench(
     table = benchmark.markdown_table(report)
     out.print(table, highlight=False, markup=False)
     if docs is not None:
-        benchmark.update_docs(docs, report, "muselab " + " ".join(sys.argv[2:]) if len(sys.argv) > 1 else "")
+        benchmark.update_docs(docs, report, "muselab " + " ".join(sys.argv[1:]))
         out.print(f"wrote the table into {docs}", highlight=False)
 
 

@@ -289,8 +289,17 @@ def latents_to_preview(latents: torch.Tensor, tiny_vae: Any = None, max_side: in
     from PIL import Image
 
     if tiny_vae is not None:
+        config = tiny_vae.config
+        upscale = config.upsampling_scaling_factor ** (len(config.decoder_block_out_channels) - 1)
+        latent = latents[:1]
+        # A thumbnail needs no more latent pixels than its own side over the decoder's upscale:
+        # shrink big latents first, so a preview costs milliseconds whatever the image size.
+        shrink = max(latent.shape[-2:]) * upscale / max_side
+        if shrink > 1:
+            size = [max(1, round(side / shrink)) for side in latent.shape[-2:]]
+            latent = torch.nn.functional.interpolate(latent.float(), size=size, mode="area")
         with torch.inference_mode():
-            decoded = tiny_vae.decode(latents[:1].to(tiny_vae.dtype) / tiny_vae.config.scaling_factor).sample[0]
+            decoded = tiny_vae.decode(latent.to(tiny_vae.dtype) / config.scaling_factor).sample[0]
         rgb = decoded.float().cpu().permute(1, 2, 0)
     else:
         rgb = torch.einsum("chw,cr->hwr", latents[0].float().cpu(), _LATENT_RGB)
