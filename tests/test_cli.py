@@ -195,6 +195,7 @@ def test_models_list_doctor_and_make_tiny(cli_env, tmp_path):
     assert "facebook/musicgen-stereo-large" in table
     doctor = json.loads(run_cli(["doctor", "--json"], cli_env).stdout)
     assert doctor["device"] == "cpu" and doctor["dtype"] in ("float32", "bfloat16")
+    assert doctor["quantize_music"] in ("int8", "int8-dynamic") and doctor["quantize_image"] == "none"
     assert doctor["reason"] and doctor["offline"] is True
     made = run_cli(["models", "make-tiny", str(tmp_path / "tiny")], cli_env)
     assert made.returncode == 0, made.stderr

@@ -713,6 +713,8 @@ def doctor(as_json: JsonOpt = False) -> None:
         "device": placement.device,
         "dtype": placement.dtype_name,
         "reason": placement.reason,
+        "quantize_music": settings.music_quantize(placement.device),
+        "quantize_image": settings.image_quantize(),
         "cpu": cpu_name(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_native_bf16": cpu_has_native_bf16(),

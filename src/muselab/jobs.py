@@ -8,7 +8,6 @@ through the engine -> files saved atomically -> outputs recorded -> `done`.
 from __future__ import annotations
 
 import base64
-import gc
 import io
 import logging
 import threading
@@ -172,7 +171,9 @@ class ModelManager:
 
 
 def release_memory() -> None:
-    gc.collect()
+    from muselab.quantize import return_freed_memory
+
+    return_freed_memory()
     try:
         import torch
 

@@ -73,7 +73,7 @@ def quantize_pipeline(pipe: Any, dtype: torch.dtype) -> int:
     """int8 weights for the UNet (linear layers and convolutions) and the text encoders' linear
     layers; the rest (norms, embeddings, the VAE, whose decode quality shows most) is then cast to
     `dtype`, the dtype the pipeline computes in. Returns the number of layers quantized."""
-    from muselab.quantize import quantize_linears
+    from muselab.quantize import quantize_linears, return_freed_memory
 
     count = quantize_linears(pipe.unet, convolutions=True)
     pipe.unet.to(dtype)
@@ -81,6 +81,7 @@ def quantize_pipeline(pipe: Any, dtype: torch.dtype) -> int:
         count += quantize_linears(module)
         module.to(dtype)
     pipe.vae.to(dtype)
+    return_freed_memory()  # the bf16 copies just replaced
     return count
 
 
