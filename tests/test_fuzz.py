@@ -17,7 +17,9 @@ def _app(tiny_dir, tmp_path_factory):
     if "app" not in schemathesis_app:
         data = tmp_path_factory.mktemp("fuzz-data")
         (data / "tiny-models").symlink_to(tiny_dir / "tiny-models")
-        config = Settings(data_dir=data, preset="tiny", offline=True, max_queue=4, job_timeout=2.0)
+        # The time limit bounds the huge sizes the fuzzer asks for; a default tiny image takes about 2 s
+        # through the API on a 2-core machine, so the limit leaves it room.
+        config = Settings(data_dir=data, preset="tiny", offline=True, max_queue=4, job_timeout=6.0)
         schemathesis_app["app"] = create_app(config)
     return schemathesis_app["app"]
 
