@@ -43,7 +43,7 @@ def tiny_architectures(monkeypatch, tiny_dir):
     monkeypatch.setattr(full, "build_sd_turbo_random", sd)
     monkeypatch.setattr(full, "build_musicgen_small_random", musicgen)
     monkeypatch.setattr(full, "build_taesd_random", taesd)
-    monkeypatch.setattr(benchmark, "matmul_gflops", lambda dtype, device="cpu": 100.0)
+    monkeypatch.setattr(benchmark, "matmul_gflops", lambda dtype, device="cpu", **size: 100.0)
     monkeypatch.setattr(benchmark, "IMAGE_SIZE", 64)
 
 
@@ -80,6 +80,8 @@ def test_quick_bench_writes_every_documented_key(tiny_architectures, tmp_path):
     assert 10 < music["int8_logits_snr_db"] < 200
     assert image["int8_psnr_db"] > 10
     assert music["int8_weights"].endswith("+int8")
+    # Every timed image part says how fast the machine was around it (drift moves ratios).
+    assert image["baseline_speed_gflops"] == image["default_speed_gflops"] == [100.0, 100.0]
     assert any("image baseline" in line for line in lines) and any("music default" in line for line in lines)
 
 

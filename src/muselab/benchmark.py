@@ -222,6 +222,14 @@ def matmul_gflops(dtype: torch.dtype, device: str = "cpu", n: int = 4096, repeat
     return 2 * n**3 / best / 1e9
 
 
+def speed_index(device: str = "cpu") -> float:
+    """The machine's fp32 matmul speed right now (a 2048^3 product, best of 2, about 0.2 s).
+
+    Taken before and after each timed part: parts run one after another, and on a shared machine
+    the speed drifts, which moves a ratio between two parts as much as any change would."""
+    return matmul_gflops(torch.float32, device, n=2048, repeats=2)
+
+
 def copy_gbps(device: str = "cpu", megabytes: int = 256) -> float:
     """Bytes read plus bytes written per second copying a 256 MB buffer (best of 3)."""
     source = torch.empty(megabytes * 2**20 // 4, device=device)
@@ -380,6 +388,7 @@ def image_baseline(steps: int | None, say: Say) -> dict[str, Any]:
     pipe = full.build_sd1_random(torch.float32, verbose=False).to(device)
     pipe.set_progress_bar_config(disable=True)
     text = time_text_encoding(pipe, device)
+    speed_before = speed_index(device)
     say(f"image baseline: float32, PNDM {BASELINE_STEPS} steps ({'timing ' + str(steps) if steps else 'all'})")
     clock = StepTimes(stop_after=steps)
     try:
@@ -396,6 +405,7 @@ def image_baseline(steps: int | None, say: Say) -> dict[str, Any]:
         whole = time.perf_counter() - clock.start
     except _EnoughSteps:
         whole = None
+    speed_after = speed_index(device)
     decode = time_vae_decode(pipe, torch.float32, device)
     step = clock.step_seconds()
     total = whole if whole is not None else text + BASELINE_STEPS * step + decode
@@ -406,6 +416,7 @@ def image_baseline(steps: int | None, say: Say) -> dict[str, Any]:
         "baseline_decode_s": decode,
         "baseline_s": total,
         "baseline_peak_rss_gb": memory.gib(),
+        "baseline_speed_gflops": [speed_before, speed_after],
     }
 
 
@@ -433,9 +444,11 @@ def image_engine_run(
         seed=SEED,
     )
     say(f"image {engine.placement.dtype_name}: {request.scheduler}, {total_steps} steps")
+    speed_before = speed_index(placement.device)
     clock = StepTimes()
     result = engine.generate(request, on_progress=clock.on_progress)
     end = time.perf_counter()
+    speed_after = speed_index(placement.device)
     np.save(save_to, _image_array(result))
     step, decode = clock.step_seconds(), end - clock.marks[-1]
     return {
@@ -445,6 +458,7 @@ def image_engine_run(
         "steps": total_steps,
         "image_s": text + total_steps * step + decode if steps else end - clock.start,
         "peak_rss_gb": memory.gib(),
+        "speed_gflops": [speed_before, speed_after],
     }
 
 
@@ -651,6 +665,13 @@ def markdown_table(report: dict[str, Any]) -> str:
                 "",
             ),
             _row(
+                "machine speed before / after the timed steps (fp32 matmul)",
+                _speeds(image.get("baseline_speed_gflops")),
+                _speeds(image.get("default_speed_gflops")),
+                _speeds(image.get("int8_speed_gflops")),
+                "drift moves the ratios",
+            ),
+            _row(
                 "VAE decode + post-processing",
                 f"{image['baseline_decode_s']:.1f} s",
                 f"{image['default_decode_s']:.1f} s",
@@ -711,6 +732,10 @@ def markdown_table(report: dict[str, Any]) -> str:
             _row("peak resident memory (build + one clip)", f"{music['baseline_peak_rss_gb']:.2f} GiB", "", "", ""),
         ]
     return "\n".join(lines)
+
+
+def _speeds(pair: list[float] | None) -> str:
+    return f"{pair[0]:.0f} / {pair[1]:.0f} GFLOP/s" if pair else ""
 
 
 def _row(*cells: str) -> str:
