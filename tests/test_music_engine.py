@@ -140,51 +140,11 @@ def test_int8_weights_make_a_clip_of_the_same_length_and_say_so(tiny_settings, q
 def test_the_lean_sampler_matches_generate_for_a_stereo_model_too():
     """Stereo MusicGen interleaves left and right codebooks (8 of them) in its delay pattern."""
     import torch
-    from transformers import MusicgenConfig, MusicgenForConditionalGeneration
 
     from muselab.engines.musicgen_sampler import MusicgenSampler
-    from muselab.testing.tiny import build_musicgen_processor, set_musicgen_generation_defaults
+    from muselab.testing.tiny import build_musicgen_processor, tiny_musicgen_network
 
-    torch.manual_seed(0)
-    config = MusicgenConfig(
-        text_encoder={
-            "model_type": "t5",
-            "vocab_size": 100,
-            "d_model": 32,
-            "d_ff": 37,
-            "num_layers": 1,
-            "num_heads": 2,
-            "d_kv": 16,
-        },
-        audio_encoder={
-            "model_type": "encodec",
-            "sampling_rate": 32000,
-            "num_filters": 4,
-            "hidden_size": 16,
-            "upsampling_ratios": [8, 5, 4, 4],
-            "codebook_size": 64,
-            "target_bandwidths": [2.2],
-            "audio_channels": 1,
-        },
-        decoder={
-            "model_type": "musicgen_decoder",
-            "vocab_size": 64,
-            "pad_token_id": 64,
-            "bos_token_id": 64,
-            "decoder_start_token_id": 64,
-            "hidden_size": 32,
-            "num_hidden_layers": 1,
-            "num_attention_heads": 4,
-            "ffn_dim": 64,
-            "num_codebooks": 8,
-            "audio_channels": 2,
-        },
-    )
-    network = MusicgenForConditionalGeneration(config).eval()
-    with torch.no_grad():
-        for layer in network.audio_encoder.quantizer.layers:
-            layer.codebook.embed.normal_()
-    set_musicgen_generation_defaults(network, special_token_id=64)
+    network = tiny_musicgen_network(stereo=True)
     inputs = build_musicgen_processor()(text=["stereo drums"], padding=True, return_tensors="pt")
     settings = {"guidance_scale": 3.0, "temperature": 1.0, "top_k": 20, "top_p": 1.0}
     with torch.inference_mode():

@@ -78,6 +78,14 @@ def build_musicgen_processor() -> Any:
 
 def build_tiny_musicgen(path: str | Path, replace: bool = True) -> Path:
     """Write a tiny MusicGen (T5 encoder, 2-layer decoder, EnCodec at 32 kHz) to `path`."""
+    model = tiny_musicgen_network()
+    processor = build_musicgen_processor()
+    return _save_atomically(path, lambda tmp: (model.save_pretrained(tmp), processor.save_pretrained(tmp)), replace)
+
+
+def tiny_musicgen_network(stereo: bool = False) -> Any:
+    """The tiny MusicGen in memory; `stereo` gives it 8 interleaved codebooks (left, right), as the
+    musicgen-stereo checkpoints have."""
     from transformers import (
         MusicgenConfig,
         MusicgenForConditionalGeneration,
@@ -114,7 +122,8 @@ def build_tiny_musicgen(path: str | Path, replace: bool = True) -> Path:
             "num_hidden_layers": 2,
             "num_attention_heads": 4,
             "ffn_dim": 64,
-            "num_codebooks": 4,
+            "num_codebooks": 8 if stereo else 4,
+            "audio_channels": 2 if stereo else 1,
             "max_position_embeddings": 2048,
         },
     )
@@ -129,8 +138,7 @@ def build_tiny_musicgen(path: str | Path, replace: bool = True) -> Path:
         for head in model.decoder.lm_heads:
             head.weight.mul_(30.0)
     set_musicgen_generation_defaults(model, special_token_id=64)
-    processor = build_musicgen_processor()
-    return _save_atomically(path, lambda tmp: (model.save_pretrained(tmp), processor.save_pretrained(tmp)), replace)
+    return model
 
 
 def sd1_scheduler() -> Any:
