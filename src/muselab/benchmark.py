@@ -37,7 +37,14 @@ import numpy as np
 import torch
 
 from muselab.config import GENERIC_IMAGE_DEFAULTS
-from muselab.devices import Placement, choose_placement, cpu_has_native_bf16, cpu_name
+from muselab.devices import (
+    Placement,
+    choose_placement,
+    cpu_has_native_bf16,
+    cpu_name,
+    measure_matmul_gflops,
+    synchronize,
+)
 from muselab.engines.base import ProgressEvent
 from muselab.schemas import ImageRequest, MusicRequest
 
@@ -137,9 +144,7 @@ def _child_main(argv: list[str]) -> int:
 
     quiet_libraries()
     function, arguments = argv[0], json.loads(argv[1])
-    result = globals()[function](
-        say=lambda text: print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True), **arguments
-    )
+    result = globals()[function](say=_say_to_stderr, **arguments)
     print(json.dumps(result, default=_json_default))
     return 0
 
@@ -155,12 +160,13 @@ def _json_default(value: Any) -> Any:
     return str(value)
 
 
+def _say(text: str, stream: Any = None) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {text}", file=stream or sys.stdout, flush=True)
+
+
 def _say_to_stderr(text: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
-
-
-def _say(text: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
+    """A child's progress lines: its stdout carries only the JSON result."""
+    _say(text, sys.stderr)
 
 
 # ---- machine ------------------------------------------------------------------------------------
@@ -208,18 +214,7 @@ def matmul_gflops(dtype: torch.dtype, device: str = "cpu", n: int = 4096, repeat
     """Best of `repeats` n x n x n matmuls; on AVX2-only CPUs bf16 is emulated, so a smaller one."""
     if device == "cpu" and dtype == torch.bfloat16 and not cpu_has_native_bf16():
         n, repeats = 1024, 1  # emulated: about 100x slower, a big one would take minutes
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
-    _sync(device)
-    torch.mm(a, b)
-    best = float("inf")
-    for _ in range(repeats):
-        _sync(device)
-        started = time.perf_counter()
-        torch.mm(a, b)
-        _sync(device)
-        best = min(best, time.perf_counter() - started)
-    return 2 * n**3 / best / 1e9
+    return measure_matmul_gflops(dtype, device, n, repeats)
 
 
 def speed_index(device: str = "cpu") -> float:
@@ -237,17 +232,12 @@ def copy_gbps(device: str = "cpu", megabytes: int = 256) -> float:
     target.copy_(source)
     best = float("inf")
     for _ in range(3):
-        _sync(device)
+        synchronize(device)
         started = time.perf_counter()
         target.copy_(source)
-        _sync(device)
+        synchronize(device)
         best = min(best, time.perf_counter() - started)
     return 2 * source.numel() * 4 / best / 1e9
-
-
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 # ---- memory -------------------------------------------------------------------------------------
@@ -332,11 +322,11 @@ def time_vae_decode(pipe: Any, dtype: torch.dtype, device: str) -> float:
     side = IMAGE_SIZE // pipe.vae_scale_factor
     latents = torch.randn(1, 4, side, side, generator=torch.Generator().manual_seed(SEED)).to(device, dtype)
     with torch.inference_mode():
-        _sync(device)
+        synchronize(device)
         started = time.perf_counter()
         image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
         pipe.image_processor.postprocess(image, output_type="pil")
-        _sync(device)
+        synchronize(device)
     return time.perf_counter() - started
 
 
@@ -486,10 +476,10 @@ def bench_fast(say: Say) -> dict[str, Any]:
     engine.generate(request)  # the first call carries one-off set-up costs
     times = []
     for _ in range(3):
-        _sync(placement.device)
+        synchronize(placement.device)
         started = time.perf_counter()
         engine.generate(request)
-        _sync(placement.device)
+        synchronize(placement.device)
         times.append(time.perf_counter() - started)
     fast = min(times)
     say(f"image fast path (sd-turbo, 1 step, TAESD): {fast:.2f} s per image ({placement.dtype_name})")
@@ -529,10 +519,10 @@ def bench_music(seconds: float, say: Say) -> dict[str, Any]:
     say(f"music baseline: float32 generate(), {seconds:g} s of audio ({tokens} tokens), guidance 3")
     with torch.inference_mode():
         torch.manual_seed(SEED)
-        _sync(device)
+        synchronize(device)
         started, cpu = time.perf_counter(), cpu_seconds()
         reference = network.generate(**inputs, do_sample=True, max_new_tokens=tokens, guidance_scale=3.0)
-        _sync(device)
+        synchronize(device)
         baseline_s = time.perf_counter() - started
     samples = round(seconds * sample_rate)
     reference_audio = reference[0, 0, :samples].float().cpu().numpy()
@@ -560,9 +550,9 @@ def bench_music(seconds: float, say: Say) -> dict[str, Any]:
         engine = MusicEngine(network_copy, processor, "musicgen-small-random", placement, quantize=quantize)
         engine.generate(request.model_copy(update={"duration": 1.0}))  # warm-up: thread pools, kernel choice
         clock = StepTimes()
-        _sync(device)
+        synchronize(device)
         result = engine.generate(request, on_progress=clock.on_progress)
-        _sync(device)
+        synchronize(device)
         total = time.perf_counter() - clock.start
         audio = result.outputs[0].audio[:, 0]
         figures[f"{label}_weights"] = engine.placement.dtype_name

@@ -112,16 +112,29 @@ def _bf16_flag() -> str:
 
 @functools.cache
 def matmul_gflops(dtype: torch.dtype, size: int = 1024, repeats: int = 4) -> float:
-    """Best-of-`repeats` speed of a square matmul in `dtype` on this CPU (about 50 ms in all)."""
-    a = torch.randn(size, size).to(dtype)
-    b = torch.randn(size, size).to(dtype)
+    """The dtype probe: this CPU's matmul speed in `dtype`, measured once (about 50 ms in all)."""
+    return measure_matmul_gflops(dtype, "cpu", size, repeats)
+
+
+def measure_matmul_gflops(dtype: torch.dtype, device: str = "cpu", size: int = 1024, repeats: int = 4) -> float:
+    """Best-of-`repeats` speed of a square matmul in `dtype`, in GFLOP/s, measured now."""
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
     torch.mm(a, b)  # thread pool start-up and kernel selection
     best = float("inf")
     for _ in range(repeats):
+        synchronize(device)
         started = time.perf_counter()
         torch.mm(a, b)
+        synchronize(device)
         best = min(best, time.perf_counter() - started)
     return 2 * size**3 / best / 1e9
+
+
+def synchronize(device: str) -> None:
+    """Wait for queued GPU work, so a timer reads the work and not its launch."""
+    if device == "cuda":
+        torch.cuda.synchronize()
 
 
 class DeviceError(RuntimeError):

@@ -29,7 +29,6 @@ from torch import nn
 #: Up to this many rows per call, the int8 kernel; above it, dequantize and use the float matmul.
 #: The kernel also needs the input width to be a multiple of 16 (other widths crash the process).
 SMALL_BATCH_ROWS = 64
-QUANTIZE_CHOICES = ("none", "int8", "int8-dynamic")
 
 
 class Int8Linear(nn.Module):
@@ -58,10 +57,6 @@ class Int8Linear(nn.Module):
         quantized = torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8)
         bias = linear.bias.detach() if linear.bias is not None else None
         return cls(quantized, scale.to(linear.weight.dtype), bias, dynamic=dynamic)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.scale.dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
