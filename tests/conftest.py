@@ -16,6 +16,15 @@ from muselab.quiet import quiet_libraries
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def shared_conversion_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One OpenVINO conversion cache for the whole session (each tiny model converts once), kept
+    out of the user's own cache folder. Settings built in tests read it from the environment."""
+    folder = tmp_path_factory.mktemp("muselab-cache")
+    os.environ["MUSELAB_CACHE_DIR"] = str(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A data dir whose tiny-models/ holds both tiny models, built once through save_pretrained."""
@@ -52,6 +61,7 @@ def cli_env(tiny_dir: Path, tmp_path: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MUSELAB_")}
     env.update(
         MUSELAB_DATA_DIR=str(tiny_dir),
+        MUSELAB_CACHE_DIR=os.environ["MUSELAB_CACHE_DIR"],
         MUSELAB_OUTPUT_DIR=str(tmp_path / "outputs"),
         HF_HOME=str(tmp_path / "hf-home"),
         HF_HUB_OFFLINE="1",

@@ -33,6 +33,7 @@ def studio(tiny_dir, tmp_path_factory):
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("MUSELAB_")},
         "MUSELAB_DATA_DIR": str(data),
+        "MUSELAB_CACHE_DIR": os.environ["MUSELAB_CACHE_DIR"],
         "HF_HUB_OFFLINE": "1",
     }
     process = subprocess.Popen(

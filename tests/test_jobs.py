@@ -58,7 +58,7 @@ def test_out_of_memory_is_a_clear_error_and_the_service_goes_on(settings):
 
     engines = {}
 
-    def loader(kind, settings, model):
+    def loader(kind, settings, model, on_progress=None):
         return engines.setdefault((kind, model), FakeEngine(kind, model, exhaust))
 
     service = JobService(settings, loader=loader)
@@ -73,7 +73,7 @@ def test_out_of_memory_is_a_clear_error_and_the_service_goes_on(settings):
 
 
 def test_least_recently_used_model_is_unloaded(settings):
-    service = JobService(settings, loader=lambda kind, s, model: FakeEngine(kind, model))
+    service = JobService(settings, loader=lambda kind, s, model, on_progress=None: FakeEngine(kind, model))
     try:
         service.wait(service.submit(ImageRequest(prompt="a")).id, 10)
         assert [m["kind"] for m in service.models.loaded()] == ["image"]
@@ -85,7 +85,7 @@ def test_least_recently_used_model_is_unloaded(settings):
 
 def test_one_model_never_runs_two_generations_at_once(settings):
     engine = FakeEngine("image", "m")
-    service = JobService(settings, loader=lambda kind, s, model: engine)
+    service = JobService(settings, loader=lambda kind, s, model, on_progress=None: engine)
     try:
         jobs = [service.submit(ImageRequest(prompt=f"p{i}", model="m")) for i in range(6)]
         assert [service.wait(job.id, 20)["status"] for job in jobs] == ["succeeded"] * 6

@@ -36,6 +36,7 @@ class Server:
         self.env = {
             **{k: v for k, v in os.environ.items() if not k.startswith("MUSELAB_")},
             "MUSELAB_DATA_DIR": str(data_dir),
+            "MUSELAB_CACHE_DIR": os.environ["MUSELAB_CACHE_DIR"],
             "HF_HUB_OFFLINE": "1",
             "PYTHONUNBUFFERED": "1",
             **env,

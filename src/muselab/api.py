@@ -594,7 +594,8 @@ def _add_compat_routes(app: FastAPI) -> None:
     async def a1111_progress(request: Request) -> dict[str, Any]:
         service = _service(request)
         running = [job for job in service.active() if job["kind"] == "image"]
-        if not running or running[0]["progress"] is None:
+        # A one-time model conversion is not sampling: A1111 clients see 0 until the steps start.
+        if not running or running[0]["progress"] is None or running[0]["progress"]["stage"] == "converting":
             return {
                 "progress": 0.0,
                 "eta_relative": 0.0,

@@ -333,44 +333,63 @@ def time_vae_decode(pipe: Any, dtype: torch.dtype, device: str) -> float:
 def bench_image(
     placement: Placement, steps: int | None, scratch: Path, say: Say, isolate: bool = True
 ) -> dict[str, Any]:
-    """Baseline vs default vs int8 for one 512x512 SD 1.x image; `steps` set = quick mode."""
+    """Baseline vs muselab's default vs int8 for one 512x512 SD 1.x image; `steps` set = quick mode.
+
+    The baseline's process also runs muselab's defaults on PyTorch (same float32 UNet, side by
+    side) and saves the pipeline, which the default and int8 parts then load the way a user's
+    model loads, OpenVINO conversion (one time, timed apart) included where that is the default."""
     figures: dict[str, Any] = {"size": [IMAGE_SIZE] * 2, "extrapolated": steps is not None, "timed_steps": steps}
-    figures.update(_run_part("image_baseline", {"steps": steps}, isolate, say))
-    images = {name: str(scratch / f"{name}.npy") for name in ("default", "int8", "reference")}
+    images = {name: str(scratch / f"{name}.npy") for name in ("torch", "default", "int8")}
+    folder, cache = str(scratch / "sd1"), str(scratch / "openvino-cache")
+    figures.update(
+        _run_part("image_baseline", {"steps": steps, "save_image": images["torch"], "save_model": folder}, isolate, say)
+    )
+    backend = default_image_backend(placement)
+    figures["default_backend"] = backend
     for name, quantize in (("default", "none"), ("int8", "int8")):
+        where = {"folder": folder, "cache": cache, "quantize": quantize}
+        if backend == "openvino":
+            part = _run_part("image_convert", where, isolate, say)
+            figures.update({f"{name}_{key}": value for key, value in part.items()})
         part = _run_part(
-            "image_engine_run", {"quantize": quantize, "steps": steps, "save_to": images[name]}, isolate, say
+            "image_engine_run", {**where, "backend": backend, "steps": steps, "save_to": images[name]}, isolate, say
         )
         figures.update({f"{name}_{key}": value for key, value in part.items()})
-    if placement.dtype == torch.float32:
-        images["reference"] = images["default"]  # the default already is float32 without int8
-    else:
-        _run_part(
-            "image_engine_run",
-            {"quantize": "none", "steps": steps, "save_to": images["reference"], "dtype": "float32"},
-            isolate,
-            say,
-        )
-        figures["default_psnr_db"] = psnr(np.load(images["reference"]), np.load(images["default"]))
-    figures["int8_psnr_db"] = psnr(np.load(images["reference"]), np.load(images["int8"]))
+    reference = np.load(images["torch"])  # PyTorch float32 with muselab's sampler settings
+    figures["default_psnr_db"] = psnr(reference, np.load(images["default"]))
+    figures["int8_psnr_db"] = psnr(reference, np.load(images["int8"]))
     figures["psnr_recipe"] = (
         f"{DEFAULT_SAMPLER}, {steps or GENERIC_IMAGE_DEFAULTS.steps} steps, guidance 7.5, seed {SEED}"
     )
-    figures["default_s"] = figures["default_image_s"]
-    figures["int8_s"] = figures["int8_image_s"]
-    figures["unet_step_dtype"] = placement.dtype_name
+    for name in ("default", "int8", "torch"):
+        figures[f"{name}_s"] = figures[f"{name}_image_s"]
+    figures["unet_step_dtype"] = figures["default_dtype"]
     figures["default_ratio"] = figures["baseline_s"] / figures["default_s"]
+    figures["torch_ratio"] = figures["baseline_s"] / figures["torch_s"]
     figures["int8_memory_ratio"] = figures["int8_peak_rss_gb"] / figures["baseline_peak_rss_gb"]
     say(
-        f"image default: {figures['default_s']:.0f} s per image ({figures['default_ratio']:.2f}x the baseline); "
+        f"image default ({figures['default_dtype']}): {figures['default_s']:.0f} s per image "
+        f"({figures['default_ratio']:.2f}x the baseline; PyTorch {figures['torch_ratio']:.2f}x); "
         f"int8: PSNR {figures['int8_psnr_db']:.1f} dB, peak memory {figures['int8_peak_rss_gb']:.2f} GiB "
         f"against the baseline's {figures['baseline_peak_rss_gb']:.2f} GiB"
     )
     return figures
 
 
-def image_baseline(steps: int | None, say: Say) -> dict[str, Any]:
-    """A plain script: float32 StableDiffusionPipeline, the checkpoint's PNDM, 50 steps, VAE decode."""
+def default_image_backend(placement: Placement) -> str:
+    """The backend `--backend auto` gives an SD 1.x model on this machine."""
+    from muselab.engines.openvino import openvino_available
+
+    return "openvino" if placement.device == "cpu" and openvino_available() else "torch"
+
+
+def image_baseline(
+    steps: int | None, say: Say, save_image: str | None = None, save_model: str | None = None
+) -> dict[str, Any]:
+    """A plain script: float32 StableDiffusionPipeline, the checkpoint's PNDM, 50 steps, VAE decode.
+    Then, on the same pipeline, muselab's defaults on PyTorch (`torch_*` figures; the picture to
+    `save_image`), and the pipeline saved to `save_model` for the parts that load it."""
+    from muselab.engines.image import ImageEngine
     from muselab.testing import full
 
     device = choose_placement().device
@@ -400,29 +419,68 @@ def image_baseline(steps: int | None, say: Say) -> dict[str, Any]:
     step = clock.step_seconds()
     total = whole if whole is not None else text + BASELINE_STEPS * step + decode
     say(f"image baseline: {step:.2f} s/step, decode {decode:.1f} s -> {total:.0f} s per image")
-    return {
+    figures = {
         "baseline_text_encode_s": text,
         "baseline_unet_step_s": step,
         "baseline_decode_s": decode,
         "baseline_s": total,
-        "baseline_peak_rss_gb": memory.gib(),
+        "baseline_peak_rss_gb": memory.gib(),  # before saving, whose buffers would count too
         "baseline_speed_gflops": [speed_before, speed_after],
     }
+    engine = ImageEngine(pipe, "sd1.x-random", choose_placement(dtype="float32"))
+    figures.update({f"torch_{key}": value for key, value in time_engine(engine, steps, say, save_image).items()})
+    if save_model:
+        say("image: saving the pipeline for the parts that load it (not timed)")
+        pipe.save_pretrained(save_model, safe_serialization=True)
+    return figures
+
+
+def image_convert(folder: str, cache: str, quantize: str, say: Say) -> dict[str, Any]:
+    """The one-time OpenVINO conversion of the saved pipeline, timed apart from generating."""
+    from muselab.engines.image import ImageEngine
+
+    placement = choose_placement()
+    memory = PeakMemory(placement.device)
+    engine = ImageEngine.load(
+        folder,
+        placement,
+        safety_checker=False,
+        offline=True,
+        quantize=quantize,
+        backend="openvino",
+        openvino_cache=Path(cache),
+        on_progress=lambda event: say(f"image: {event.note}"),
+    )
+    return {**engine.load_timings, "convert_peak_rss_gb": memory.gib()}
 
 
 def image_engine_run(
-    quantize: str, steps: int | None, save_to: str, say: Say, dtype: str | None = None
+    folder: str, cache: str, backend: str, quantize: str, steps: int | None, save_to: str, say: Say
 ) -> dict[str, Any]:
-    """Build SD 1.x as loading would (dtype, int8), then one image through `ImageEngine` with
-    muselab's defaults; the picture is saved to `save_to` (.npy) for the output comparison."""
-    from muselab.engines.image import ImageEngine, load_dtype
-    from muselab.testing import full
+    """Load the saved SD 1.x pipeline as muselab does (backend, int8; a converted model from the
+    cache), then one image with muselab's defaults; the picture is saved to `save_to` (.npy)."""
+    from muselab.engines.image import ImageEngine
 
-    placement = choose_placement(dtype=dtype or "auto")
+    placement = choose_placement()
     memory = PeakMemory(placement.device)
-    pipe = full.build_sd1_random(load_dtype(placement, quantize), verbose=False)
-    engine = ImageEngine(pipe, "sd1.x-random", placement, quantize=quantize)
-    text = time_text_encoding(engine.pipe, placement.device)
+    started = time.perf_counter()
+    engine = ImageEngine.load(
+        folder,
+        placement,
+        safety_checker=False,
+        offline=True,
+        quantize=quantize,
+        backend=backend,
+        openvino_cache=Path(cache),
+    )
+    figures = {"load_s": time.perf_counter() - started, **time_engine(engine, steps, say, save_to)}
+    return {**figures, "peak_rss_gb": memory.gib()}
+
+
+def time_engine(engine: Any, steps: int | None, say: Say, save_to: str | None) -> dict[str, Any]:
+    """Text encoding, steps and decode of one 512x512 image with muselab's sampler defaults."""
+    device = engine.placement.device
+    text = time_text_encoding(engine.pipe, device)
     total_steps = GENERIC_IMAGE_DEFAULTS.steps
     request = ImageRequest(
         prompt=IMAGE_PROMPT,
@@ -434,20 +492,22 @@ def image_engine_run(
         seed=SEED,
     )
     say(f"image {engine.placement.dtype_name}: {request.scheduler}, {total_steps} steps")
-    speed_before = speed_index(placement.device)
+    speed_before = speed_index(device)
     clock = StepTimes()
     result = engine.generate(request, on_progress=clock.on_progress)
     end = time.perf_counter()
-    speed_after = speed_index(placement.device)
-    np.save(save_to, _image_array(result))
+    speed_after = speed_index(device)
+    if save_to:
+        np.save(save_to, _image_array(result))
     step, decode = clock.step_seconds(), end - clock.marks[-1]
+    say(f"image {engine.placement.dtype_name}: {step:.2f} s/step, decode {decode:.1f} s")
     return {
+        "dtype": engine.placement.dtype_name,
         "text_encode_s": text,
         "unet_step_s": step,
         "decode_s": decode,
         "steps": total_steps,
         "image_s": text + total_steps * step + decode if steps else end - clock.start,
-        "peak_rss_gb": memory.gib(),
         "speed_gflops": [speed_before, speed_after],
     }
 
@@ -619,74 +679,78 @@ def markdown_table(report: dict[str, Any]) -> str:
         f"Peaks: matmul fp32 {peak['matmul_gflops_fp32']:.0f} GFLOP/s, bf16 {peak['matmul_gflops_bf16']:.0f} GFLOP/s; "
         f"memory copy {peak['copy_gbps']:.1f} GB/s (read + write).",
         "",
-        "| what | baseline (plain script) | muselab default | int8 weights | ratio default/baseline |",
-        "|---|---|---|---|---|",
+        "| what | baseline (plain script) | muselab default | default on PyTorch | int8 weights "
+        "| ratio default/baseline |",
+        "|---|---|---|---|---|---|",
     ]
     image = report.get("image", {})
     if "baseline_s" in image:
         baseline_fraction = UNET_STEP_FLOP_512_CFG / image["baseline_unet_step_s"] / 1e9 / peak["matmul_gflops_fp32"]
+        converted = "default_convert_s" in image
         lines += [
             _row(
                 "image 512x512: seconds per image",
                 f"{image['baseline_s']:.1f} (fp32, PNDM 50)",
-                f"{image['default_s']:.1f} ({image['unet_step_dtype']}, DPM++ 2M Karras {image['default_steps']})",
-                f"{image['int8_s']:.1f}",
+                f"{image['default_s']:.1f} ({image['default_dtype']}, DPM++ 2M Karras {image['default_steps']})",
+                f"{image['torch_s']:.1f} ({image['torch_dtype']}; **{image['torch_ratio']:.2f}x**)",
+                f"{image['int8_s']:.1f} ({image['int8_dtype']})",
                 f"**{image['default_ratio']:.2f}x**",
             ),
-            _row(
-                "text encoding (CFG pair)",
-                f"{image['baseline_text_encode_s']:.2f} s",
-                f"{image['default_text_encode_s']:.2f} s",
-                f"{image['int8_text_encode_s']:.2f} s",
-                "",
-            ),
-            _row(
+            _image_row(image, "text encoding (CFG pair)", "text_encode_s", "{:.2f} s"),
+            _image_row(
+                image,
                 "UNet step, batch 2",
-                f"{image['baseline_unet_step_s']:.2f} s",
-                f"{image['default_unet_step_s']:.2f} s",
-                f"{image['int8_unet_step_s']:.2f} s",
+                "unet_step_s",
+                "{:.2f} s",
                 f"{image['baseline_unet_step_s'] / image['default_unet_step_s']:.2f}x",
             ),
             _row(
                 "UNet step as a share of the matmul peak",
                 f"{100 * baseline_fraction:.0f}% of fp32",
                 f"**{100 * image['unet_step_peak_fraction']:.0f}%** of {image['unet_step_dtype']}",
+                f"{100 * UNET_STEP_FLOP_512_CFG / image['torch_unet_step_s'] / 1e9 / peak['matmul_gflops_fp32']:.0f}%",
                 "",
                 "",
             ),
             _row(
                 "machine speed before / after the timed steps (fp32 matmul)",
-                _speeds(image.get("baseline_speed_gflops")),
-                _speeds(image.get("default_speed_gflops")),
-                _speeds(image.get("int8_speed_gflops")),
+                *(_speeds(image.get(f"{name}_speed_gflops")) for name in ("baseline", "default", "torch", "int8")),
                 "drift moves the ratios",
             ),
+            _image_row(image, "VAE decode + post-processing", "decode_s", "{:.1f} s"),
             _row(
-                "VAE decode + post-processing",
-                f"{image['baseline_decode_s']:.1f} s",
-                f"{image['default_decode_s']:.1f} s",
-                f"{image['int8_decode_s']:.1f} s",
-                "",
-            ),
-            _row(
-                "peak resident memory (build + one image)",
+                "peak resident memory (build or load + one image)",
                 f"{image['baseline_peak_rss_gb']:.2f} GiB",
                 f"{image['default_peak_rss_gb']:.2f} GiB",
+                "(in the baseline's process)",
                 f"**{image['int8_peak_rss_gb']:.2f} GiB** ({100 * image['int8_memory_ratio']:.0f}% of baseline)",
                 "",
             ),
             _row(
-                "output vs fp32, same seed (PSNR)",
+                "output vs PyTorch fp32, same seed (PSNR)",
+                "",
+                f"{image['default_psnr_db']:.1f} dB",
                 "reference",
-                f"{image['default_psnr_db']:.1f} dB" if "default_psnr_db" in image else "identical (fp32)",
                 f"{image['int8_psnr_db']:.1f} dB",
                 image["psnr_recipe"],
             ),
         ]
+        if converted:
+            lines.append(
+                _row(
+                    "one-time OpenVINO conversion (cached; peak memory)",
+                    "",
+                    f"{image['default_convert_s']:.0f} s ({image['default_convert_peak_rss_gb']:.1f} GiB)",
+                    "",
+                    f"{image['int8_convert_s']:.0f} s from the converted model "
+                    f"({image['int8_convert_peak_rss_gb']:.1f} GiB)",
+                    "not in the per-image times",
+                )
+            )
     if "fast_s" in image:
         ratio = f"**1/{image['fast_ratio']:.0f}** of the baseline" if "fast_ratio" in image else ""
         lines.append(
-            _row("fast path: sd-turbo, 1 step, TAESD decode", "", f"{image['fast_s']:.2f} s per image", "", ratio)
+            _row("fast path: sd-turbo, 1 step, TAESD decode", "", "", f"{image['fast_s']:.2f} s per image", "", ratio)
         )
     music = report.get("music")
     if music:
@@ -695,6 +759,7 @@ def markdown_table(report: dict[str, Any]) -> str:
                 f"music {music['audio_seconds']:g} s ({music['tokens']} tokens, CFG 3): real-time factor",
                 f"{music['baseline_rtf']:.2f} (fp32 generate)",
                 f"{music['default_rtf']:.2f} ({music['default_weights']})",
+                "(music runs on PyTorch)",
                 f"{music['int8_rtf']:.2f}",
                 f"**{music['default_ratio']:.2f}x**",
             ),
@@ -702,6 +767,7 @@ def markdown_table(report: dict[str, Any]) -> str:
                 "per token",
                 f"{music['baseline_ms_per_token']:.0f} ms (mean, incl. text + decode)",
                 f"{music['default_ms_per_token']:.0f} ms (median)",
+                "",
                 f"{music['int8_ms_per_token']:.0f} ms (median)",
                 "",
             ),
@@ -709,6 +775,7 @@ def markdown_table(report: dict[str, Any]) -> str:
                 "decoder logits vs fp32, teacher-forced (SNR)",
                 "reference",
                 f"{music['default_logits_snr_db']:.1f} dB",
+                "",
                 f"{music['int8_logits_snr_db']:.1f} dB",
                 "",
             ),
@@ -716,12 +783,18 @@ def markdown_table(report: dict[str, Any]) -> str:
                 "audio vs fp32, same seed (SNR)",
                 "reference",
                 f"{music['default_snr_db']:.1f} dB",
+                "",
                 f"{music['int8_snr_db']:.1f} dB",
                 "sampling diverges once a token differs",
             ),
-            _row("peak resident memory (build + one clip)", f"{music['baseline_peak_rss_gb']:.2f} GiB", "", "", ""),
+            _row("peak resident memory (build + one clip)", f"{music['baseline_peak_rss_gb']:.2f} GiB", "", "", "", ""),
         ]
     return "\n".join(lines)
+
+
+def _image_row(image: dict[str, Any], what: str, key: str, form: str, ratio: str = "") -> str:
+    names = ("baseline", "default", "torch", "int8")
+    return _row(what, *(form.format(image[f"{name}_{key}"]) for name in names), ratio)
 
 
 def _speeds(pair: list[float] | None) -> str:

@@ -14,7 +14,16 @@ from rich.console import Console
 from rich.table import Table
 
 from muselab import __version__
-from muselab.config import CATALOGUE, DeviceChoice, DtypeChoice, Preset, QuantizeChoice, Settings, hf_cache_dir
+from muselab.config import (
+    CATALOGUE,
+    BackendChoice,
+    DeviceChoice,
+    DtypeChoice,
+    Preset,
+    QuantizeChoice,
+    Settings,
+    hf_cache_dir,
+)
 
 app = typer.Typer(
     help="Text to music and text to image on your own machine.",
@@ -42,6 +51,13 @@ OfflineOpt = Annotated[bool, typer.Option("--offline", help="Never reach the hub
 QuantizeOpt = Annotated[
     QuantizeChoice | None,
     typer.Option(help="int8 weights: a quarter of the memory; auto = only where faster (MusicGen on a CPU)."),
+]
+BackendOpt = Annotated[
+    BackendChoice | None,
+    typer.Option(
+        help="What runs the image UNet and decoder: openvino (converted once, cached) or torch; "
+        "auto = openvino on a CPU where installed."
+    ),
 ]
 LowMemoryOpt = Annotated[
     bool | None,
@@ -180,6 +196,7 @@ def image(
     dtype: DtypeOpt = None,
     offline: OfflineOpt = False,
     quantize: QuantizeOpt = None,
+    backend: BackendOpt = None,
     low_memory: LowMemoryOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -207,6 +224,7 @@ def image(
         dtype,
         offline,
         quantize=quantize,
+        backend=backend,
         low_memory=low_memory,
         **({"safety_checker": False} if no_safety_checker else {}),
     )
@@ -231,6 +249,7 @@ def scene(
     dtype: DtypeOpt = None,
     offline: OfflineOpt = False,
     quantize: QuantizeOpt = None,
+    backend: BackendOpt = None,
     low_memory: LowMemoryOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -252,7 +271,7 @@ def scene(
             "seed": seed,
         },
     )
-    settings = _settings(preset, device, dtype, offline, quantize=quantize, low_memory=low_memory)
+    settings = _settings(preset, device, dtype, offline, quantize=quantize, backend=backend, low_memory=low_memory)
     _generate("scene", request, settings, output, as_json)
 
 
@@ -325,6 +344,8 @@ def _show_progress(kind: str, service: Any, job: Any, as_json: bool) -> None:
                 label = f"{kind.capitalize()} {event.item + 1}/{event.items}" if event.items > 1 else kind.capitalize()
                 if event.stage == "decoding":
                     label += " (decoding)"
+                elif event.stage == "converting":
+                    label = event.note or "Converting the model (one time)"
                 eta = "-" if event.eta is None else f"{event.eta:0.0f}s"
                 progress.update(task, total=event.total, completed=event.step, description=label, eta=eta)
     finally:
@@ -342,6 +363,8 @@ def _print_progress_json(event: Any) -> None:
         "elapsed": round(event.elapsed, 3),
         "eta": None if event.eta is None else round(event.eta, 3),
     }
+    if event.note:
+        line["note"] = event.note
     print(json.dumps(line), file=sys.stderr, flush=True)
 
 
@@ -394,6 +417,7 @@ def serve(
     dtype: DtypeOpt = None,
     offline: OfflineOpt = False,
     quantize: QuantizeOpt = None,
+    backend: BackendOpt = None,
     low_memory: LowMemoryOpt = None,
 ) -> None:
     """Serve the HTTP API (OpenAPI docs at /docs), plus A1111 and OpenAI compatible image routes."""
@@ -402,7 +426,16 @@ def serve(
     from muselab.api import create_app, is_loopback
 
     settings = _settings(
-        preset, device, dtype, offline, host=host, port=port, api_token=token, quantize=quantize, low_memory=low_memory
+        preset,
+        device,
+        dtype,
+        offline,
+        host=host,
+        port=port,
+        api_token=token,
+        quantize=quantize,
+        backend=backend,
+        low_memory=low_memory,
     )
     if not is_loopback(settings.host) and not settings.api_token:
         raise CliError(
@@ -435,6 +468,7 @@ def ui(
     dtype: DtypeOpt = None,
     offline: OfflineOpt = False,
     quantize: QuantizeOpt = None,
+    backend: BackendOpt = None,
     low_memory: LowMemoryOpt = None,
 ) -> None:
     """Start the Streamlit studio (Home, Music, Image, Scene, Gallery) in your browser."""
@@ -452,6 +486,7 @@ def ui(
         "MUSELAB_DEVICE": device,
         "MUSELAB_DTYPE": dtype,
         "MUSELAB_QUANTIZE": quantize,
+        "MUSELAB_BACKEND": backend,
         "MUSELAB_LOW_MEMORY": "1" if low_memory else None,
         "MUSELAB_OFFLINE": "1" if offline else None,
         "MUSELAB_UI_API_URL": api_url,
@@ -677,6 +712,39 @@ def models_download(
     out.print(f"Downloaded {model_id} to {path}")
 
 
+@models_app.command("convert")
+def models_convert(
+    model: Annotated[
+        str | None, typer.Argument(help="Image model hub id or folder; default: the configured one.")
+    ] = None,
+    quantize: QuantizeOpt = None,
+    preset: PresetOpt = None,
+    offline: OfflineOpt = False,
+) -> None:
+    """Convert an image model for the OpenVINO backend now: a one-time step, cached for later runs."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from muselab.engines import ModelUnavailable, load_engine
+    from muselab.quiet import quiet_libraries
+
+    quiet_libraries()
+    settings = _settings(preset, "cpu", None, offline, quantize=quantize, backend="openvino")
+    columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    with Progress(*columns, console=err) as progress:
+        task = progress.add_task(f"Loading {model or settings.model_for('image')}", total=None)
+
+        def on_progress(event: Any) -> None:
+            progress.update(task, description=event.note, completed=event.step, total=event.total)
+
+        try:
+            engine = load_engine("image", settings, model, on_progress=on_progress)
+        except ModelUnavailable as exc:
+            raise CliError(str(exc), EXIT_MODEL) from None
+    seconds = engine.load_timings.get("convert_s", 0.0)  # type: ignore[attr-defined]
+    done = f"converted in {seconds:.0f} s" if seconds > 0.01 else "already converted"
+    out.print(f"{engine.model}: {done}; cached in {settings.openvino_cache}", highlight=False)
+
+
 @models_app.command("make-tiny")
 def models_make_tiny(
     directory: Annotated[Path, typer.Argument(help="Folder to write the tiny models into.")],
@@ -715,6 +783,7 @@ def doctor(as_json: JsonOpt = False) -> None:
         "reason": placement.reason,
         "quantize_music": settings.music_quantize(placement.device),
         "quantize_image": settings.image_quantize(),
+        "image_backend": _image_backend(settings, placement.device),
         "cpu": cpu_name(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_native_bf16": cpu_has_native_bf16(),
@@ -739,6 +808,16 @@ def doctor(as_json: JsonOpt = False) -> None:
     for model_id, present in report["models_present"].items():
         mark = "[green]present[/]" if present else "[dim]not downloaded[/]"
         out.print(f"  {model_id}: {mark}")
+
+
+def _image_backend(settings: Settings, device: str) -> str:
+    from muselab.engines.openvino import openvino_available, openvino_version
+
+    if settings.backend == "torch" or (settings.backend == "auto" and (device != "cpu" or settings.compile)):
+        return "torch"
+    if not openvino_available():
+        return "torch (openvino is not installed)" if settings.backend == "auto" else "openvino (NOT INSTALLED)"
+    return f"openvino {openvino_version()} (models converted once, cached in {settings.openvino_cache})"
 
 
 def _cached_repos() -> dict[str, int]:

@@ -15,6 +15,7 @@ Preset = Literal["default", "tiny"]
 DeviceChoice = Literal["auto", "cpu", "cuda", "mps"]
 DtypeChoice = Literal["auto", "float32", "bfloat16", "float16"]
 QuantizeChoice = Literal["auto", "none", "int8", "int8-dynamic"]
+BackendChoice = Literal["auto", "torch", "openvino"]
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,10 @@ class Settings(BaseSettings):
         default_factory=lambda: Path(platformdirs.user_data_dir("muselab")),
         description="Where outputs, history and the tiny models live.",
     )
+    cache_dir: Path = Field(
+        default_factory=lambda: Path(platformdirs.user_cache_dir("muselab")),
+        description="Derived files worth keeping between runs: models converted for OpenVINO.",
+    )
     output_dir: Path | None = Field(default=None, description="Where generated files go; default <data_dir>/outputs.")
     preset: Preset = Field(
         default="default",
@@ -110,6 +115,13 @@ class Settings(BaseSettings):
         "buys speed: MusicGen on a CPU, whose token loop is bound by reading the weights (there int8-dynamic "
         "where the CPU can). 'int8-dynamic' also quantizes MusicGen's activations per token (x86 CPUs): "
         "faster still, a little more error.",
+    )
+    backend: BackendChoice = Field(
+        default="auto",
+        description="What runs the image model's UNet and VAE decoder. 'openvino' converts them once to "
+        "OpenVINO (cached under <cache_dir>/openvino) and runs them there: on CPUs the faster of the two "
+        "at the same output, so 'auto' picks it on a CPU when the openvino package is installed (and "
+        "--compile is off). 'torch' keeps PyTorch everywhere. Music always runs on PyTorch.",
     )
     low_memory: bool = Field(
         default=False,
@@ -139,6 +151,11 @@ class Settings(BaseSettings):
     @property
     def outputs(self) -> Path:
         return self.output_dir or self.data_dir / "outputs"
+
+    @property
+    def openvino_cache(self) -> Path:
+        """Converted OpenVINO models: a one-time conversion each, kept between runs."""
+        return self.cache_dir / "openvino"
 
     @property
     def tiny_models_dir(self) -> Path:

@@ -32,12 +32,17 @@ class Placement:
     reason: str
     #: "int8" when linear layers hold int8 weights (`muselab.quantize`); compute stays in `dtype`.
     quantize: str = "none"
+    #: "openvino" when the image model's UNet and decoder run on OpenVINO (`engines.openvino`).
+    backend: str = "torch"
 
     @property
     def dtype_name(self) -> str:
-        """The number format as recorded with every output: "float32", or "float32+int8"."""
+        """The number format as recorded with every output: "float32", "float32+int8", or
+        "float32 (openvino)" when OpenVINO computes it."""
         name = str(self.dtype).removeprefix("torch.")
-        return name if self.quantize == "none" else f"{name}+{self.quantize}"
+        if self.quantize != "none":
+            name = f"{name}+{self.quantize}"
+        return name if self.backend == "torch" else f"{name} ({self.backend})"
 
 
 @functools.cache

@@ -93,6 +93,7 @@ class Job:
                 "eta": None if progress.eta is None else round(progress.eta, 3),
                 "item": progress.item,
                 "items": progress.items,
+                "note": progress.note,
             },
             "outputs": [record.public() for record in self.outputs],
         }
@@ -113,13 +114,16 @@ class ModelManager:
         self._lock = threading.Lock()
 
     @contextmanager
-    def use(self, kind: str, model: str) -> Iterator[Engine]:
+    def use(
+        self, kind: str, model: str, on_progress: Callable[[ProgressEvent], None] | None = None
+    ) -> Iterator[Engine]:
+        """The engine, loaded first if needed (`on_progress` hears about one-time conversions then)."""
         key = (kind, model)
         with self._lock:
             run_lock = self._run_locks.setdefault(key, threading.Lock())
         run_lock.acquire()
         try:
-            engine = self._get(key)  # counts the engine as in use once it is loaded
+            engine = self._get(key, on_progress)  # counts the engine as in use once it is loaded
             try:
                 yield engine
             finally:
@@ -128,7 +132,7 @@ class ModelManager:
         finally:
             run_lock.release()
 
-    def _get(self, key: tuple[str, str]) -> Engine:
+    def _get(self, key: tuple[str, str], on_progress: Callable[[ProgressEvent], None] | None = None) -> Engine:
         """The engine for `key`, loaded if needed; the caller holds the key's run lock."""
         kind, model = key
         with self._lock:
@@ -137,7 +141,7 @@ class ModelManager:
                 self._engines.move_to_end(key)
         if engine is None:
             self._evict(keep=self.capacity - 1)
-            engine = self.loader(kind, self.settings, model)
+            engine = self.loader(kind, self.settings, model, on_progress=on_progress)
             with self._lock:
                 self._engines[key] = engine
         with self._lock:
@@ -357,6 +361,8 @@ class JobService:
                 self._run_scene(job, on_progress, timed_out, started)
             else:
                 self._run_single(job, on_progress, timed_out, started)
+        except Cancelled:  # while loading: a one-time conversion stops between its stages
+            self._stopped(job, timed_out, [], started)
         except (ModelUnavailable, DeviceError) as exc:
             job.error_kind = "model_unavailable"
             self._finish(job, "failed", error=str(exc), started=started)
@@ -374,12 +380,22 @@ class JobService:
                 job.error_kind = "internal"
                 self._finish(job, "failed", error=f"{type(exc).__name__}: {exc}", started=started)
 
+    @staticmethod
+    def _loading_progress(job: Job, on_progress: Any) -> Callable[[ProgressEvent], None]:
+        """Progress of one-time work while a model loads; a cancel takes effect between its stages."""
+
+        def forward(event: ProgressEvent) -> None:
+            job.cancel.raise_if_cancelled()
+            on_progress(event)
+
+        return forward
+
     def _run_single(self, job: Job, on_progress: Any, timed_out: threading.Event, started: float) -> None:
-        with self.models.use(job.kind, job.model) as engine:
+        with self.models.use(job.kind, job.model, self._loading_progress(job, on_progress)) as engine:
             resolved_request = engine.resolve(job.request)
             job.resolved = resolved_request.model_dump(mode="json")
             self.store.mark_running(job.id, job.model, engine.placement.device, engine.placement.dtype_name)
-            self._update(job, status="running")
+            self._update(job, status="running", progress=None)  # loading progress ends here
             options: dict[str, Any] = {}
             if isinstance(resolved_request, ImageRequest):
                 options["preview_every"] = max(1, (resolved_request.steps or 1) // 8)
@@ -397,7 +413,7 @@ class JobService:
         scene = job.request
         assert isinstance(scene, SceneRequest)
         with (
-            self.models.use("image", scene.image_model or "") as image_engine,
+            self.models.use("image", scene.image_model or "", self._loading_progress(job, on_progress)) as image_engine,
             self.models.use("music", scene.music_model or "") as music_engine,
         ):
             image_request = image_engine.resolve(scene.image_request())
@@ -413,7 +429,7 @@ class JobService:
             job.resolved = scene.model_dump(mode="json")
             placement = image_engine.placement
             self.store.mark_running(job.id, job.model, placement.device, placement.dtype_name)
-            self._update(job, status="running")
+            self._update(job, status="running", progress=None)  # loading progress ends here
             image_steps = image_request.steps
             total = image_steps + music_engine.tokens_for(music_request.duration)  # type: ignore[attr-defined]
 

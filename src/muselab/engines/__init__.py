@@ -12,6 +12,7 @@ from muselab.engines.base import (
     ImageOutput,
     ModelUnavailable,
     MusicOutput,
+    ProgressCallback,
     ProgressEvent,
 )
 
@@ -28,8 +29,11 @@ __all__ = [
 ]
 
 
-def load_engine(kind: Kind, settings: Settings, model: str | None = None) -> Engine:
-    """Load the engine for `kind`, using `model` or the one the settings name."""
+def load_engine(
+    kind: Kind, settings: Settings, model: str | None = None, on_progress: ProgressCallback | None = None
+) -> Engine:
+    """Load the engine for `kind`, using `model` or the one the settings name. `on_progress` hears
+    about one-time work while loading (converting an image model for OpenVINO)."""
     from muselab.quiet import quiet_libraries
 
     quiet_libraries()
@@ -61,4 +65,7 @@ def load_engine(kind: Kind, settings: Settings, model: str | None = None) -> Eng
         quantize=settings.image_quantize(),
         low_memory=settings.low_memory,
         compile=settings.compile,
+        backend=settings.backend,
+        openvino_cache=settings.openvino_cache,
+        on_progress=on_progress,
     )

@@ -19,7 +19,7 @@ from muselab.schemas import Request
 class ProgressEvent:
     """One step of work done. `step`/`total` count over the whole request (all images or clips)."""
 
-    stage: str  # "generating" or "decoding"
+    stage: str  # "generating", "decoding", or "converting" (a one-time model conversion while loading)
     step: int
     total: int
     elapsed: float
@@ -27,6 +27,7 @@ class ProgressEvent:
     item: int = 0  # which image or clip (0-based) is being made
     items: int = 1
     preview: Any = None  # a small PIL image, every few image steps when asked for
+    note: str = ""  # what is being done, in words (conversion stages)
 
     @property
     def fraction(self) -> float:

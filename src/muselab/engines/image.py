@@ -108,15 +108,35 @@ class ImageEngine:
         quantize: str = "none",
         low_memory: bool = False,
         compile: bool = False,
+        openvino: OpenVinoSetup | None = None,
     ):
         """Wrap a loaded diffusers text-to-image pipeline; see `ImageEngine.load`.
 
         `fast_decoder` names the tiny autoencoder (TAESD) loaded on the first request that asks
         for `decoder="fast"`, and for live previews. `quantize`, `low_memory` and `compile` are the
-        settings of the same names (`muselab.config.Settings`).
+        settings of the same names (`muselab.config.Settings`). With `openvino`, the UNet and the
+        VAE decoder run on OpenVINO (converted first if its cache lacks them).
         """
         pipe.set_progress_bar_config(disable=True)
-        if quantize == "int8":
+        self.load_timings: dict[str, float] = {}
+        if openvino is not None:
+            from muselab.engines.openvino import use_openvino
+            from muselab.quantize import quantize_linears
+
+            self.load_timings = use_openvino(
+                pipe,
+                openvino.source,
+                openvino.cache_dir,
+                placement.dtype,
+                quantize,
+                openvino.on_progress,
+                openvino.unet_config,
+            )
+            if quantize == "int8":
+                for module in text_encoders(pipe):
+                    quantize_linears(module)
+            placement = dataclasses.replace(placement, quantize=quantize, backend="openvino")
+        elif quantize == "int8":
             quantize_pipeline(pipe, placement.dtype)
             placement = dataclasses.replace(placement, quantize="int8")
         if low_memory and placement.device == "cuda":
@@ -126,7 +146,7 @@ class ImageEngine:
         if low_memory:
             pipe.enable_attention_slicing()
             pipe.vae.enable_slicing()
-        if placement.device == "cuda":
+        if placement.device == "cuda" and openvino is None:
             # cuDNN's fastest convolutions want NHWC; on CPUs (oneDNN) it measured no faster here.
             pipe.unet.to(memory_format=torch.channels_last)
         if compile:
@@ -156,8 +176,14 @@ class ImageEngine:
         quantize: str = "none",
         low_memory: bool = False,
         compile: bool = False,
+        backend: str = "torch",
+        openvino_cache: Path | None = None,
+        on_progress: ProgressCallback | None = None,
     ) -> ImageEngine:
-        """Load a hub id or local folder (safetensors only) through diffusers' `from_pretrained`."""
+        """Load a hub id or local folder (safetensors only) through diffusers' `from_pretrained`.
+
+        `backend` is "torch", "openvino" or "auto" (OpenVINO on a CPU where it is installed and
+        the model suits it). `on_progress` hears about a one-time OpenVINO conversion."""
         from diffusers import AutoPipelineForText2Image
 
         placement = placement or choose_placement()
@@ -165,7 +191,14 @@ class ImageEngine:
         extra: dict[str, Any] = {}
         if not safety_checker:
             extra = {"safety_checker": None, "requires_safety_checker": False}
+        openvino = _openvino_setup(
+            backend, model, Path(source), placement, quantize, compile, openvino_cache, on_progress
+        )
         dtype = load_dtype(placement, quantize)
+        if openvino is not None:
+            dtype = placement.dtype  # converted from full precision; NNCF makes the int8 weights
+            if openvino.unet_cached:
+                extra["unet"] = None  # the converted UNet replaces it: never read its weights
         pipe = load_or_explain(
             lambda: AutoPipelineForText2Image.from_pretrained(
                 source, dtype=dtype, use_safetensors=True, local_files_only=True, **extra
@@ -182,6 +215,7 @@ class ImageEngine:
             quantize=quantize,
             low_memory=low_memory,
             compile=compile,
+            openvino=openvino,
         )
 
     def fast_vae(self, source: str | None = None) -> Any:
@@ -282,6 +316,63 @@ class ImageEngine:
             flagged = bool(result.nsfw_content_detected and result.nsfw_content_detected[0])
             outputs.append(ImageOutput(image=result.images[0], seed=seed, flagged=flagged))
         return engine_result(self, request, outputs, started)
+
+
+@dataclasses.dataclass
+class OpenVinoSetup:
+    """Where a pipeline's OpenVINO models come from (see `muselab.engines.openvino`)."""
+
+    source: Path
+    cache_dir: Path
+    unet_config: Any
+    unet_cached: bool
+    on_progress: ProgressCallback | None = None
+
+
+def _openvino_setup(
+    backend: str,
+    model: str,
+    source: Path,
+    placement: Placement,
+    quantize: str,
+    compile: bool,
+    cache_dir: Path | None,
+    on_progress: ProgressCallback | None,
+) -> OpenVinoSetup | None:
+    """None for PyTorch; else how to set up OpenVINO. An explicit "openvino" that cannot work here
+    is an error that says why; "auto" quietly keeps PyTorch then."""
+    from muselab.engines import openvino as ov
+
+    if backend == "torch":
+        return None
+    explicit = backend == "openvino"
+    problem = None
+    if placement.device != "cpu":
+        problem = f"it runs on CPUs, and this engine is placed on {placement.device} (use --device cpu)"
+    elif compile:
+        problem = "--compile is for the PyTorch backend (turn one of them off)"
+    elif not ov.openvino_available() or (quantize == "int8" and not ov.nncf_available()):
+        if not explicit:
+            return None
+        ov.require_openvino(quantize)
+    else:
+        try:
+            unet_config = ov.read_unet_config(source / "unet")
+        except (OSError, ValueError) as exc:
+            problem = f"its UNet config could not be read ({exc})"
+        else:
+            problem = ov.unsupported_reason(unet_config)
+    if problem is not None:
+        if explicit:
+            raise ov.OpenVinoUnavailable(
+                f"'{model}' cannot use the OpenVINO backend: {problem}. Or use --backend torch."
+            )
+        return None
+    from muselab.config import Settings
+
+    cache_dir = cache_dir or Settings().openvino_cache
+    cached = ov.cached_unet_source(source, cache_dir, quantize, placement.dtype) is not None
+    return OpenVinoSetup(source, cache_dir, unet_config, cached, on_progress)
 
 
 def latents_to_preview(latents: torch.Tensor, tiny_vae: Any = None, max_side: int = 128) -> Any:

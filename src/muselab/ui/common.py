@@ -86,7 +86,10 @@ def _live_progress(kind: str, job_id: str) -> None:
     if status["status"] not in ACTIVE:
         st.rerun()
     progress = status["progress"]
-    if status["status"] == "queued" or progress is None:
+    if progress is not None and progress["stage"] == "converting":
+        note = progress.get("note") or "Converting the model"
+        st.progress(min(progress["fraction"], 1.0), text=f"{note} (one time), {progress['elapsed']:0.0f} s")
+    elif status["status"] == "queued" or progress is None:
         position = status.get("queue_position")
         waited = time.time() - st.session_state.get(f"{kind}.submitted_at", time.time())
         text = f"Waiting in the queue (position {position})" if position and position > 1 else "Loading the model"

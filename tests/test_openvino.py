@@ -1,0 +1,144 @@
+"""The OpenVINO image path on the tiny SD pipeline: same pictures as PyTorch, a one-time cached
+conversion with progress, int8 weights from NNCF, clear errors, and cancellation while converting."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from muselab.config import Settings
+from muselab.engines import ModelUnavailable, load_engine
+from muselab.engines.image import ImageEngine
+from muselab.engines.openvino import OpenVinoUnavailable, OpenVinoUNet, openvino_available
+from muselab.schemas import ImageRequest
+
+pytestmark = pytest.mark.skipif(not openvino_available(), reason="openvino is a dependency; installed by make setup")
+
+
+def pixels(result) -> np.ndarray:
+    return np.asarray(result.outputs[0].image).astype(int)
+
+
+@pytest.fixture(scope="module")
+def ov_settings(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    """The tiny models, with a conversion cache of this module's own (so the first load converts)."""
+    data_dir = tmp_path_factory.mktemp("ov-data")
+    (data_dir / "tiny-models").symlink_to(tiny_dir / "tiny-models")
+    return Settings(data_dir=data_dir, cache_dir=data_dir / "cache", preset="tiny", offline=True, backend="openvino")
+
+
+@pytest.fixture(scope="module")
+def converted(ov_settings: Settings) -> tuple[ImageEngine, list]:
+    events: list = []
+    engine = load_engine("image", ov_settings, on_progress=events.append)
+    return engine, events
+
+
+def test_first_load_converts_with_progress_and_caches_whole_models(converted, ov_settings):
+    engine, events = converted
+    assert isinstance(engine.pipe.unet, OpenVinoUNet)
+    assert engine.placement.dtype_name.endswith("(openvino)")
+    assert {event.stage for event in events} == {"converting"}
+    steps = [event.step for event in events]
+    assert steps == sorted(steps) and steps[-1] == events[-1].total
+    assert any("Converting the unet" in event.note for event in events)
+    folders = sorted(p.name for p in ov_settings.openvino_cache.iterdir())
+    assert len(folders) == 2 and not any(".partial" in name for name in folders)
+    assert all((ov_settings.openvino_cache / name / "model.bin").stat().st_size > 0 for name in folders)
+    assert engine.load_timings["convert_s"] > 0
+
+
+def test_second_load_reuses_the_cache_without_reading_the_torch_unet(converted, ov_settings):
+    events: list = []
+    again = load_engine("image", ov_settings, on_progress=events.append)
+    assert again.load_timings["convert_s"] < 0.05
+    assert events == []  # nothing one-time to report
+    assert isinstance(again.pipe.unet, OpenVinoUNet)
+
+
+def test_openvino_draws_the_same_picture_as_pytorch(converted, image_engine):
+    engine, _ = converted
+    request = ImageRequest(prompt="a red fox", seed=5, steps=4)
+    result, reference = engine.generate(request), image_engine.generate(request)
+    assert result.dtype.endswith("(openvino)")
+    assert np.abs(pixels(result) - pixels(reference)).max() <= 2  # float rounding only
+    # Tiled decoding (large images, --low-memory) goes through the converted decoder tile by tile.
+    import torch
+
+    vae = engine.pipe.vae
+    latents = torch.randn(1, vae.config.latent_channels, 48, 40)
+    whole = vae.decode(latents).sample
+    sizes = vae.tile_sample_min_size, vae.tile_latent_min_size
+    vae.tile_sample_min_size, vae.tile_latent_min_size = 32, 16  # tiles small enough for a tiny model
+    vae.enable_tiling()
+    try:
+        tiled = vae.decode(latents).sample
+    finally:
+        vae.disable_tiling()
+        vae.tile_sample_min_size, vae.tile_latent_min_size = sizes
+    assert tiled.shape == whole.shape == (1, 3, 96, 80)
+    assert (tiled - whole).abs().mean() < 0.1  # tiles blend at their seams
+
+
+def test_int8_weights_come_from_nncf_and_shrink_the_unet(converted, ov_settings, image_engine):
+    engine = load_engine("image", ov_settings.model_copy(update={"quantize": "int8"}))
+    assert engine.placement.dtype_name == "float32+int8 (openvino)"
+    request = ImageRequest(prompt="a red fox", seed=5, steps=3)
+    difference = np.abs(pixels(engine.generate(request)) - pixels(image_engine.generate(request)))
+    assert difference.mean() < 8
+    sizes = {p.name: (p / "model.bin").stat().st_size for p in ov_settings.openvino_cache.iterdir() if "unet" in p.name}
+    int8 = next(size for name, size in sizes.items() if "-int8-" in name)
+    full = next(size for name, size in sizes.items() if "-none-" in name)
+    assert int8 < 0.5 * full
+
+
+def test_explicit_openvino_that_cannot_work_says_why(ov_settings):
+    with pytest.raises(OpenVinoUnavailable, match="--compile"):
+        load_engine("image", ov_settings.model_copy(update={"compile": True}))
+    # An OpenVINO problem is a model problem to the job service and the CLI (clear message, exit 3).
+    assert issubclass(OpenVinoUnavailable, ModelUnavailable)
+
+
+def test_auto_means_openvino_on_a_cpu_but_pytorch_with_compile(ov_settings):
+    auto = ov_settings.model_copy(update={"backend": "auto", "device": "cpu"})
+    assert isinstance(load_engine("image", auto).pipe.unet, OpenVinoUNet)
+    # --compile is a PyTorch feature: auto quietly stays on PyTorch instead of failing.
+    compiled = load_engine("image", auto.model_copy(update={"compile": True}))
+    assert not isinstance(compiled.pipe.unet, OpenVinoUNet)
+    assert not compiled.placement.dtype_name.endswith("(openvino)")
+
+
+def test_cancel_during_conversion_leaves_no_half_model(tiny_dir, tmp_path):
+    from muselab.jobs import JobService
+
+    (tmp_path / "tiny-models").symlink_to(tiny_dir / "tiny-models")
+    settings = Settings(
+        data_dir=tmp_path, cache_dir=tmp_path / "cache", preset="tiny", offline=True, backend="openvino"
+    )
+    service = JobService(settings)
+    seen: list = []
+    original = service.models.loader
+
+    def loader(kind, settings, model, on_progress=None):
+        def spy(event):
+            seen.append(event)
+            if event.note.startswith("Converting the vae"):
+                job.cancel.cancel()  # the user presses cancel once the UNet is converted
+            on_progress(event)
+
+        return original(kind, settings, model, on_progress=spy)
+
+    service.models.loader = loader
+    try:
+        job = service.submit(ImageRequest(prompt="fox", steps=2))
+        status = service.wait(job.id, 120)
+    finally:
+        service.shutdown()
+    assert status["status"] == "cancelled"
+    assert seen and seen[0].stage == "converting"
+    # The finished UNet stays cached (the next load skips it); the decoder was never started.
+    leftovers = [p.name for p in settings.openvino_cache.iterdir()]
+    assert len(leftovers) == 1 and leftovers[0].startswith("unet-")
+    assert (settings.openvino_cache / leftovers[0] / "model.xml").exists()
