@@ -108,6 +108,9 @@ def test_auto_means_openvino_on_a_cpu_but_pytorch_with_compile(ov_settings):
     compiled = load_engine("image", auto.model_copy(update={"compile": True}))
     assert not isinstance(compiled.pipe.unet, OpenVinoUNet)
     assert not compiled.placement.dtype_name.endswith("(openvino)")
+    # int8 is asked for to save memory, which PyTorch's int8 layers do better: auto keeps PyTorch.
+    small = load_engine("image", auto.model_copy(update={"quantize": "int8"}))
+    assert not isinstance(small.pipe.unet, OpenVinoUNet) and small.placement.dtype_name == "float32+int8"
 
 
 def test_cancel_during_conversion_leaves_no_half_model(tiny_dir, tmp_path):

@@ -813,7 +813,8 @@ def doctor(as_json: JsonOpt = False) -> None:
 def _image_backend(settings: Settings, device: str) -> str:
     from muselab.engines.openvino import openvino_available, openvino_version
 
-    if settings.backend == "torch" or (settings.backend == "auto" and (device != "cpu" or settings.compile)):
+    auto_torch = device != "cpu" or settings.compile or settings.image_quantize() == "int8"
+    if settings.backend == "torch" or (settings.backend == "auto" and auto_torch):
         return "torch"
     if not openvino_available():
         return "torch (openvino is not installed)" if settings.backend == "auto" else "openvino (NOT INSTALLED)"

@@ -120,8 +120,9 @@ class Settings(BaseSettings):
         default="auto",
         description="What runs the image model's UNet and VAE decoder. 'openvino' converts them once to "
         "OpenVINO (cached under <cache_dir>/openvino) and runs them there: on CPUs the faster of the two "
-        "at the same output, so 'auto' picks it on a CPU when the openvino package is installed (and "
-        "--compile is off). 'torch' keeps PyTorch everywhere. Music always runs on PyTorch.",
+        "at the same output, so 'auto' picks it on a CPU when the openvino package is installed, --compile "
+        "is off and int8 is not asked for (OpenVINO keeps float32 copies of convolution weights, so "
+        "PyTorch's int8 saves more memory). 'torch' keeps PyTorch everywhere. Music always runs on PyTorch.",
     )
     low_memory: bool = Field(
         default=False,
