@@ -101,13 +101,21 @@ def test_explicit_openvino_that_cannot_work_says_why(ov_settings):
     assert issubclass(OpenVinoUnavailable, ModelUnavailable)
 
 
-def test_auto_means_openvino_on_a_cpu_but_pytorch_with_compile(ov_settings):
+def test_auto_means_openvino_on_a_cpu_but_pytorch_with_compile(ov_settings, monkeypatch):
     auto = ov_settings.model_copy(update={"backend": "auto", "device": "cpu"})
     assert isinstance(load_engine("image", auto).pipe.unet, OpenVinoUNet)
     # --compile is a PyTorch feature: auto quietly stays on PyTorch instead of failing.
     compiled = load_engine("image", auto.model_copy(update={"compile": True}))
     assert not isinstance(compiled.pipe.unet, OpenVinoUNet)
     assert not compiled.placement.dtype_name.endswith("(openvino)")
+    # Where memory matters more than OpenVINO's few percent, auto keeps PyTorch.
+    from muselab.engines import image
+
+    assert image.auto_uses_openvino("cpu", "none") and not image.auto_uses_openvino("cuda", "none")
+    assert not image.auto_uses_openvino("cpu", "none", low_memory=True)
+    monkeypatch.setattr(image, "physical_memory_gib", lambda: 8.0)  # an 8 GB laptop
+    assert not image.auto_uses_openvino("cpu", "none")
+    monkeypatch.undo()
     # int8 is asked for to save memory, which PyTorch's int8 layers do better: auto keeps PyTorch.
     small = load_engine("image", auto.model_copy(update={"quantize": "int8"}))
     assert not isinstance(small.pipe.unet, OpenVinoUNet) and small.placement.dtype_name == "float32+int8"

@@ -382,10 +382,9 @@ def bench_image(
 
 def default_image_backend(placement: Placement, quantize: str) -> str:
     """The backend `--backend auto` gives an SD 1.x model on this machine (as `ImageEngine.load`)."""
-    from muselab.engines.openvino import openvino_available
+    from muselab.engines.image import auto_uses_openvino
 
-    suits = placement.device == "cpu" and quantize != "int8"
-    return "openvino" if suits and openvino_available() else "torch"
+    return "openvino" if auto_uses_openvino(placement.device, quantize) else "torch"
 
 
 def image_baseline(

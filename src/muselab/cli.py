@@ -811,13 +811,17 @@ def doctor(as_json: JsonOpt = False) -> None:
 
 
 def _image_backend(settings: Settings, device: str) -> str:
+    from muselab.engines.image import auto_uses_openvino
     from muselab.engines.openvino import openvino_available, openvino_version
 
-    auto_torch = device != "cpu" or settings.compile or settings.image_quantize() == "int8"
-    if settings.backend == "torch" or (settings.backend == "auto" and auto_torch):
+    if settings.backend == "torch":
         return "torch"
-    if not openvino_available():
-        return "torch (openvino is not installed)" if settings.backend == "auto" else "openvino (NOT INSTALLED)"
+    if settings.backend == "auto":
+        quantize = settings.image_quantize()
+        if not auto_uses_openvino(device, quantize, settings.low_memory, settings.compile):
+            return "torch" if openvino_available() else "torch (openvino is not installed)"
+    elif not openvino_available():
+        return "openvino (NOT INSTALLED: pip install openvino)"
     return f"openvino {openvino_version()} (models converted once, cached in {settings.openvino_cache})"
 
 

@@ -120,9 +120,10 @@ class Settings(BaseSettings):
         default="auto",
         description="What runs the image model's UNet and VAE decoder. 'openvino' converts them once to "
         "OpenVINO (cached under <cache_dir>/openvino) and runs them there: on CPUs the faster of the two "
-        "at the same output, so 'auto' picks it on a CPU when the openvino package is installed, --compile "
-        "is off and int8 is not asked for (OpenVINO keeps float32 copies of convolution weights, so "
-        "PyTorch's int8 saves more memory). 'torch' keeps PyTorch everywhere. Music always runs on PyTorch.",
+        "at the same output (1.0-1.3x measured), so 'auto' picks it on a CPU when the openvino package is "
+        "installed, unless memory matters more: it keeps its own copy of the weights (SD 1.x peaks at 9.4 GiB "
+        "against 5.5), so not with --quantize int8 or --low-memory or under 12 GiB of RAM; nor with --compile. "
+        "'torch' keeps PyTorch everywhere. Music always runs on PyTorch.",
     )
     low_memory: bool = Field(
         default=False,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import secrets
 import time
 from pathlib import Path
@@ -192,7 +193,7 @@ class ImageEngine:
         if not safety_checker:
             extra = {"safety_checker": None, "requires_safety_checker": False}
         openvino = _openvino_setup(
-            backend, model, Path(source), placement, quantize, compile, openvino_cache, on_progress
+            backend, model, Path(source), placement, quantize, compile, low_memory, openvino_cache, on_progress
         )
         dtype = load_dtype(placement, quantize)
         if openvino is not None:
@@ -318,6 +319,30 @@ class ImageEngine:
         return engine_result(self, request, outputs, started)
 
 
+#: OpenVINO's CPU runtime keeps its own packed copy of the weights: an SD 1.x image peaks at about
+#: 9.4 GiB there against PyTorch's 5.5 (docs/PERFORMANCE.md), so `auto` wants this much memory.
+OPENVINO_AUTO_MIN_MEMORY_GIB = 12.0
+
+
+def physical_memory_gib() -> float:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
+    except (ValueError, OSError, AttributeError):  # not on every platform
+        return 0.0
+
+
+def auto_uses_openvino(device: str, quantize: str, low_memory: bool = False, compile: bool = False) -> bool:
+    """What `--backend auto` means for an image model: OpenVINO on a CPU (as fast as PyTorch or
+    faster, same pictures), unless it is not installed, or memory matters more (`--quantize int8`,
+    whose memory saving OpenVINO's float32 weight copies would undo; `--low-memory`; a machine with
+    less than OPENVINO_AUTO_MIN_MEMORY_GIB), or `--compile` (a PyTorch feature) is on."""
+    from muselab.engines.openvino import openvino_available
+
+    if device != "cpu" or compile or low_memory or quantize == "int8":
+        return False
+    return openvino_available() and physical_memory_gib() >= OPENVINO_AUTO_MIN_MEMORY_GIB
+
+
 @dataclasses.dataclass
 class OpenVinoSetup:
     """Where a pipeline's OpenVINO models come from (see `muselab.engines.openvino`)."""
@@ -336,6 +361,7 @@ def _openvino_setup(
     placement: Placement,
     quantize: str,
     compile: bool,
+    low_memory: bool,
     cache_dir: Path | None,
     on_progress: ProgressCallback | None,
 ) -> OpenVinoSetup | None:
@@ -346,9 +372,7 @@ def _openvino_setup(
     if backend == "torch":
         return None
     explicit = backend == "openvino"
-    if not explicit and quantize == "int8":
-        # int8 is asked for to save memory, and OpenVINO's CPU runtime keeps float32 copies of
-        # the convolution weights (measured: 7.9 GiB peak against PyTorch int8's 3.0 GiB).
+    if not explicit and not auto_uses_openvino(placement.device, quantize, low_memory, compile):
         return None
     problem = None
     if placement.device != "cpu":
