@@ -441,21 +441,25 @@ def image_baseline(
 
 def image_convert(folder: str, cache: str, quantize: str, say: Say) -> dict[str, Any]:
     """The one-time OpenVINO conversion of the saved pipeline, timed apart from generating."""
+    memory = PeakMemory(choose_placement().device)
+    engine = load_saved(folder, cache, "openvino", quantize, on_progress=lambda event: say(f"image: {event.note}"))
+    return {**engine.load_timings, "convert_peak_rss_gb": memory.gib()}
+
+
+def load_saved(folder: str, cache: str, backend: str, quantize: str, on_progress: Any = None) -> Any:
+    """The saved benchmark pipeline, loaded the way `muselab image` loads a model folder."""
     from muselab.engines.image import ImageEngine
 
-    placement = choose_placement()
-    memory = PeakMemory(placement.device)
-    engine = ImageEngine.load(
+    return ImageEngine.load(
         folder,
-        placement,
+        choose_placement(),
         safety_checker=False,
         offline=True,
         quantize=quantize,
-        backend="openvino",
+        backend=backend,
         openvino_cache=Path(cache),
-        on_progress=lambda event: say(f"image: {event.note}"),
+        on_progress=on_progress,
     )
-    return {**engine.load_timings, "convert_peak_rss_gb": memory.gib()}
 
 
 def image_engine_run(
@@ -474,15 +478,7 @@ def image_engine_run(
         pipe = full.build_sd1_random(load_dtype(placement, quantize), verbose=False)
         engine = ImageEngine(pipe, "sd1.x-random", placement, quantize=quantize)
     else:
-        engine = ImageEngine.load(
-            folder,
-            placement,
-            safety_checker=False,
-            offline=True,
-            quantize=quantize,
-            backend=backend,
-            openvino_cache=Path(cache),
-        )
+        engine = load_saved(folder, cache, backend, quantize)
     figures = {"load_s": time.perf_counter() - started, **time_engine(engine, steps, say, save_to)}
     return {**figures, "peak_rss_gb": memory.gib()}
 
