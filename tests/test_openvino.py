@@ -82,6 +82,16 @@ def test_openvino_draws_the_same_picture_as_pytorch(converted, image_engine):
     assert (tiled - whole).abs().mean() < 0.1  # tiles blend at their seams
 
 
+def test_the_converted_unet_refuses_conditioning_it_would_drop(converted):
+    import torch
+
+    unet = converted[0].pipe.unet
+    sample, text = torch.zeros(2, 4, 32, 32), torch.zeros(2, 77, unet.config.cross_attention_dim)
+    unet(sample, 1, text, timestep_cond=None, cross_attention_kwargs=None, added_cond_kwargs={})  # what SD passes
+    with pytest.raises(NotImplementedError, match=r"down_block_additional_residuals.*--backend torch"):
+        unet(sample, 1, text, down_block_additional_residuals=(torch.zeros(1),))
+
+
 def test_int8_weights_come_from_nncf_and_shrink_the_unet(converted, ov_settings, image_engine):
     engine = load_engine("image", ov_settings.model_copy(update={"quantize": "int8"}))
     assert engine.placement.dtype_name == "float32+int8 (openvino)"

@@ -270,6 +270,16 @@ class OpenVinoUNet(_CompiledModule):
     ) -> Any:
         from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
+        # The converted graph takes exactly these three inputs; extra conditioning (ControlNet
+        # residuals, LCM guidance embeddings, SDXL's added inputs) would be silently dropped.
+        extra = [
+            name for name, value in kwargs.items() if value is not None and not (isinstance(value, dict) and not value)
+        ]
+        if args or extra:
+            raise NotImplementedError(
+                f"The OpenVINO UNet takes no extra conditioning ({', '.join(extra) or 'positional arguments'}); "
+                "use --backend torch for this pipeline."
+            )
         step = torch.as_tensor(timestep, dtype=torch.float32).reshape(-1)[:1].reshape(())
         output = self.run(sample.detach().float().numpy(), step.numpy(), encoder_hidden_states.detach().float().numpy())
         return UNet2DConditionOutput(sample=output) if return_dict else (output,)
