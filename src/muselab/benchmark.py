@@ -359,6 +359,8 @@ def bench_image(
             run["folder"] = None
         part = _run_part("image_engine_run", run, isolate, say)
         figures.update({f"{name}_{key}": value for key, value in part.items()})
+    if figures["default_backend"] == "openvino":
+        figures.update(_run_part("image_step_speedup", {"folder": folder, "cache": cache}, isolate, say))
     reference = np.load(images["torch"])  # PyTorch float32 with muselab's sampler settings
     figures["default_psnr_db"] = psnr(reference, np.load(images["default"]))
     figures["int8_psnr_db"] = psnr(reference, np.load(images["int8"]))
@@ -481,6 +483,42 @@ def image_engine_run(
         engine = load_saved(folder, cache, backend, quantize)
     figures = {"load_s": time.perf_counter() - started, **time_engine(engine, steps, say, save_to)}
     return {**figures, "peak_rss_gb": memory.gib()}
+
+
+def image_step_speedup(folder: str, cache: str, say: Say, rounds: int = 3) -> dict[str, Any]:
+    """OpenVINO's converted UNet against PyTorch's, their steps alternated in one process (torch,
+    OpenVINO, torch, each round): a speed-up the machine's drift between parts cannot move."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from muselab.engines.openvino import OpenVinoUNet, compile_ir, converted_unet_folder, precision_hint
+
+    placement = choose_placement()
+    torch_unet = UNet2DConditionModel.from_pretrained(Path(folder) / "unet", dtype=placement.dtype).eval()
+    converted = converted_unet_folder(Path(folder), Path(cache), "none", placement.dtype)
+    openvino_unet = OpenVinoUNet(
+        compile_ir(converted, precision_hint(placement.dtype)), torch_unet.config, placement.dtype
+    )
+    vae_scale = 2 ** (len(AutoencoderKL.load_config(Path(folder) / "vae")["block_out_channels"]) - 1)
+    config, side = torch_unet.config, IMAGE_SIZE // vae_scale
+    generator = torch.Generator().manual_seed(SEED)
+    sample = torch.randn(2, config.in_channels, side, side, generator=generator).to(placement.dtype)
+    text = torch.randn(2, 77, config.cross_attention_dim, generator=generator).to(placement.dtype)
+    timestep = torch.tensor(500.0)
+
+    def seconds(unet: Any) -> float:
+        started = time.perf_counter()
+        unet(sample, timestep, text, return_dict=False)
+        return time.perf_counter() - started
+
+    speedups = []
+    with torch.inference_mode():
+        seconds(torch_unet), seconds(openvino_unet)  # first calls carry one-off set-up
+        for _ in range(rounds):
+            before, openvino, after = seconds(torch_unet), seconds(openvino_unet), seconds(torch_unet)
+            speedups.append((before + after) / 2 / openvino)
+    speedup = statistics.median(speedups)
+    say(f"image: UNet steps alternated in one process: OpenVINO {speedup:.2f}x PyTorch ({speedups})")
+    return {"openvino_step_speedup": speedup, "openvino_step_speedups": speedups}
 
 
 def time_engine(engine: Any, steps: int | None, say: Say, save_to: str | None) -> dict[str, Any]:
@@ -741,6 +779,18 @@ def markdown_table(report: dict[str, Any]) -> str:
                 image["psnr_recipe"],
             ),
         ]
+        if "openvino_step_speedup" in image:
+            rounds = ", ".join(f"{value:.2f}" for value in image["openvino_step_speedups"])
+            lines.append(
+                _row(
+                    "UNet step, OpenVINO vs PyTorch alternated in one process (drift-free)",
+                    "",
+                    f"**{image['openvino_step_speedup']:.2f}x** (median)",
+                    "1x",
+                    "",
+                    f"rounds: {rounds}",
+                )
+            )
         if converted:
             lines.append(
                 _row(
