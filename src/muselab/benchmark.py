@@ -43,6 +43,7 @@ from muselab.devices import (
     cpu_has_native_bf16,
     cpu_name,
     measure_matmul_gflops,
+    physical_memory_gib,
     synchronize,
 )
 from muselab.engines.base import ProgressEvent
@@ -185,7 +186,7 @@ def machine_info() -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "native_bf16_flag": cpu_has_native_bf16(),
-        "ram_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "ram_gib": round(physical_memory_gib(), 1),
         "python": platform.python_version(),
         "diffusers": diffusers.__version__,
         "transformers": transformers.__version__,
@@ -495,19 +496,19 @@ def image_engine_run(
     figures["peak_rss_gb"] = memory.gib()
     if against_torch and folder is not None:
         # Once the peak is read: PyTorch's UNet joins the process for the drift-free comparison.
-        figures.update(step_speedup(engine.pipe.unet, Path(folder), say))
+        figures.update(step_speedup(engine.pipe, Path(folder), say))
     return figures
 
 
-def step_speedup(converted_unet: Any, folder: Path, say: Say, rounds: int = 2) -> dict[str, Any]:
-    """OpenVINO's converted UNet against PyTorch's, their steps alternated in one process (torch,
-    OpenVINO, torch, each round): a speed-up the machine's drift between parts cannot move."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+def step_speedup(pipe: Any, folder: Path, say: Say, rounds: int = 2) -> dict[str, Any]:
+    """The pipeline's converted (OpenVINO) UNet against PyTorch's read from `folder`, their steps
+    alternated in one process (torch, OpenVINO, torch, each round): a speed-up the machine's drift
+    between parts cannot move."""
+    from diffusers import UNet2DConditionModel
 
     placement = choose_placement()
     torch_unet = UNet2DConditionModel.from_pretrained(folder / "unet", dtype=placement.dtype).eval()
-    vae_scale = 2 ** (len(AutoencoderKL.load_config(folder / "vae")["block_out_channels"]) - 1)
-    config, side = torch_unet.config, IMAGE_SIZE // vae_scale
+    converted_unet, config, side = pipe.unet, pipe.unet.config, IMAGE_SIZE // pipe.vae_scale_factor
     generator = torch.Generator().manual_seed(SEED)
     sample = torch.randn(2, config.in_channels, side, side, generator=generator).to(placement.dtype)
     text = torch.randn(2, 77, config.cross_attention_dim, generator=generator).to(placement.dtype)

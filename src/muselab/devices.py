@@ -12,6 +12,7 @@ So bf16 is considered only when the CPU advertises it natively, and then a short
 from __future__ import annotations
 
 import functools
+import os
 import platform
 import time
 from dataclasses import dataclass
@@ -134,6 +135,14 @@ def measure_matmul_gflops(dtype: torch.dtype, device: str = "cpu", size: int = 1
         synchronize(device)
         best = min(best, time.perf_counter() - started)
     return 2 * size**3 / best / 1e9
+
+
+def physical_memory_gib() -> float:
+    """This machine's RAM, or 0 where the platform cannot say."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
+    except (ValueError, OSError, AttributeError):
+        return 0.0
 
 
 def synchronize(device: str) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 import secrets
 import time
 from pathlib import Path
@@ -12,7 +11,7 @@ from typing import Any
 import torch
 
 from muselab.config import FAST_DECODER, GENERIC_IMAGE_DEFAULTS, catalogue_entry
-from muselab.devices import Placement, choose_placement
+from muselab.devices import Placement, choose_placement, physical_memory_gib
 from muselab.engines.base import (
     Cancelled,
     CancelToken,
@@ -324,13 +323,6 @@ class ImageEngine:
 OPENVINO_AUTO_MIN_MEMORY_GIB = 12.0
 
 
-def physical_memory_gib() -> float:
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
-    except (ValueError, OSError, AttributeError):  # not on every platform
-        return 0.0
-
-
 def auto_uses_openvino(device: str, quantize: str, low_memory: bool = False, compile: bool = False) -> bool:
     """What `--backend auto` means for an image model: OpenVINO on a CPU (as fast as PyTorch or
     faster, same pictures), unless it is not installed, or memory matters more (`--quantize int8`,
@@ -380,9 +372,7 @@ def _openvino_setup(
     elif compile:
         problem = "--compile is for the PyTorch backend (turn one of them off)"
     elif not ov.openvino_available() or (quantize == "int8" and not ov.nncf_available()):
-        if not explicit:
-            return None
-        ov.require_openvino(quantize)
+        ov.require_openvino(quantize)  # only an explicit "openvino" gets here: auto checked it above
     else:
         try:
             unet_config = ov.read_unet_config(source / "unet")
