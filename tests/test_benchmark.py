@@ -79,7 +79,12 @@ def test_quick_bench_writes_every_documented_key(tiny_architectures, tmp_path):
     # int8 really changed the numbers, but not beyond recognition.
     assert 10 < music["int8_logits_snr_db"] < 200
     assert image["int8_psnr_db"] > 10
-    assert music["int8_weights"].endswith("+int8")
+    assert "+int8" in music["int8_weights"]
+    # Music's default runs side by side with the same settings on PyTorch.
+    assert music["torch_backend"] == "torch" and isinstance(music["torch_rtf"], float)
+    if music["default_backend"] == "openvino":
+        assert music["default_weights"].endswith("(openvino)") and music["default_convert_s"] > 0
+        assert "one-time OpenVINO conversion of the decoder" in benchmark.markdown_table(report)
     # Where OpenVINO is the default, its step is also timed against PyTorch's in one process.
     if image["default_backend"] == "openvino":
         assert len(image["openvino_step_speedups"]) == 2 and image["openvino_step_speedup"] > 0

@@ -55,8 +55,8 @@ QuantizeOpt = Annotated[
 BackendOpt = Annotated[
     BackendChoice | None,
     typer.Option(
-        help="What runs the image UNet and decoder: openvino (converted once, cached) or torch; "
-        "auto = openvino on a CPU where installed."
+        help="What runs the image UNet and decoder and the music decoder: openvino (converted once, "
+        "cached) or torch; auto = openvino on a CPU where installed (images: unless memory matters more)."
     ),
 ]
 LowMemoryOpt = Annotated[
@@ -143,6 +143,7 @@ def music(
     dtype: DtypeOpt = None,
     offline: OfflineOpt = False,
     quantize: QuantizeOpt = None,
+    backend: BackendOpt = None,
     low_memory: LowMemoryOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -162,7 +163,7 @@ def music(
             "model": model,
         },
     )
-    settings = _settings(preset, device, dtype, offline, quantize=quantize, low_memory=low_memory)
+    settings = _settings(preset, device, dtype, offline, quantize=quantize, backend=backend, low_memory=low_memory)
     _generate("music", request, settings, output, as_json, audio_format=audio_format, normalize=normalize)
 
 
@@ -715,29 +716,38 @@ def models_download(
 @models_app.command("convert")
 def models_convert(
     model: Annotated[
-        str | None, typer.Argument(help="Image model hub id or folder; default: the configured one.")
+        str | None, typer.Argument(help="Hub id or folder; default: the configured image (or music) model.")
+    ] = None,
+    kind: Annotated[
+        str | None,
+        typer.Option(help="image or music; default: the catalogue's kind for a known id, else image."),
     ] = None,
     quantize: QuantizeOpt = None,
     preset: PresetOpt = None,
     offline: OfflineOpt = False,
 ) -> None:
-    """Convert an image model for the OpenVINO backend now: a one-time step, cached for later runs."""
+    """Convert a model for the OpenVINO backend now: a one-time step, cached for later runs."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from muselab.config import catalogue_entry
     from muselab.engines import ModelUnavailable, load_engine
     from muselab.quiet import quiet_libraries
 
+    entry = catalogue_entry(model) if model else None
+    kind = kind or (entry.kind if entry else "image")
+    if kind not in ("image", "music"):
+        raise CliError(f"--kind {kind}: choose image or music.", EXIT_BAD_INPUT)
     quiet_libraries()
     settings = _settings(preset, "cpu", None, offline, quantize=quantize, backend="openvino")
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
     with Progress(*columns, console=err) as progress:
-        task = progress.add_task(f"Loading {model or settings.model_for('image')}", total=None)
+        task = progress.add_task(f"Loading {model or settings.model_for(kind)}", total=None)
 
         def on_progress(event: Any) -> None:
             progress.update(task, description=event.note, completed=event.step, total=event.total)
 
         try:
-            engine = load_engine("image", settings, model, on_progress=on_progress)
+            engine = load_engine(kind, settings, model, on_progress=on_progress)
         except ModelUnavailable as exc:
             raise CliError(str(exc), EXIT_MODEL) from None
     seconds = engine.load_timings.get("convert_s", 0.0)  # type: ignore[attr-defined]
@@ -784,6 +794,7 @@ def doctor(as_json: JsonOpt = False) -> None:
         "quantize_music": settings.music_quantize(placement.device),
         "quantize_image": settings.image_quantize(),
         "image_backend": _image_backend(settings, placement.device),
+        "music_backend": _music_backend(settings, placement.device),
         "cpu": cpu_name(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_native_bf16": cpu_has_native_bf16(),
@@ -823,6 +834,19 @@ def _image_backend(settings: Settings, device: str) -> str:
     elif not openvino_available():
         return "openvino (NOT INSTALLED: pip install openvino)"
     return f"openvino {openvino_version()} (models converted once, cached in {settings.openvino_cache})"
+
+
+def _music_backend(settings: Settings, device: str) -> str:
+    from muselab.engines.music import music_backend
+    from muselab.engines.openvino import OpenVinoUnavailable, openvino_version
+
+    try:
+        backend = music_backend(settings.backend, "the music model", device, settings.music_quantize(device))
+    except OpenVinoUnavailable as exc:
+        return f"openvino (UNAVAILABLE: {str(exc).splitlines()[0]})"
+    if backend == "torch":
+        return "torch"
+    return f"openvino {openvino_version()} (decoder converted once, cached in {settings.openvino_cache})"
 
 
 def _cached_repos() -> dict[str, int]:

@@ -118,12 +118,13 @@ class Settings(BaseSettings):
     )
     backend: BackendChoice = Field(
         default="auto",
-        description="What runs the image model's UNet and VAE decoder. 'openvino' converts them once to "
-        "OpenVINO (cached under <cache_dir>/openvino) and runs them there: on CPUs the faster of the two "
-        "at the same output (1.0-1.3x measured), so 'auto' picks it on a CPU when the openvino package is "
-        "installed, unless memory matters more: it keeps its own copy of the weights (SD 1.x peaks at 9.4 GiB "
-        "against 5.5), so not with --quantize int8 or --low-memory or under 12 GiB of RAM; nor with --compile. "
-        "'torch' keeps PyTorch everywhere. Music always runs on PyTorch.",
+        description="What runs the image model's UNet and VAE decoder and MusicGen's decoder. 'openvino' "
+        "converts them once to OpenVINO (cached under <cache_dir>/openvino) and runs them there. 'auto' picks it "
+        "on a CPU when the openvino package is installed. Images: the faster of the two at the same output "
+        "(1.0-1.3x measured), unless memory matters more: it keeps its own copy of the weights (SD 1.x peaks at "
+        "9.4 GiB against 5.5), so not with --quantize int8 or --low-memory or under 12 GiB of RAM; nor with "
+        "--compile. Music: the decoder step as one compiled graph with int8 weights and an in-place KV cache, "
+        "faster tokens at the same error as PyTorch's int8. 'torch' keeps PyTorch everywhere.",
     )
     low_memory: bool = Field(
         default=False,

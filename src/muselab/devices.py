@@ -33,7 +33,7 @@ class Placement:
     reason: str
     #: "int8" when linear layers hold int8 weights (`muselab.quantize`); compute stays in `dtype`.
     quantize: str = "none"
-    #: "openvino" when the image model's UNet and decoder run on OpenVINO (`engines.openvino`).
+    #: "openvino" when OpenVINO runs the heavy part (`engines.openvino`, `engines.openvino_music`).
     backend: str = "torch"
 
     @property

@@ -33,7 +33,7 @@ def load_engine(
     kind: Kind, settings: Settings, model: str | None = None, on_progress: ProgressCallback | None = None
 ) -> Engine:
     """Load the engine for `kind`, using `model` or the one the settings name. `on_progress` hears
-    about one-time work while loading (converting an image model for OpenVINO)."""
+    about one-time work while loading (converting a model for OpenVINO)."""
     from muselab.quiet import quiet_libraries
 
     quiet_libraries()
@@ -47,7 +47,13 @@ def load_engine(
         from muselab.engines.music import MusicEngine
 
         return MusicEngine.load(
-            model, placement, offline=settings.is_offline(), quantize=settings.music_quantize(placement.device)
+            model,
+            placement,
+            offline=settings.is_offline(),
+            quantize=settings.music_quantize(placement.device),
+            backend=settings.backend,
+            openvino_cache=settings.openvino_cache,
+            on_progress=on_progress,
         )
     from muselab.engines.image import ImageEngine
 

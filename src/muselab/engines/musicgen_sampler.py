@@ -24,8 +24,10 @@ from torch.nn import functional as F
 class MusicgenSampler:
     """Generates audio codes with a `MusicgenForConditionalGeneration`'s weights, then decodes them."""
 
-    def __init__(self, network: Any):
+    def __init__(self, network: Any, compiled: Any = None):
+        """`compiled`: an `OpenVinoMusicDecoder` to run the decoder steps instead of PyTorch."""
         self.network = network
+        self.compiled = compiled
         lm = network.decoder  # MusicgenForCausalLM
         self.decoder = lm.model.decoder
         self.lm_heads = lm.lm_heads
@@ -68,15 +70,12 @@ class MusicgenSampler:
         )
         tokens = pattern.clone()
         rows = 2 * batch if guided else batch
-        cache_shape = (len(self.decoder.layers), rows, self.num_heads, max_length, self.head_dim)
-        dtype = self.decoder.layer_norm.weight.dtype
-        keys = torch.empty(cache_shape, dtype=dtype, device=input_ids.device)
-        values = torch.empty(cache_shape, dtype=dtype, device=input_ids.device)
+        step = self._stepper(rows, max_length, (cross_keys, cross_values, cross_mask))
         for position in range(max_new_tokens):
             step_tokens = tokens[:, position].reshape(batch, self.num_codebooks)
             if guided:
                 step_tokens = step_tokens.repeat(2, 1)
-            logits = self._step(step_tokens, position, keys, values, cross_keys, cross_values, cross_mask, batch)
+            logits = step(step_tokens, position)
             scores = processors(tokens[:, : position + 1], logits.float())
             probs = F.softmax(scores, dim=-1)
             sampled = torch.multinomial(probs, num_samples=1).squeeze(1)
@@ -106,47 +105,79 @@ class MusicgenSampler:
         batch, length, _ = states.shape
         return states.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
 
-    def _step(
+    def _stepper(self, rows: int, max_length: int, cross: tuple) -> Callable[[torch.Tensor, int], torch.Tensor]:
+        """The function that turns one position's tokens into the next logits, holding the KV cache:
+        PyTorch with a preallocated cache, or the compiled OpenVINO decoder when there is one."""
+        if self.compiled is not None:
+            return self.compiled.start(*cross, rows=rows)
+        cache_shape = (len(self.decoder.layers), rows, self.num_heads, max_length, self.head_dim)
+        dtype = self.decoder.layer_norm.weight.dtype
+        device = cross[2].device
+        keys = torch.empty(cache_shape, dtype=dtype, device=device)
+        values = torch.empty(cache_shape, dtype=dtype, device=device)
+
+        def step(step_tokens: torch.Tensor, position: int) -> torch.Tensor:
+            def attend_self(index: int, attention: Any, normed: torch.Tensor) -> torch.Tensor:
+                keys[index, :, :, position] = self._heads(attention.k_proj(normed))[:, :, 0]
+                values[index, :, :, position] = self._heads(attention.v_proj(normed))[:, :, 0]
+                query = self._heads(attention.q_proj(normed))
+                return F.scaled_dot_product_attention(
+                    query, keys[index, :, :, : position + 1], values[index, :, :, : position + 1]
+                )
+
+            return self.logits(step_tokens, self.decoder.embed_positions.weights[position], attend_self, *cross)
+
+        return step
+
+    def logits(
         self,
         step_tokens: torch.Tensor,
-        position: int,
-        keys: torch.Tensor,
-        values: torch.Tensor,
-        cross_keys: list,
-        cross_values: list,
+        position_embedding: torch.Tensor,
+        attend_self: Callable[[int, Any, torch.Tensor], torch.Tensor],
+        cross_keys: Any,
+        cross_values: Any,
         cross_mask: torch.Tensor,
-        batch: int,
     ) -> torch.Tensor:
-        """Logits (rows * codebooks, vocab) for the next position, given the tokens at `position`."""
+        """Logits (rows * codebooks, vocab) for the next position, given the tokens at this one.
+        `attend_self(layer index, attention module, normed states)` does the self-attention with
+        whatever KV cache the caller keeps. The first `batch` rows are conditional; only they get
+        cross-attention (the unconditional half's is exactly zero)."""
         decoder = self.decoder
         hidden = sum(decoder.embed_tokens[k](step_tokens[:, k]) for k in range(self.num_codebooks))
-        hidden = (hidden + decoder.embed_positions.weights[position]).unsqueeze(1)  # (rows, 1, hidden)
+        hidden = (hidden + position_embedding).unsqueeze(1)  # (rows, 1, hidden)
         rows = hidden.shape[0]
         for index, layer in enumerate(decoder.layers):
             attention = layer.self_attn
-            normed = layer.self_attn_layer_norm(hidden)
-            keys[index, :, :, position] = self._heads(attention.k_proj(normed))[:, :, 0]
-            values[index, :, :, position] = self._heads(attention.v_proj(normed))[:, :, 0]
-            query = self._heads(attention.q_proj(normed))
-            context = F.scaled_dot_product_attention(
-                query, keys[index, :, :, : position + 1], values[index, :, :, : position + 1]
-            )
+            context = attend_self(index, attention, layer.self_attn_layer_norm(hidden))
             hidden = hidden + attention.out_proj(context.transpose(1, 2).reshape(rows, 1, -1))
 
             cross = layer.encoder_attn
+            batch = cross_keys[index].shape[0]
             conditional = hidden[:batch]
             query = self._heads(cross.q_proj(layer.encoder_attn_layer_norm(conditional)))
             context = F.scaled_dot_product_attention(
                 query, cross_keys[index], cross_values[index], attn_mask=cross_mask
             )
             added = cross.out_proj(context.transpose(1, 2).reshape(batch, 1, -1))
-            hidden = torch.cat([conditional + added, hidden[batch:]]) if rows > batch else conditional + added
+            hidden = torch.cat([conditional + added, hidden[batch:]])
 
             normed = layer.final_layer_norm(hidden)
             hidden = hidden + layer.fc2(layer.activation_fn(layer.fc1(normed)))
         hidden = decoder.layer_norm(hidden)
         logits = torch.stack([head(hidden[:, 0]) for head in self.lm_heads], dim=1)  # (rows, codebooks, vocab)
         return logits.reshape(rows * self.num_codebooks, -1)
+
+    @torch.inference_mode()
+    def teacher_forced_logits(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, codes: torch.Tensor
+    ) -> torch.Tensor:
+        """Logits (codebooks, positions, vocab) for fixed codes (codebooks, positions) of one
+        unguided prompt, through the same steps generation uses: how far a backend's numbers move,
+        free of the divergence sampling adds."""
+        cross = self._encode_text(input_ids, attention_mask)
+        step = self._stepper(input_ids.shape[0], codes.shape[1], cross)
+        rows = [step(codes[:, position][None], position) for position in range(codes.shape[1])]
+        return torch.stack(rows, dim=1)
 
     def _decode(self, tokens: torch.Tensor, batch: int) -> torch.Tensor:
         """Audio codes -> waveform, as `generate` does it: drop the delay pattern's pads, run EnCodec."""

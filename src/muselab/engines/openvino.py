@@ -194,18 +194,30 @@ def convert(
             warnings.simplefilter("ignore")  # tracer warnings about shape checks baked in as constants
             model = ov.convert_model(module, example_input=example)
     if quantize == "int8":
-        import nncf
-
         say(f"Compressing the {name}'s weights to int8 (NNCF)")
-        nncf.set_log_level(logging.WARNING)
-        # NNCF draws its own progress bars on stdout, which is the CLI's --json output: keep it clean.
-        with contextlib.redirect_stdout(sys.stderr):
-            model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
+        model = compress_int8(model)
     else:
         say.step += 1
     say(f"Saving the converted {name}")
-    # Written beside the cache entry and renamed into place: a crash or a kill never leaves half
-    # a model under the entry's name, and two processes converting at once cannot collide.
+    save_atomically(model, target)
+
+
+def compress_int8(model: Any) -> Any:
+    """int8 weights (per output channel, asymmetric) from NNCF; activations stay as they are."""
+    import nncf
+
+    nncf.set_log_level(logging.WARNING)
+    # NNCF draws its own progress bars on stdout, which is the CLI's --json output: keep it clean.
+    with contextlib.redirect_stdout(sys.stderr):
+        return nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
+
+
+def save_atomically(model: Any, target: Path) -> None:
+    """Save an OpenVINO model as `target`/model.xml (+ .bin). Written beside the cache entry and
+    renamed into place: a crash or a kill never leaves half a model under the entry's name, and two
+    processes converting at once cannot collide."""
+    import openvino as ov
+
     partial = target.with_name(f"{target.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     _remove_stale_partials(target.parent)
     partial.mkdir(parents=True)

@@ -1,0 +1,158 @@
+"""The OpenVINO path for MusicGen's decoder on the tiny models: the same clips as PyTorch, a one-time
+cached conversion with progress, int8 weights from NNCF, clear errors, and cancellation while
+converting."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from muselab.config import Settings
+from muselab.devices import choose_placement
+from muselab.engines import Cancelled, load_engine
+from muselab.engines.music import MusicEngine, music_backend
+from muselab.engines.openvino import OpenVinoUnavailable, openvino_available
+from muselab.engines.openvino_music import OpenVinoMusicDecoder
+from muselab.schemas import MusicRequest
+from muselab.testing.tiny import build_musicgen_processor, tiny_musicgen_network
+
+pytestmark = pytest.mark.skipif(not openvino_available(), reason="openvino is a dependency; installed by make setup")
+
+
+def engines(stereo: bool = False, quantize: str = "none") -> tuple[MusicEngine, MusicEngine]:
+    """The same random weights on PyTorch (float32) and on OpenVINO (`quantize`), built in memory:
+    nothing cached."""
+    processor = build_musicgen_processor()
+    placement = choose_placement("cpu", "float32")
+    first = tiny_musicgen_network(stereo=stereo)
+    second = tiny_musicgen_network(stereo=stereo)
+    second.load_state_dict(first.state_dict())
+    on_torch = MusicEngine(first, processor, "tiny", placement, backend="torch")
+    on_openvino = MusicEngine(second, processor, "tiny", placement, quantize=quantize, backend="openvino")
+    return on_torch, on_openvino
+
+
+@pytest.fixture(scope="module")
+def mono() -> tuple[MusicEngine, MusicEngine]:
+    return engines()
+
+
+@pytest.mark.parametrize("guidance", [3.0, 1.0])
+def test_openvino_draws_the_same_clip_as_pytorch(mono, guidance):
+    """Unquantized, the OpenVINO decoder differs from PyTorch only by float rounding, so the same
+    seed samples the same tokens: guided (2 rows a step) and unguided (1 row)."""
+    on_torch, on_openvino = mono
+    request = MusicRequest(prompt="calm piano", duration=1.0, seed=5, guidance=guidance)
+    expected = on_torch.generate(request).outputs[0].audio
+    got = on_openvino.generate(request).outputs[0].audio
+    assert got.shape == expected.shape == (32000, 1)
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    assert isinstance(on_openvino.sampler.compiled, OpenVinoMusicDecoder)
+    assert on_openvino.placement.dtype_name == "float32 (openvino)"
+
+
+def test_a_second_clip_starts_from_an_empty_cache(mono):
+    """The KV cache lives inside OpenVINO as state: each clip must reset it, or clip 2 would
+    attend to clip 1's tokens and differ from the same seed generated alone."""
+    _, on_openvino = mono
+    two = on_openvino.generate(MusicRequest(prompt="drums", duration=1.0, seed=7, num_clips=2))
+    alone = on_openvino.generate(MusicRequest(prompt="drums", duration=1.0, seed=8))
+    np.testing.assert_array_equal(two.outputs[1].audio, alone.outputs[0].audio)
+
+
+def test_teacher_forced_logits_match_the_plain_model(mono):
+    """The step the sampler runs on either backend gives the plain forward pass's numbers."""
+    on_torch, on_openvino = mono
+    inputs = on_torch.processor(text=["a melody"], padding=True, return_tensors="pt")
+    config = on_torch.network.config.decoder
+    codes = torch.randint(0, config.vocab_size, (config.num_codebooks, 10), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        plain = on_torch.network(
+            input_ids=inputs.input_ids, attention_mask=inputs.attention_mask, decoder_input_ids=codes
+        ).logits
+    for engine in (on_torch, on_openvino):
+        logits = engine.sampler.teacher_forced_logits(inputs.input_ids, inputs.attention_mask, codes)
+        torch.testing.assert_close(logits, plain, atol=1e-4, rtol=1e-4)
+
+
+def test_stereo_models_match_too():
+    on_torch, on_openvino = engines(stereo=True)
+    request = MusicRequest(prompt="stereo drums", duration=1.0, seed=2)
+    expected = on_torch.generate(request).outputs[0].audio
+    got = on_openvino.generate(request).outputs[0].audio
+    assert got.shape == expected.shape == (32000, 2)
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_int8_openvino_weights_stay_close_to_float32_and_free_the_torch_decoder():
+    on_torch, on_openvino = engines(quantize="int8-dynamic")
+    assert on_openvino.placement.dtype_name == "float32+int8-dynamic (openvino)"
+    # The PyTorch decoder's weights are gone; only the cross-attention projections stay.
+    layer = on_openvino.network.decoder.model.decoder.layers[0]
+    assert isinstance(layer.fc1, torch.nn.Identity) and isinstance(layer.self_attn, torch.nn.Identity)
+    assert isinstance(layer.encoder_attn.k_proj, torch.nn.Linear)
+    inputs = on_torch.processor(text=["a melody"], padding=True, return_tensors="pt")
+    codes = torch.randint(0, 64, (4, 10), generator=torch.Generator().manual_seed(1))
+    exact = on_torch.sampler.teacher_forced_logits(inputs.input_ids, inputs.attention_mask, codes)
+    int8 = on_openvino.sampler.teacher_forced_logits(inputs.input_ids, inputs.attention_mask, codes)
+    snr = 10 * torch.log10((exact**2).sum() / ((int8 - exact) ** 2).sum())
+    assert 20 < snr < 80  # int8: close, but not float rounding
+    clip = on_openvino.generate(MusicRequest(prompt="calm piano", duration=1.0, seed=5)).outputs[0].audio
+    assert clip.shape == (32000, 1) and np.isfinite(clip).all() and np.abs(clip).max() > 0
+
+
+@pytest.fixture
+def ov_settings(tiny_dir: Path, tmp_path: Path) -> Settings:
+    """The tiny models with a conversion cache of this test's own (so the first load converts)."""
+    (tmp_path / "tiny-models").symlink_to(tiny_dir / "tiny-models")
+    return Settings(data_dir=tmp_path, cache_dir=tmp_path / "cache", preset="tiny", offline=True, backend="auto")
+
+
+def test_auto_converts_once_with_progress_then_reads_the_cache(ov_settings):
+    events: list = []
+    engine = load_engine("music", ov_settings, on_progress=events.append)
+    assert engine.placement.backend == "openvino"  # auto on a CPU
+    assert {event.stage for event in events} == {"converting"}
+    assert "Converting the music decoder" in events[0].note
+    folders = [p.name for p in ov_settings.openvino_cache.iterdir()]
+    assert len(folders) == 1 and folders[0].startswith("musicgen-decoder-") and ".partial" not in folders[0]
+    again: list = []
+    second = load_engine("music", ov_settings, on_progress=again.append)
+    assert again == [] and second.load_timings["convert_s"] < 0.5
+    request = MusicRequest(prompt="calm piano", duration=1.0, seed=5)
+    np.testing.assert_array_equal(engine.generate(request).outputs[0].audio, second.generate(request).outputs[0].audio)
+
+
+def test_a_cancel_while_converting_stops_and_caches_nothing(ov_settings):
+    def cancel(event) -> None:
+        raise Cancelled()
+
+    with pytest.raises(Cancelled):
+        load_engine("music", ov_settings, on_progress=cancel)
+    assert not ov_settings.openvino_cache.exists() or not any(ov_settings.openvino_cache.iterdir())
+
+
+def test_backend_choice():
+    assert music_backend("auto", "m", "cpu", "int8-dynamic") == "openvino"
+    assert music_backend("auto", "m", "cuda", "none") == "torch"
+    assert music_backend("torch", "m", "cpu", "int8") == "torch"
+    with pytest.raises(OpenVinoUnavailable, match="--backend torch"):
+        music_backend("openvino", "facebook/musicgen-small", "cuda", "none")
+
+
+def test_models_convert_does_the_music_conversion_ahead_of_time(cli_env, tmp_path):
+    from conftest import run_cli
+
+    env = {**cli_env, "MUSELAB_CACHE_DIR": str(tmp_path / "cache")}
+    command = ["models", "convert", "--kind", "music", "--preset", "tiny", "--offline"]
+    first = run_cli(command, env)
+    assert first.returncode == 0, first.stderr
+    assert "converted in" in first.stdout
+    assert any(p.name.startswith("musicgen-decoder-") for p in (tmp_path / "cache" / "openvino").iterdir())
+    second = run_cli(command, env)
+    assert second.returncode == 0 and "already converted" in second.stdout
+    wrong = run_cli(["models", "convert", "--kind", "video"], env)
+    assert wrong.returncode == 2 and "choose image or music" in wrong.stderr
