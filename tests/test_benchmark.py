@@ -85,6 +85,7 @@ def test_quick_bench_writes_every_documented_key(tiny_architectures, tmp_path):
     if music["default_backend"] == "openvino":
         assert music["default_weights"].endswith("(openvino)") and music["default_convert_s"] > 0
         assert "one-time OpenVINO conversion of the decoder" in benchmark.markdown_table(report)
+        assert len(music["openvino_token_speedups"]) == 2 and music["openvino_token_speedup"] > 0
     # Where OpenVINO is the default, its step is also timed against PyTorch's in one process.
     if image["default_backend"] == "openvino":
         assert len(image["openvino_step_speedups"]) == 2 and image["openvino_step_speedup"] > 0
@@ -116,3 +117,17 @@ def test_psnr_and_snr_measure_the_difference():
     assert math.isclose(benchmark.psnr(image, image + 1), 20 * math.log10(255))
     signal = np.sin(np.linspace(0, 20, 1000))
     assert math.isclose(benchmark.snr(signal, signal * 1.1), 20.0, abs_tol=1e-9)
+
+
+def test_alternated_speedups_cancel_a_steady_drift():
+    """The machine slows down steadily while timing; a configuration exactly twice as fast as the
+    reference must still measure 2x, which it would not if each were timed once, one after the other."""
+    clock = iter(range(100))
+
+    def reference() -> float:
+        return 10.0 + next(clock)  # slower on every call
+
+    def ours() -> float:
+        return (10.0 + next(clock)) / 2
+
+    assert benchmark.alternated_speedups(reference, ours, rounds=2) == [2.0, 2.0]

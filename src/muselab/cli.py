@@ -7,7 +7,7 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import typer
 from rich.console import Console
@@ -719,7 +719,7 @@ def models_convert(
         str | None, typer.Argument(help="Hub id or folder; default: the configured image (or music) model.")
     ] = None,
     kind: Annotated[
-        str | None,
+        Literal["image", "music"] | None,
         typer.Option(help="image or music; default: the catalogue's kind for a known id, else image."),
     ] = None,
     quantize: QuantizeOpt = None,
@@ -735,8 +735,6 @@ def models_convert(
 
     entry = catalogue_entry(model) if model else None
     kind = kind or (entry.kind if entry else "image")
-    if kind not in ("image", "music"):
-        raise CliError(f"--kind {kind}: choose image or music.", EXIT_BAD_INPUT)
     quiet_libraries()
     settings = _settings(preset, "cpu", None, offline, quantize=quantize, backend="openvino")
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
@@ -838,14 +836,14 @@ def _image_backend(settings: Settings, device: str) -> str:
 
 def _music_backend(settings: Settings, device: str) -> str:
     from muselab.engines.music import music_backend
-    from muselab.engines.openvino import OpenVinoUnavailable, openvino_version
+    from muselab.engines.openvino import OpenVinoUnavailable, openvino_available, openvino_version
 
     try:
         backend = music_backend(settings.backend, "the music model", device, settings.music_quantize(device))
     except OpenVinoUnavailable as exc:
         return f"openvino (UNAVAILABLE: {str(exc).splitlines()[0]})"
     if backend == "torch":
-        return "torch"
+        return "torch" if openvino_available() else "torch (openvino is not installed)"
     return f"openvino {openvino_version()} (decoder converted once, cached in {settings.openvino_cache})"
 
 

@@ -31,7 +31,7 @@ class Placement:
     device: str
     dtype: torch.dtype
     reason: str
-    #: "int8" when linear layers hold int8 weights (`muselab.quantize`); compute stays in `dtype`.
+    #: "int8" when linear layers hold int8 weights (`muselab.quantize`, or NNCF on OpenVINO).
     quantize: str = "none"
     #: "openvino" when OpenVINO runs the heavy part (`engines.openvino`, `engines.openvino_music`).
     backend: str = "torch"

@@ -414,7 +414,7 @@ class JobService:
         assert isinstance(scene, SceneRequest)
         with (
             self.models.use("image", scene.image_model or "", self._loading_progress(job, on_progress)) as image_engine,
-            self.models.use("music", scene.music_model or "") as music_engine,
+            self.models.use("music", scene.music_model or "", self._loading_progress(job, on_progress)) as music_engine,
         ):
             image_request = image_engine.resolve(scene.image_request())
             scene = scene.model_copy(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import secrets
 import time
@@ -55,25 +56,21 @@ class MusicEngine:
         from the folder `source`, and reports that work through `on_progress`.
         """
         self.network = network.to(placement.device).eval()
-        backend = music_backend(backend, model, placement.device, quantize)
+        chosen = music_backend(backend, model, placement.device, quantize)
+        self.sampler = MusicgenSampler(self.network)
+        self.load_timings: dict[str, float] = {}
+        if chosen == "openvino":
+            automatic = backend == "auto"
+            chosen = self._use_openvino(model, quantize, placement, automatic, source, openvino_cache, on_progress)
+            placement = dataclasses.replace(placement, backend=chosen)
         if quantize in ("int8", "int8-dynamic"):
             from muselab.quantize import quantize_linears
 
             dynamic = quantize == "int8-dynamic"
             quantize_linears(self.network.text_encoder, dynamic=dynamic)
-            if backend == "torch":  # OpenVINO makes its own int8 decoder (NNCF)
+            if chosen == "torch":  # OpenVINO made its own int8 decoder (NNCF)
                 quantize_linears(self.network.decoder, dynamic=dynamic)
             placement = dataclasses.replace(placement, quantize=quantize)
-        self.sampler = MusicgenSampler(self.network)
-        self.load_timings: dict[str, float] = {}
-        if backend == "openvino":
-            from muselab.engines.openvino_music import drop_torch_decoder_weights, load_music_decoder
-
-            self.sampler.compiled, self.load_timings = load_music_decoder(
-                self.sampler, quantize, placement.dtype, source, openvino_cache, on_progress
-            )
-            drop_torch_decoder_weights(self.sampler)
-            placement = dataclasses.replace(placement, backend="openvino")
         self.processor = processor
         self.model = model
         self.placement = placement
@@ -81,6 +78,37 @@ class MusicEngine:
         self.sample_rate: int = int(audio_config.sampling_rate)
         self.frame_rate: float = float(audio_config.frame_rate)
         self.num_codebooks: int = int(network.decoder.num_codebooks)
+
+    def _use_openvino(
+        self,
+        model: str,
+        quantize: str,
+        placement: Placement,
+        automatic: bool,
+        source: Path | None,
+        openvino_cache: Path | None,
+        on_progress: ProgressCallback | None,
+    ) -> str:
+        """Move the decoder steps to OpenVINO; "openvino", or "torch" where `auto` chose it and the
+        conversion failed (a warning says why; music keeps working on PyTorch)."""
+        from muselab.engines.openvino import OpenVinoUnavailable
+        from muselab.engines.openvino_music import load_music_decoder
+
+        try:
+            self.load_timings = load_music_decoder(
+                self.sampler, quantize, placement.dtype, source, openvino_cache, on_progress
+            )
+        except Cancelled:
+            raise
+        except Exception as exc:
+            if not automatic:
+                raise OpenVinoUnavailable(
+                    f"'{model}' could not be converted for the OpenVINO backend ({type(exc).__name__}: {exc}). "
+                    "Use --backend torch."
+                ) from exc
+            logging.getLogger(__name__).warning("OpenVINO failed for '%s' (%s); music runs on PyTorch", model, exc)
+            return "torch"
+        return "openvino"
 
     @classmethod
     def load(
@@ -108,6 +136,10 @@ class MusicEngine:
             return processor, network
 
         processor, network = load_or_explain(load, model, "music")
+        if openvino_cache is None:
+            from muselab.config import Settings
+
+            openvino_cache = Settings().openvino_cache
         return cls(
             network,
             processor,
@@ -189,15 +221,16 @@ class MusicEngine:
 
 def music_backend(backend: str, model: str, device: str, quantize: str) -> str:
     """What runs MusicGen's decoder steps: "torch" or "openvino". `auto` means OpenVINO on a CPU
-    where it is installed (faster tokens at the same int8 error, and less memory than PyTorch's
-    int8 kernels); an explicit "openvino" that cannot work here is an error that says why."""
+    for int8 weights (the CPU default), where it is installed: faster tokens at the same error. With
+    float32 weights it keeps PyTorch, which would otherwise hold a second float32 copy while
+    converting. An explicit "openvino" that cannot work here is an error that says why."""
     from muselab.engines import openvino as ov
 
     if backend == "torch":
         return "torch"
     usable = ov.openvino_available() and (quantize == "none" or ov.nncf_available())
     if backend == "auto":
-        return "openvino" if device == "cpu" and usable else "torch"
+        return "openvino" if device == "cpu" and quantize != "none" and usable else "torch"
     if device != "cpu":
         raise ov.OpenVinoUnavailable(
             f"'{model}' cannot use the OpenVINO backend: it runs on CPUs, and this engine is placed on "

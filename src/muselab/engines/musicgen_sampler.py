@@ -140,8 +140,10 @@ class MusicgenSampler:
     ) -> torch.Tensor:
         """Logits (rows * codebooks, vocab) for the next position, given the tokens at this one.
         `attend_self(layer index, attention module, normed states)` does the self-attention with
-        whatever KV cache the caller keeps. The first `batch` rows are conditional; only they get
-        cross-attention (the unconditional half's is exactly zero)."""
+        whatever KV cache the caller keeps. The first rows, as many as the cross-attention keys
+        have, are conditional; only they get cross-attention (the unconditional half's is exactly
+        zero). `openvino_music` traces this very function: bump its MUSIC_CONVERSION_VERSION when
+        the maths here changes, or cached conversions would keep the old graph."""
         decoder = self.decoder
         hidden = sum(decoder.embed_tokens[k](step_tokens[:, k]) for k in range(self.num_codebooks))
         hidden = (hidden + position_embedding).unsqueeze(1)  # (rows, 1, hidden)

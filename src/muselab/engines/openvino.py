@@ -21,6 +21,7 @@ import logging
 import os
 import shutil
 import sys
+import threading
 import time
 import uuid
 import warnings
@@ -34,6 +35,10 @@ from muselab.engines.base import ModelUnavailable, ProgressCallback, ProgressEve
 
 #: Bump when the conversion below changes, so stale cached IR is never used.
 CONVERSION_VERSION = 1
+
+#: PyTorch's tracer keeps global state: two conversions at once (an image and a music model loading
+#: in two job workers) corrupt each other's graphs. One at a time per process.
+TRACING_LOCK = threading.Lock()
 
 
 class ConversionProgress:
@@ -100,9 +105,10 @@ def precision_hint(dtype: torch.dtype) -> str:
     return "bf16" if dtype == torch.bfloat16 else "f32"
 
 
-def cache_key(component_folder: Path, quantize: str, dtype: torch.dtype) -> str:
-    """Names one converted component: which weights (path, size, time), how, and with which OpenVINO.
-    A hub snapshot's path holds its commit, so a new revision is converted afresh."""
+def cache_key(component_folder: Path, quantize: str, dtype: torch.dtype, conversion: int = CONVERSION_VERSION) -> str:
+    """Names one converted component: which weights (path, size, time), how (`conversion`: the
+    converting code's version), and with which OpenVINO. A hub snapshot's path holds its commit,
+    so a new revision is converted afresh."""
     files = sorted(p for p in component_folder.iterdir() if p.suffix in (".safetensors", ".json"))
     identity = {
         "folder": str(component_folder.resolve()),
@@ -110,7 +116,7 @@ def cache_key(component_folder: Path, quantize: str, dtype: torch.dtype) -> str:
         "quantize": quantize,
         "dtype": str(dtype),
         "openvino": openvino_version(),
-        "conversion": CONVERSION_VERSION,
+        "conversion": conversion,
     }
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
     return f"{component_folder.name}-{quantize}-{digest}"
@@ -190,7 +196,7 @@ def convert(
     else:
         assert module is not None
         say(f"Converting the {name} to OpenVINO (one time; cached in {target.parent})")
-        with torch.no_grad(), warnings.catch_warnings():
+        with TRACING_LOCK, torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # tracer warnings about shape checks baked in as constants
             model = ov.convert_model(module, example_input=example)
     if quantize == "int8":

@@ -4,8 +4,9 @@ A MusicGen token costs reading every decoder weight once (0.35 G parameters a to
 six hundred small operations. OpenVINO runs the whole step as one compiled graph, with int8
 weights (NNCF) and the KV cache kept *inside* the runtime as state: its fused attention appends
 each token's keys and values in place, stored as u8, so a long clip reads a quarter of the bytes
-PyTorch's float32 cache does. Measured on 2-core machines (docs/PERFORMANCE.md): 25-28 ms a token
-against PyTorch int8-dynamic's 35-48 ms, at the same distance from float32 (logits SNR 31-32 dB).
+PyTorch's float32 cache does. Measured on a 2-core Xeon (docs/PERFORMANCE.md), alternated with
+PyTorch int8-dynamic in one process: 1.3-1.4x faster tokens, at the same distance from float32
+(logits SNR about 31 dB for both).
 
 The step is traced from the same code the PyTorch loop runs (`MusicgenSampler.logits`); the text
 encoder, the cross-attention keys and values (once per clip), sampling and EnCodec stay in PyTorch.
@@ -13,6 +14,7 @@ encoder, the cross-attention keys and values (once per clip), sampling and EnCod
 
 from __future__ import annotations
 
+import logging
 import time
 import warnings
 from pathlib import Path
@@ -24,12 +26,16 @@ from torch.nn import functional as F
 
 from muselab.engines.base import ProgressCallback
 from muselab.engines.openvino import (
+    TRACING_LOCK,
     ConversionProgress,
     cache_key,
     compress_int8,
     precision_hint,
     save_atomically,
 )
+
+#: Bump when the traced step (here or `MusicgenSampler.logits`) changes: cached conversions are keyed on it.
+MUSIC_CONVERSION_VERSION = 1
 
 _INPUTS = ("step_tokens", "position", "cross_keys", "cross_values", "cross_mask")
 
@@ -93,16 +99,19 @@ def _example(sampler: Any, text_length: int = 5, past_length: int = 3) -> tuple[
     )
 
 
-def convert_decoder(sampler: Any, quantize: str) -> Any:
-    """The decoder step as a stateful OpenVINO model: KV cache as state, dynamic rows and lengths."""
+def convert_decoder(sampler: Any, quantize: str, share_weights: bool = True) -> Any:
+    """The decoder step as a stateful OpenVINO model: KV cache as state, dynamic rows and lengths.
+    With `share_weights` its constants may be the PyTorch tensors themselves (no copy): it must
+    then be saved and read back before those are freed."""
     import openvino as ov
     import openvino.opset13 as ops
     from openvino._offline_transformations import apply_make_stateful_transformation
 
     layers, heads, head_dim = len(sampler.decoder.layers), sampler.num_heads, sampler.head_dim
-    with torch.no_grad(), warnings.catch_warnings():
+    with TRACING_LOCK, torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about shape checks baked in as constants
-        model = ov.convert_model(_DecoderStepForExport(sampler).eval(), example_input=_example(sampler))
+        step = _DecoderStepForExport(sampler).eval()
+        model = ov.convert_model(step, example_input=_example(sampler), share_weights=share_weights)
     past_names = [_past(layer, kind) for layer in range(layers) for kind in ("key", "value")]
     for port, name in zip(model.inputs, [*_INPUTS, *past_names], strict=True):
         port.get_tensor().set_names({name})
@@ -138,12 +147,14 @@ def convert_decoder(sampler: Any, quantize: str) -> Any:
 
 
 class OpenVinoMusicDecoder:
-    """The compiled decoder step; `start` begins a clip and returns its step function."""
+    """The compiled decoder step; `start` begins a clip and returns its step function. Its one infer
+    request holds the clip's KV cache, so one clip at a time per decoder (the job service runs one
+    job per loaded model at a time)."""
 
     def __init__(self, compiled: Any):
         self.compiled = compiled
         self.request = compiled.create_infer_request()
-        self._inputs: list[np.ndarray] = []
+        self._inputs: list[np.ndarray] = []  # kept alive: the request reads them in place
 
     def start(self, cross_keys: list, cross_values: list, cross_mask: torch.Tensor, rows: int) -> Any:
         import openvino as ov
@@ -151,19 +162,20 @@ class OpenVinoMusicDecoder:
         request = self.request
         request.reset_state()
         # Set once per clip; the step function below only sets what changes per token.
+        position = np.zeros(1, dtype=np.int64)
         self._inputs = [
             np.ascontiguousarray(torch.stack(cross_keys).float().numpy()),
             np.ascontiguousarray(torch.stack(cross_values).float().numpy()),
             np.ascontiguousarray(cross_mask.numpy()),
             np.arange(rows, dtype=np.int32),
+            position,
         ]
-        for name, array in zip(("cross_keys", "cross_values", "cross_mask", "beam_idx"), self._inputs, strict=True):
+        names = ("cross_keys", "cross_values", "cross_mask", "beam_idx", "position")
+        for name, array in zip(names, self._inputs, strict=True):
             request.set_tensor(name, ov.Tensor(array, shared_memory=True))
-        position_tensor = np.zeros(1, dtype=np.int64)
-        request.set_tensor("position", ov.Tensor(position_tensor, shared_memory=True))
 
-        def step(step_tokens: torch.Tensor, position: int) -> torch.Tensor:
-            position_tensor[0] = position
+        def step(step_tokens: torch.Tensor, index: int) -> torch.Tensor:
+            position[0] = index
             request.set_tensor("step_tokens", ov.Tensor(np.ascontiguousarray(step_tokens.numpy())))
             request.infer()
             # The request reuses its output buffer on the next call: copy before handing it out.
@@ -175,12 +187,12 @@ class OpenVinoMusicDecoder:
 def compile_options(quantize: str, dtype: torch.dtype) -> dict[str, Any]:
     options: dict[str, Any] = {"INFERENCE_PRECISION_HINT": precision_hint(dtype), "PERFORMANCE_HINT": "LATENCY"}
     if quantize != "int8-dynamic":
-        # OpenVINO quantizes activations per token by default wherever weights are int8; that is
-        # muselab's "int8-dynamic", so plain "int8" keeps float activations.
+        # Wherever weights are int8, OpenVINO quantizes activations on the fly by default (in
+        # groups of 32): that is muselab's "int8-dynamic", so plain "int8" turns it off.
         options["DYNAMIC_QUANTIZATION_GROUP_SIZE"] = 0
     if quantize == "none":
-        # The u8 KV cache is the runtime's default; unquantized weights keep float32 keys and values
-        # too, so "none" matches PyTorch to float rounding.
+        # The runtime stores the KV cache as u8 by default (a quarter of the bytes to read on long
+        # clips); unquantized weights keep it float32 too, so "none" matches PyTorch to rounding.
         options["KV_CACHE_PRECISION"] = "f32"
     return options
 
@@ -192,41 +204,58 @@ def load_music_decoder(
     source: Path | None,
     cache_dir: Path | None,
     on_progress: ProgressCallback | None = None,
-) -> tuple[OpenVinoMusicDecoder, dict[str, float]]:
-    """The decoder step compiled by OpenVINO: read from the cache, or converted now (and cached when
-    the model came from a folder). Returns it and the seconds spent converting and compiling."""
+) -> dict[str, float]:
+    """Give `sampler` the decoder step compiled by OpenVINO, read from the cache or converted now
+    (and cached when the model came from a folder), then free the PyTorch weights it replaces.
+    Returns the seconds spent converting and compiling. A failure leaves `sampler` as it was."""
     import openvino as ov
 
     weights = "none" if quantize == "none" else "int8"  # int8 and int8-dynamic share the converted model
     folder = None
     if source is not None and cache_dir is not None:
-        folder = cache_dir / f"musicgen-decoder-{cache_key(source, weights, dtype)}"
+        key = cache_key(source, weights, dtype, conversion=MUSIC_CONVERSION_VERSION)
+        folder = cache_dir / f"musicgen-decoder-{key}"
     timings = {"convert_s": 0.0, "compile_s": 0.0}
     started = time.perf_counter()
+    say = None
     if folder is not None and (folder / "model.xml").exists():
         model: Any = folder / "model.xml"
     else:
-        where = f"cached in {cache_dir}" if folder is not None else "not cached: the model has no folder"
+        where = f"cached in {cache_dir}" if folder is not None else "not cached: the model was built in memory"
         say = ConversionProgress(4, on_progress)
         say(f"Converting the music decoder to OpenVINO (one time; {where})")
-        model = convert_decoder(sampler, weights)
+        # Converted without copying the weights when it is saved and read back (the compiled model
+        # then owns its weights, so the PyTorch ones can go); copied when it stays in memory.
+        model = convert_decoder(sampler, weights, share_weights=folder is not None)
         say("Converted" if weights == "none" else "Converted, with int8 weights (NNCF)")
         if folder is not None:
             say("Saving the converted music decoder")
-            save_atomically(model, folder)
+            try:
+                save_atomically(model, folder)
+            except OSError as exc:  # a read-only or full cache: convert again, with copied weights
+                logging.getLogger(__name__).warning("could not cache the converted music decoder: %s", exc)
+                model = convert_decoder(sampler, weights, share_weights=False)
+            else:
+                model = folder / "model.xml"
         else:
             say.step += 1
-        say("Compiling the music decoder", advance=False)
     timings["convert_s"] = time.perf_counter() - started
+    if say is not None:
+        say("Compiling the music decoder")
     started = time.perf_counter()
     compiled = ov.Core().compile_model(model, "CPU", compile_options(quantize, dtype))
     timings["compile_s"] = time.perf_counter() - started
-    return OpenVinoMusicDecoder(compiled), timings
+    sampler.compiled = OpenVinoMusicDecoder(compiled)
+    drop_torch_decoder_weights(sampler)
+    if say is not None:
+        say("Music decoder ready", advance=False)
+    return timings
 
 
 def drop_torch_decoder_weights(sampler: Any) -> None:
-    """Free the PyTorch decoder weights the OpenVINO step replaced. Kept: each layer's cross-attention
-    key and value projections, which run once per clip in `MusicgenSampler._encode_text`."""
+    """Free the PyTorch decoder weights the OpenVINO step replaced (the compiled model owns its own:
+    see `load_music_decoder`). Kept: each layer's cross-attention key and value projections, which
+    run once per clip in `MusicgenSampler._encode_text`."""
     from muselab.quantize import return_freed_memory
 
     gone = torch.nn.Identity()
