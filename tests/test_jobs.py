@@ -105,3 +105,29 @@ def test_real_engines_share_the_manager(tiny_dir):
         assert sorted(m["kind"] for m in service.models.loaded()) == ["image", "music"]
     finally:
         service.shutdown()
+
+
+def test_a_job_whose_model_is_loading_is_first_in_line_not_lost(settings):
+    """While a worker loads (or converts) the model, the job is still "queued" but out of the
+    queue: its position must read 0 (being worked on), and the job behind it 1."""
+    loading, release = threading.Event(), threading.Event()
+
+    def slow_loader(kind, settings, model=None, on_progress=None):
+        loading.set()
+        release.wait(10)
+        return FakeEngine(kind, model or "m")
+
+    service = JobService(settings, loader=slow_loader)
+    try:
+        first = service.submit(MusicRequest(prompt="first", duration=1))
+        assert loading.wait(10)
+        second = service.submit(MusicRequest(prompt="second", duration=1))
+        assert service.status(first.id)["status"] == "queued"
+        assert service.status(first.id)["queue_position"] == 0
+        assert service.status(second.id)["queue_position"] == 1
+        release.set()
+        assert service.wait(first.id, 10)["status"] == "succeeded"
+        assert service.wait(second.id, 10)["status"] == "succeeded"
+    finally:
+        release.set()
+        service.shutdown()

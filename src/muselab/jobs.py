@@ -271,14 +271,17 @@ class JobService:
         }
 
     def position(self, job: Job) -> int | None:
-        """1 for the next job to run on its model, 0 when running, None when finished."""
+        """1 for the next job to run on its model, 0 when running or loading its model, None when
+        finished."""
         with self._lock:
             if job.status == "running":
                 return 0
             if job.status != "queued":
                 return None
             queue = self._queues.get((job.kind, job.model), deque())
-            return next((i + 1 for i, queued in enumerate(queue) if queued is job), None)
+            # Out of the queue but still "queued": a worker took it and is loading (or converting)
+            # its model, which can take a while; it is first, not lost.
+            return next((i + 1 for i, queued in enumerate(queue) if queued is job), 0)
 
     def wait_for_change(self, job: Job, seen_version: int, timeout: float) -> int:
         """Block until the job changes (progress, status) or `timeout` passes; returns its version."""
