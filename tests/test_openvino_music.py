@@ -22,13 +22,15 @@ from muselab.testing.tiny import build_musicgen_processor, tiny_musicgen_network
 pytestmark = pytest.mark.skipif(not openvino_available(), reason="openvino is a dependency; installed by make setup")
 
 
-def engines(stereo: bool = False, quantize: str = "none") -> tuple[MusicEngine, MusicEngine]:
-    """The same random weights on PyTorch (float32) and on OpenVINO (`quantize`), built in memory:
-    nothing cached."""
+def engines(
+    stereo: bool = False, quantize: str = "none", dtype: torch.dtype = torch.float32
+) -> tuple[MusicEngine, MusicEngine]:
+    """The same random weights in `dtype` on PyTorch (unquantized) and on OpenVINO (`quantize`),
+    built in memory: nothing cached."""
     processor = build_musicgen_processor()
-    placement = choose_placement("cpu", "float32")
-    first = tiny_musicgen_network(stereo=stereo)
-    second = tiny_musicgen_network(stereo=stereo)
+    placement = choose_placement("cpu", str(dtype).removeprefix("torch."))
+    first = tiny_musicgen_network(stereo=stereo).to(dtype)
+    second = tiny_musicgen_network(stereo=stereo).to(dtype)
     second.load_state_dict(first.state_dict())
     on_torch = MusicEngine(first, processor, "tiny", placement, backend="torch")
     on_openvino = MusicEngine(second, processor, "tiny", placement, quantize=quantize, backend="openvino")
@@ -108,15 +110,9 @@ def test_int8_openvino_weights_stay_close_to_float32_and_free_the_torch_decoder(
 @pytest.mark.skipif(not cpu_has_native_bf16(), reason="bfloat16 is emulated (very slow) on this CPU")
 def test_bfloat16_models_run_on_openvino_too():
     """Weights in bf16: the graph takes float32 cross-attention inputs, casts them, returns float32."""
-    processor = build_musicgen_processor()
-    placement = choose_placement("cpu", "bfloat16")
-    first = tiny_musicgen_network()
-    second = tiny_musicgen_network()
-    second.load_state_dict(first.state_dict())
-    on_torch = MusicEngine(first.to(torch.bfloat16), processor, "tiny", placement, backend="torch")
-    on_openvino = MusicEngine(second.to(torch.bfloat16), processor, "tiny", placement, backend="openvino")
+    on_torch, on_openvino = engines(dtype=torch.bfloat16)
     assert on_openvino.placement.dtype_name == "bfloat16 (openvino)"
-    inputs = processor(text=["a melody"], padding=True, return_tensors="pt")
+    inputs = on_torch.processor(text=["a melody"], padding=True, return_tensors="pt")
     codes = torch.randint(0, 64, (4, 10), generator=torch.Generator().manual_seed(1))
     expected = on_torch.sampler.teacher_forced_logits(inputs.input_ids, inputs.attention_mask, codes).float()
     got = on_openvino.sampler.teacher_forced_logits(inputs.input_ids, inputs.attention_mask, codes)

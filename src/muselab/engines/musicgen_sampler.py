@@ -24,10 +24,11 @@ from torch.nn import functional as F
 class MusicgenSampler:
     """Generates audio codes with a `MusicgenForConditionalGeneration`'s weights, then decodes them."""
 
-    def __init__(self, network: Any, compiled: Any = None):
-        """`compiled`: an `OpenVinoMusicDecoder` to run the decoder steps instead of PyTorch."""
+    def __init__(self, network: Any):
         self.network = network
-        self.compiled = compiled
+        #: An `OpenVinoMusicDecoder` that runs the decoder steps instead of PyTorch, when set
+        #: (`openvino_music.load_music_decoder`).
+        self.compiled: Any = None
         lm = network.decoder  # MusicgenForCausalLM
         self.decoder = lm.model.decoder
         self.lm_heads = lm.lm_heads

@@ -311,13 +311,14 @@ class OpenVinoDecoder(_CompiledModule):
         return self.run(z.detach().float().numpy())
 
 
-def compile_ir(folder: Path, precision: str) -> Any:
+def compile_ir(model: Any, dtype: torch.dtype, **options: Any) -> Any:
+    """Compile for the CPU, for one request at a time in muselab's dtype: `model` is a converted
+    folder (its model.xml) or an `ov.Model`; `options` add plugin properties."""
     import openvino as ov
 
-    core = ov.Core()
-    return core.compile_model(
-        folder / "model.xml", "CPU", {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}
-    )
+    source = model / "model.xml" if isinstance(model, Path) else model
+    properties = {"INFERENCE_PRECISION_HINT": precision_hint(dtype), "PERFORMANCE_HINT": "LATENCY", **options}
+    return ov.Core().compile_model(source, "CPU", properties)
 
 
 def converted_unet_folder(source: Path, cache_dir: Path, quantize: str, dtype: torch.dtype) -> Path:
@@ -373,9 +374,8 @@ def use_openvino(
     timings["convert_s"] = time.perf_counter() - started
     say("Compiling the OpenVINO models")
     started = time.perf_counter()
-    precision = precision_hint(dtype)
-    unet = OpenVinoUNet(compile_ir(unet_dir, precision), unet_config, dtype)
-    decoder = OpenVinoDecoder(compile_ir(decoder_dir, precision), dtype)
+    unet = OpenVinoUNet(compile_ir(unet_dir, dtype), unet_config, dtype)
+    decoder = OpenVinoDecoder(compile_ir(decoder_dir, dtype), dtype)
     pipe.unet = unet
     pipe.vae.decoder = decoder
     if hasattr(pipe, "_is_unet_config_sample_size_int"):  # set from the UNet in the pipeline's __init__

@@ -29,8 +29,8 @@ from muselab.engines.openvino import (
     TRACING_LOCK,
     ConversionProgress,
     cache_key,
+    compile_ir,
     compress_int8,
-    precision_hint,
     save_atomically,
 )
 
@@ -184,8 +184,9 @@ class OpenVinoMusicDecoder:
         return step
 
 
-def compile_options(quantize: str, dtype: torch.dtype) -> dict[str, Any]:
-    options: dict[str, Any] = {"INFERENCE_PRECISION_HINT": precision_hint(dtype), "PERFORMANCE_HINT": "LATENCY"}
+def compile_options(quantize: str) -> dict[str, Any]:
+    """Plugin properties for the decoder step, beyond `compile_ir`'s dtype and latency ones."""
+    options: dict[str, Any] = {}
     if quantize != "int8-dynamic":
         # Wherever weights are int8, OpenVINO quantizes activations on the fly by default (in
         # groups of 32): that is muselab's "int8-dynamic", so plain "int8" turns it off.
@@ -208,8 +209,6 @@ def load_music_decoder(
     """Give `sampler` the decoder step compiled by OpenVINO, read from the cache or converted now
     (and cached when the model came from a folder), then free the PyTorch weights it replaces.
     Returns the seconds spent converting and compiling. A failure leaves `sampler` as it was."""
-    import openvino as ov
-
     weights = "none" if quantize == "none" else "int8"  # int8 and int8-dynamic share the converted model
     folder = None
     if source is not None and cache_dir is not None:
@@ -219,7 +218,7 @@ def load_music_decoder(
     started = time.perf_counter()
     say = None
     if folder is not None and (folder / "model.xml").exists():
-        model: Any = folder / "model.xml"
+        model: Any = folder
     else:
         where = f"cached in {cache_dir}" if folder is not None else "not cached: the model was built in memory"
         say = ConversionProgress(4, on_progress)
@@ -236,14 +235,14 @@ def load_music_decoder(
                 logging.getLogger(__name__).warning("could not cache the converted music decoder: %s", exc)
                 model = convert_decoder(sampler, weights, share_weights=False)
             else:
-                model = folder / "model.xml"
+                model = folder
         else:
             say.step += 1
     timings["convert_s"] = time.perf_counter() - started
     if say is not None:
         say("Compiling the music decoder")
     started = time.perf_counter()
-    compiled = ov.Core().compile_model(model, "CPU", compile_options(quantize, dtype))
+    compiled = compile_ir(model, dtype, **compile_options(quantize))
     timings["compile_s"] = time.perf_counter() - started
     sampler.compiled = OpenVinoMusicDecoder(compiled)
     drop_torch_decoder_weights(sampler)
