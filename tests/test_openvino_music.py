@@ -65,6 +65,22 @@ def test_a_second_clip_starts_from_an_empty_cache(mono):
     np.testing.assert_array_equal(two.outputs[1].audio, alone.outputs[0].audio)
 
 
+@pytest.mark.parametrize("seed", [7, 8, 9])
+def test_a_clip_after_one_with_another_number_of_rows_is_unaffected(seed):
+    """Unguided steps (1 row) and then a guided clip (2 rows) on one decoder: the guided clip must
+    be what a fresh decoder makes. (The CPU plugin once kept stale cache state across the change
+    and drew NaN logits with these weights.)"""
+    torch.manual_seed(seed)
+    _, used = engines(quantize="int8-dynamic")
+    torch.manual_seed(seed)
+    _, fresh = engines(quantize="int8-dynamic")
+    inputs = used.processor(text=["a melody"], padding=True, return_tensors="pt")
+    codes = torch.randint(0, 64, (4, 10), generator=torch.Generator().manual_seed(1))
+    used.sampler.teacher_forced_logits(inputs.input_ids, inputs.attention_mask, codes)  # 1 row
+    request = MusicRequest(prompt="calm piano", duration=1.0, seed=5)  # guided: 2 rows
+    np.testing.assert_array_equal(used.generate(request).outputs[0].audio, fresh.generate(request).outputs[0].audio)
+
+
 def test_teacher_forced_logits_match_the_plain_model(mono):
     """The step the sampler runs on either backend gives the plain forward pass's numbers."""
     on_torch, on_openvino = mono

@@ -147,20 +147,22 @@ def convert_decoder(sampler: Any, quantize: str, share_weights: bool = True) -> 
 
 
 class OpenVinoMusicDecoder:
-    """The compiled decoder step; `start` begins a clip and returns its step function. Its one infer
-    request holds the clip's KV cache, so one clip at a time per decoder (the job service runs one
+    """The compiled decoder step; `start` begins a clip and returns its step function. A clip's
+    infer request holds its KV cache, so one clip at a time per decoder (the job service runs one
     job per loaded model at a time)."""
 
     def __init__(self, compiled: Any):
         self.compiled = compiled
-        self.request = compiled.create_infer_request()
+        self.request: Any = None
         self._inputs: list[np.ndarray] = []  # kept alive: the request reads them in place
 
     def start(self, cross_keys: list, cross_values: list, cross_mask: torch.Tensor, rows: int) -> Any:
         import openvino as ov
 
-        request = self.request
-        request.reset_state()
+        # A fresh request (and so fresh KV-cache state) per clip: reset_state() on a request whose
+        # previous clip had another number of rows (guided 2, unguided 1) left the CPU plugin's
+        # u8 cache reading stale memory, and the logits came out NaN now and then.
+        self.request = request = self.compiled.create_infer_request()
         # Set once per clip; the step function below only sets what changes per token.
         position = np.zeros(1, dtype=np.int64)
         self._inputs = [
