@@ -163,3 +163,76 @@ def test_cancel_during_conversion_leaves_no_half_model(tiny_dir, tmp_path):
     leftovers = [p.name for p in settings.openvino_cache.iterdir()]
     assert len(leftovers) == 1 and leftovers[0].startswith("unet-")
     assert (settings.openvino_cache / leftovers[0] / "model.xml").exists()
+
+
+def runtime_precisions(unet: OpenVinoUNet) -> set[str]:
+    """The precisions the CPU plugin really runs the UNet's convolutions and matrix products in."""
+    return {
+        node.get_rt_info()["runtimePrecision"].astype(str)
+        for node in unet.compiled.get_runtime_model().get_ops()
+        if node.get_rt_info()["layerType"].astype(str) in ("Convolution", "FullyConnected", "MatMul")
+    }
+
+
+def test_int8_full_calibrates_once_on_the_float_unet_and_computes_in_int8(converted, ov_settings, image_engine):
+    from muselab.engines.openvino import CALIBRATION_PROMPTS, CALIBRATION_STEPS
+
+    events: list = []
+    settings = ov_settings.model_copy(update={"quantize": "int8-full"})
+    engine = load_engine("image", settings, on_progress=events.append)
+    assert engine.placement.dtype_name == "float32+int8-full (openvino)"
+    notes = [event.note for event in events]
+    # The float UNet is in the cache already (the module's first load): read, not converted again.
+    assert not any(note.startswith("Converting the unet") for note in notes)
+    calibrating = [note for note in notes if note.startswith("Calibrating int8 activations")]
+    assert len(calibrating) == len(CALIBRATION_PROMPTS) * CALIBRATION_STEPS
+    assert any(note.startswith("Quantizing the unet's weights and activations") for note in notes)
+    steps = [event.step for event in events]
+    assert steps == sorted(steps) and steps[-1] == events[-1].total
+    assert "i8" in runtime_precisions(engine.pipe.unet) or "u8" in runtime_precisions(engine.pipe.unet)
+    assert runtime_precisions(converted[0].pipe.unet) == {"f32"}  # the float path stays float
+    request = ImageRequest(prompt="a red fox", seed=5, steps=3)
+    quantized, reference = pixels(engine.generate(request)), pixels(image_engine.generate(request))
+    assert quantized.shape == reference.shape and 0 < np.abs(quantized - reference).mean() < 12
+    again: list = []
+    load_engine("image", settings, on_progress=again.append)
+    assert again == []  # calibrated once: the quantized UNet is cached
+
+
+def test_int8_full_without_openvino_says_what_to_use_instead(ov_settings):
+    settings = ov_settings.model_copy(update={"quantize": "int8-full"})
+    with pytest.raises(OpenVinoUnavailable, match=r"--backend torch.*--quantize int8 "):
+        load_engine("image", settings.model_copy(update={"backend": "torch"}))
+    with pytest.raises(OpenVinoUnavailable, match=r"--compile"):  # auto cannot use OpenVINO here
+        load_engine("image", settings.model_copy(update={"backend": "auto", "compile": True}))
+    # Music has no UNet: int8-full there is int8 weights with per-token int8 activations where possible.
+    assert settings.music_quantize("cpu") in ("int8-dynamic", "int8") and settings.music_quantize("cuda") == "int8"
+
+
+def test_cancel_while_calibrating_keeps_the_float_unet_and_no_half_model(tiny_dir, tmp_path):
+    from muselab.jobs import JobService
+
+    (tmp_path / "tiny-models").symlink_to(tiny_dir / "tiny-models")
+    settings = Settings(
+        data_dir=tmp_path, cache_dir=tmp_path / "cache", preset="tiny", offline=True, quantize="int8-full"
+    )
+    service = JobService(settings)
+    original = service.models.loader
+
+    def loader(kind, settings, model, on_progress=None):
+        def spy(event):
+            if event.note.startswith("Calibrating int8 activations: UNet call 3"):
+                job.cancel.cancel()
+            on_progress(event)
+
+        return original(kind, settings, model, on_progress=spy)
+
+    service.models.loader = loader
+    try:
+        job = service.submit(ImageRequest(prompt="fox", steps=2))
+        status = service.wait(job.id, 120)
+    finally:
+        service.shutdown()
+    assert status["status"] == "cancelled"
+    cached = [p.name for p in settings.openvino_cache.iterdir()]
+    assert len(cached) == 1 and "-none-" in cached[0]  # the float UNet, ready for the next try

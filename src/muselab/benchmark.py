@@ -10,6 +10,9 @@ costs what it costs with the real checkpoints, nothing is downloaded, and the ou
   `choose_placement`, DPM++ 2M Karras in 25 steps, the lean MusicGen loop, int8 decoder on a CPU).
 - **int8**: the same with `quantize="int8"`; its output is compared with float32's for the same seed.
 - **fast**: the distilled path: sd-turbo's architecture, 1 step, tiny-autoencoder (TAESD) decode.
+- **int8-full** (its own part, `--only int8-full`): the image default with `quantize="int8-full"`
+  (OpenVINO, int8 activations calibrated once), against the same baseline; its calibration alone
+  takes minutes on 2 cores, so the default quick run leaves it out.
 
 `--quick` times a few denoising steps and computes steps x step time + text encoding + decode (the
 JSON says so with `"extrapolated": true`); a full run makes every image whole.
@@ -90,6 +93,7 @@ def run(
         "machine": machine_info(),
         "placement": {"device": placement.device, "dtype": placement.dtype_name, "reason": placement.reason},
         "load_average_at_start": os.getloadavg(),
+        "parts": list(parts),
     }
     say(f"{report['machine']['cpu']}, {report['machine']['cores']} cores; default: {placement.reason}")
     report["peak"] = measure_peaks(placement)
@@ -100,8 +104,12 @@ def run(
     save(report, json_path)
     steps = 2 if quick else None  # timed steps per image configuration; the first carries set-up
     with tempfile.TemporaryDirectory(prefix="muselab-bench-") as scratch:
-        if "image" in parts:
-            report["image"] = bench_image(placement, steps, Path(scratch), say, isolate)
+        configurations = [
+            *(IMAGE_CONFIGURATIONS if "image" in parts else ()),
+            *(INT8_FULL_CONFIGURATION if "int8-full" in parts else ()),
+        ]
+        if configurations:
+            report["image"] = bench_image(placement, steps, Path(scratch), say, isolate, tuple(configurations))
             save(report, json_path)
         if "fast" in parts:
             report.setdefault("image", {}).update(_run_part("bench_fast", {}, isolate, say))
@@ -332,23 +340,34 @@ def time_vae_decode(pipe: Any, dtype: torch.dtype, device: str) -> float:
     return time.perf_counter() - started
 
 
+#: The image configurations a run compares with the baseline: (name in the report, --quantize).
+IMAGE_CONFIGURATIONS = (("default", "none"), ("int8", "int8"))
+INT8_FULL_CONFIGURATION = (("int8_full", "int8-full"),)
+
+
 def bench_image(
-    placement: Placement, steps: int | None, scratch: Path, say: Say, isolate: bool = True
+    placement: Placement,
+    steps: int | None,
+    scratch: Path,
+    say: Say,
+    isolate: bool = True,
+    configurations: tuple[tuple[str, str], ...] = IMAGE_CONFIGURATIONS,
 ) -> dict[str, Any]:
-    """Baseline vs muselab's default vs int8 for one 512x512 SD 1.x image; `steps` set = quick mode.
+    """Baseline vs muselab's `configurations` for one 512x512 SD 1.x image; `steps` set = quick mode.
 
     The baseline's process also runs muselab's defaults on PyTorch (same float32 UNet, side by
-    side) and saves the pipeline, which the default and int8 parts then load the way a user's
-    model loads, OpenVINO conversion (one time, timed apart) included where that is the default."""
+    side; its picture is the reference for every PSNR) and saves the pipeline, which the OpenVINO
+    configurations then load the way a user's model loads, their one-time conversion timed apart."""
     figures: dict[str, Any] = {"size": [IMAGE_SIZE] * 2, "extrapolated": steps is not None, "timed_steps": steps}
-    images = {name: str(scratch / f"{name}.npy") for name in ("torch", "default", "int8")}
+    names = ["torch", *(name for name, _ in configurations)]
+    images = {name: str(scratch / f"{name}.npy") for name in names}
     folder, cache = str(scratch / "sd1"), str(scratch / "openvino-cache")
     figures.update(
         _run_part("image_baseline", {"steps": steps, "save_image": images["torch"], "save_model": folder}, isolate, say)
     )
     figures["default_backend"] = default_image_backend(placement, "none")
-    for name, quantize in (("default", "none"), ("int8", "int8")):
-        backend = default_image_backend(placement, quantize)
+    for name, quantize in configurations:
+        backend = "openvino" if quantize == "int8-full" else default_image_backend(placement, quantize)
         where = {"folder": folder, "cache": cache, "quantize": quantize}
         if backend == "openvino":
             part = _run_part("image_convert", where, isolate, say)
@@ -359,31 +378,38 @@ def bench_image(
         run = {**where, "backend": backend, "steps": steps, "save_to": images[name]}
         if backend == "torch":
             run["folder"] = None
-        elif name == "default":
+        elif name in ("default", "int8_full"):
             run["against_torch"] = True
         part = _run_part("image_engine_run", run, isolate, say)
         figures.update({f"{name}_{key}": value for key, value in part.items()})
+        figures[f"{name}_s"] = figures[f"{name}_image_s"]
+        figures[f"{name}_ratio"] = figures["baseline_s"] / figures[f"{name}_s"]
+        figures[f"{name}_psnr_db"] = psnr(np.load(images["torch"]), np.load(images[name]))
     for key in ("openvino_step_speedup", "openvino_step_speedups"):  # measured in the default's part
         if f"default_{key}" in figures:
             figures[key] = figures.pop(f"default_{key}")
-    reference = np.load(images["torch"])  # PyTorch float32 with muselab's sampler settings
-    figures["default_psnr_db"] = psnr(reference, np.load(images["default"]))
-    figures["int8_psnr_db"] = psnr(reference, np.load(images["int8"]))
     figures["psnr_recipe"] = (
         f"{DEFAULT_SAMPLER}, {steps or GENERIC_IMAGE_DEFAULTS.steps} steps, guidance 7.5, seed {SEED}"
     )
-    for name in ("default", "int8", "torch"):
-        figures[f"{name}_s"] = figures[f"{name}_image_s"]
-    figures["unet_step_dtype"] = figures["default_dtype"]
-    figures["default_ratio"] = figures["baseline_s"] / figures["default_s"]
+    figures["torch_s"] = figures["torch_image_s"]
     figures["torch_ratio"] = figures["baseline_s"] / figures["torch_s"]
-    figures["int8_memory_ratio"] = figures["int8_peak_rss_gb"] / figures["baseline_peak_rss_gb"]
-    say(
-        f"image default ({figures['default_dtype']}): {figures['default_s']:.0f} s per image "
-        f"({figures['default_ratio']:.2f}x the baseline; PyTorch {figures['torch_ratio']:.2f}x); "
-        f"int8: PSNR {figures['int8_psnr_db']:.1f} dB, peak memory {figures['int8_peak_rss_gb']:.2f} GiB "
-        f"against the baseline's {figures['baseline_peak_rss_gb']:.2f} GiB"
-    )
+    if "default_s" in figures:
+        figures["unet_step_dtype"] = figures["default_dtype"]
+        say(
+            f"image default ({figures['default_dtype']}): {figures['default_s']:.0f} s per image "
+            f"({figures['default_ratio']:.2f}x the baseline; PyTorch {figures['torch_ratio']:.2f}x)"
+        )
+    if "int8_s" in figures:
+        figures["int8_memory_ratio"] = figures["int8_peak_rss_gb"] / figures["baseline_peak_rss_gb"]
+        say(
+            f"image int8: PSNR {figures['int8_psnr_db']:.1f} dB, peak memory {figures['int8_peak_rss_gb']:.2f} GiB "
+            f"against the baseline's {figures['baseline_peak_rss_gb']:.2f} GiB"
+        )
+    if "int8_full_s" in figures:
+        say(
+            f"image int8-full: {figures['int8_full_s']:.0f} s per image ({figures['int8_full_ratio']:.2f}x the "
+            f"baseline), PSNR {figures['int8_full_psnr_db']:.1f} dB"
+        )
     return figures
 
 
@@ -497,7 +523,7 @@ def image_engine_run(
     figures["peak_rss_gb"] = memory.gib()
     if against_torch and folder is not None:
         # Once the peak is read: PyTorch's UNet joins the process for the drift-free comparison.
-        figures.update(step_speedup(engine.pipe, Path(folder), say))
+        figures.update(step_speedup(engine.pipe, Path(folder), say, engine.placement.dtype_name))
     return figures
 
 
@@ -514,9 +540,10 @@ def alternated_speedups(reference: Callable[[], float], ours: Callable[[], float
     return speedups
 
 
-def step_speedup(pipe: Any, folder: Path, say: Say, rounds: int = 2) -> dict[str, Any]:
-    """The pipeline's converted (OpenVINO) UNet against PyTorch's read from `folder`, their steps
-    alternated in one process: a speed-up the machine's drift between parts cannot move."""
+def step_speedup(pipe: Any, folder: Path, say: Say, what: str = "OpenVINO", rounds: int = 2) -> dict[str, Any]:
+    """The pipeline's converted (OpenVINO) UNet against PyTorch's read from `folder` (in float, the
+    baseline's step), their steps alternated in one process: a speed-up the machine's drift
+    between parts cannot move."""
     from diffusers import UNet2DConditionModel
 
     placement = choose_placement()
@@ -536,7 +563,7 @@ def step_speedup(pipe: Any, folder: Path, say: Say, rounds: int = 2) -> dict[str
         seconds(torch_unet)  # the first call carries one-off set-up (the converted one ran already)
         speedups = alternated_speedups(lambda: seconds(torch_unet), lambda: seconds(converted_unet), rounds)
     speedup = statistics.median(speedups)
-    say(f"image: UNet steps alternated in one process: OpenVINO {speedup:.2f}x PyTorch ({speedups})")
+    say(f"image: UNet steps alternated in one process: {what} {speedup:.2f}x PyTorch ({speedups})")
     return {"openvino_step_speedup": speedup, "openvino_step_speedups": speedups}
 
 
@@ -799,7 +826,7 @@ def markdown_table(report: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|",
     ]
     image = report.get("image", {})
-    if "baseline_s" in image:
+    if "default_s" in image:
         baseline_fraction = UNET_STEP_FLOP_512_CFG / image["baseline_unet_step_s"] / 1e9 / peak["matmul_gflops_fp32"]
         converted = "default_convert_s" in image
         lines += [
@@ -873,6 +900,8 @@ def markdown_table(report: dict[str, Any]) -> str:
         lines.append(
             _row("fast path: sd-turbo, 1 step, TAESD decode", "", "", f"{image['fast_s']:.2f} s per image", "", ratio)
         )
+    if "int8_full_s" in image:
+        lines += ["", *int8_full_table(image, peak)]
     music = report.get("music")
     if music:
         lines += [
@@ -926,6 +955,81 @@ def markdown_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def int8_full_table(image: dict[str, Any], peak: dict[str, float]) -> list[str]:
+    """The int8-full rows (`--only int8-full`): int8 activations against the same baseline."""
+    step = image["int8_full_unet_step_s"]
+    effective = UNET_STEP_FLOP_512_CFG / step / 1e9
+    lines = [
+        "| what | baseline (plain script) | int8-full (int8 activations, OpenVINO) | default on PyTorch "
+        "| ratio int8-full/baseline |",
+        "|---|---|---|---|---|",
+        _row(
+            "image 512x512: seconds per image",
+            f"{image['baseline_s']:.1f} (fp32, PNDM 50)",
+            f"{image['int8_full_s']:.1f} ({image['int8_full_dtype']}, DPM++ 2M Karras {image['int8_full_steps']})",
+            f"{image['torch_s']:.1f} ({image['torch_dtype']}; {image['torch_ratio']:.2f}x)",
+            f"**{image['int8_full_ratio']:.2f}x**",
+        ),
+        _row(
+            "UNet step, batch 2",
+            f"{image['baseline_unet_step_s']:.2f} s",
+            f"{step:.2f} s ({effective:.0f} GFLOP/s effective: "
+            f"{effective / peak['matmul_gflops_fp32']:.1f}x the fp32 matmul peak)",
+            f"{image['torch_unet_step_s']:.2f} s",
+            f"{image['baseline_unet_step_s'] / step:.2f}x",
+        ),
+        _row(
+            "VAE decode + post-processing (float32)",
+            f"{image['baseline_decode_s']:.1f} s",
+            f"{image['int8_full_decode_s']:.1f} s",
+            f"{image['torch_decode_s']:.1f} s",
+            "",
+        ),
+        _row(
+            "machine speed before / after the timed steps (fp32 matmul)",
+            *(_speeds(image.get(f"{name}_speed_gflops")) for name in ("baseline", "int8_full", "torch")),
+            "drift moves the ratios",
+        ),
+        _row(
+            "peak resident memory (build or load + one image)",
+            f"{image['baseline_peak_rss_gb']:.2f} GiB",
+            f"{image['int8_full_peak_rss_gb']:.2f} GiB",
+            "(in the baseline's process)",
+            "",
+        ),
+        _row(
+            "output vs PyTorch fp32, same seed (PSNR)",
+            "",
+            f"{image['int8_full_psnr_db']:.1f} dB",
+            "reference",
+            image["psnr_recipe"],
+        ),
+    ]
+    if "int8_full_openvino_step_speedups" in image:
+        speedups = image["int8_full_openvino_step_speedups"]
+        rounds = ", ".join(f"{value:.2f}" for value in speedups)
+        lines.append(
+            _row(
+                "UNet step, int8-full vs PyTorch float alternated in one process (drift-free)",
+                "",
+                f"**{statistics.median(speedups):.2f}x** (median)",
+                "1x",
+                f"rounds: {rounds}",
+            )
+        )
+    if "int8_full_convert_s" in image:
+        lines.append(
+            _row(
+                "one-time conversion and calibration (cached; peak memory)",
+                "",
+                f"{image['int8_full_convert_s']:.0f} s ({image['int8_full_convert_peak_rss_gb']:.1f} GiB)",
+                "",
+                "not in the per-image times",
+            )
+        )
+    return lines
+
+
 def _alternated_row(what: str, speedups: list[float]) -> str:
     rounds = ", ".join(f"{value:.2f}" for value in speedups)
     median = statistics.median(speedups)
@@ -946,14 +1050,23 @@ def _row(*cells: str) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
+def docs_markers(report: dict[str, Any]) -> tuple[str, str]:
+    """Where a report's table goes: a run of the int8-full part alone has a section of its own,
+    so it never overwrites the main run's table."""
+    if report.get("parts") == ["int8-full"]:
+        return "<!-- bench-int8-full:start -->", "<!-- bench-int8-full:end -->"
+    return DOCS_START, DOCS_END
+
+
 def update_docs(path: Path, report: dict[str, Any], command: str) -> None:
-    """Replace the table between the bench markers in `path` with this run's."""
+    """Replace the table between this report's bench markers in `path` with this run's."""
     text = path.read_text()
-    if DOCS_START not in text or DOCS_END not in text:
-        raise ValueError(f"{path} has no {DOCS_START} ... {DOCS_END} markers to write the table between")
-    head, rest = text.split(DOCS_START, 1)
-    _, tail = rest.split(DOCS_END, 1)
-    block = f"{DOCS_START}\n```\n{command}\n```\n\n{markdown_table(report)}\n{DOCS_END}"
+    start, end = docs_markers(report)
+    if start not in text or end not in text:
+        raise ValueError(f"{path} has no {start} ... {end} markers to write the table between")
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    block = f"{start}\n```\n{command}\n```\n\n{markdown_table(report)}\n{end}"
     path.write_text(head + block + tail)
 
 

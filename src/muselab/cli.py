@@ -876,7 +876,13 @@ def bench(
     docs: Annotated[
         Path | None, typer.Option("--docs", help="Write the table into this Markdown file, between bench markers.")
     ] = None,
-    only: Annotated[str, typer.Option(help="Parts to run, comma-separated: image, fast, music.")] = "image,fast,music",
+    only: Annotated[
+        str,
+        typer.Option(
+            help="Parts to run, comma-separated: image, fast, music, int8-full (int8 activations; its "
+            "one-time calibration takes minutes, so it is not in the default set)."
+        ),
+    ] = "image,fast,music",
     music_seconds: Annotated[float | None, typer.Option(help="Seconds of audio (default 5 quick, 10 full).")] = None,
 ) -> None:
     """Baseline (a plain diffusers/transformers script) against muselab's defaults, side by side, on
@@ -884,9 +890,11 @@ def bench(
     from muselab import benchmark
 
     parts = tuple(part.strip() for part in only.split(",") if part.strip())
-    unknown = set(parts) - {"image", "fast", "music"}
+    unknown = set(parts) - {"image", "fast", "music", "int8-full"}
     if unknown:
-        raise CliError(f"--only: unknown part(s) {', '.join(sorted(unknown))}; choose from image, fast, music.", 2)
+        raise CliError(
+            f"--only: unknown part(s) {', '.join(sorted(unknown))}; choose from image, fast, music, int8-full.", 2
+        )
     if docs is not None and not docs.exists():
         raise CliError(f"--docs {docs}: no such file.", EXIT_BAD_INPUT)
     report = benchmark.run(quick=quick, json_path=json_file, parts=parts, music_seconds=music_seconds)

@@ -117,6 +117,8 @@ class ImageEngine:
         settings of the same names (`muselab.config.Settings`). With `openvino`, the UNet and the
         VAE decoder run on OpenVINO (converted first if its cache lacks them).
         """
+        if quantize == "int8-full" and openvino is None:
+            raise ValueError(INT8_FULL_NEEDS_OPENVINO.format(reason="this engine runs on PyTorch"))
         pipe.set_progress_bar_config(disable=True)
         self.load_timings: dict[str, float] = {}
         if openvino is not None:
@@ -132,7 +134,7 @@ class ImageEngine:
                 openvino.on_progress,
                 openvino.unet_config,
             )
-            if quantize == "int8":
+            if quantize in ("int8", "int8-full"):
                 for module in text_encoders(pipe):
                     quantize_linears(module)
             placement = dataclasses.replace(placement, quantize=quantize, backend="openvino")
@@ -323,16 +325,43 @@ class ImageEngine:
 OPENVINO_AUTO_MIN_MEMORY_GIB = 12.0
 
 
+INT8_FULL_NEEDS_OPENVINO = (
+    "--quantize int8-full (int8 activations) runs on the OpenVINO backend, and {reason}. "
+    "Use --quantize int8 (int8 weights, on PyTorch too) or --quantize none."
+)
+
+
 def auto_uses_openvino(device: str, quantize: str, low_memory: bool = False, compile: bool = False) -> bool:
     """What `--backend auto` means for an image model: OpenVINO on a CPU (as fast as PyTorch or
     faster, same pictures), unless it is not installed, or memory matters more (`--quantize int8`,
     whose memory saving OpenVINO's float32 weight copies would undo; `--low-memory`; a machine with
-    less than OPENVINO_AUTO_MIN_MEMORY_GIB), or `--compile` (a PyTorch feature) is on."""
-    from muselab.engines.openvino import openvino_available
+    less than OPENVINO_AUTO_MIN_MEMORY_GIB, which the one-time conversion needs), or `--compile` (a
+    PyTorch feature) is on. `--quantize int8-full` exists only on OpenVINO."""
+    from muselab.engines.openvino import nncf_available, openvino_available
 
     if device != "cpu" or compile or low_memory or quantize == "int8":
         return False
+    if quantize == "int8-full" and not nncf_available():
+        return False
     return openvino_available() and physical_memory_gib() >= OPENVINO_AUTO_MIN_MEMORY_GIB
+
+
+def _why_not_openvino(device: str, low_memory: bool, compile: bool) -> str:
+    """In words, why `auto_uses_openvino` said no (for int8-full's error)."""
+    from muselab.engines.openvino import nncf_available, openvino_available
+
+    if device != "cpu":
+        return f"it runs on CPUs, and this engine is placed on {device} (use --device cpu)"
+    if compile:
+        return "--compile is for the PyTorch backend (turn it off)"
+    if low_memory:
+        return "--low-memory keeps PyTorch (turn it off)"
+    if not openvino_available() or not nncf_available():
+        return "the openvino and nncf packages are not both installed (pip install openvino nncf)"
+    return (
+        f"this machine has {physical_memory_gib():.0f} GiB of RAM, less than the "
+        f"{OPENVINO_AUTO_MIN_MEMORY_GIB} GiB the one-time conversion needs (--backend openvino to try anyway)"
+    )
 
 
 @dataclasses.dataclass
@@ -362,16 +391,21 @@ def _openvino_setup(
     from muselab.engines import openvino as ov
 
     if backend == "torch":
+        if quantize == "int8-full":
+            raise ov.OpenVinoUnavailable(INT8_FULL_NEEDS_OPENVINO.format(reason="--backend torch was asked for"))
         return None
     explicit = backend == "openvino"
     if not explicit and not auto_uses_openvino(placement.device, quantize, low_memory, compile):
+        if quantize == "int8-full":
+            reason = _why_not_openvino(placement.device, low_memory, compile)
+            raise ov.OpenVinoUnavailable(INT8_FULL_NEEDS_OPENVINO.format(reason=reason))
         return None
     problem = None
     if placement.device != "cpu":
         problem = f"it runs on CPUs, and this engine is placed on {placement.device} (use --device cpu)"
     elif compile:
         problem = "--compile is for the PyTorch backend (turn one of them off)"
-    elif not ov.openvino_available() or (quantize == "int8" and not ov.nncf_available()):
+    elif not ov.openvino_available() or (quantize in ("int8", "int8-full") and not ov.nncf_available()):
         ov.require_openvino(quantize)  # only an explicit "openvino" gets here: auto checked it above
     else:
         try:
