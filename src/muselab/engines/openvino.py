@@ -268,6 +268,7 @@ def record_unet_inputs(pipe: Any, unet: OpenVinoUNet, say: ConversionProgress) -
     total = len(CALIBRATION_PROMPTS) * CALIBRATION_STEPS
     size = unet.config.sample_size
     side = (size if isinstance(size, int) else size[0]) * pipe.vae_scale_factor
+    say(f"Calibrating int8 activations: UNet call 0 of {total}", False)  # the first call takes a while
     try:
         for index, prompt in enumerate(CALIBRATION_PROMPTS):
 
