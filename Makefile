@@ -10,7 +10,7 @@ ARGS ?=
 PRESET ?= tiny
 PORT ?= 8501
 
-.PHONY: setup run demo test lint browser bench clean
+.PHONY: setup run demo test lint browser bench bench-int8-full clean
 
 setup: $(VENV)/.installed
 
@@ -47,6 +47,12 @@ test: lint browser
 bench: setup
 	mkdir -p bench/results
 	$(BIN)/muselab bench --quick --json bench/results/quick.json --docs docs/PERFORMANCE.md
+
+# int8 activations (--quantize int8-full) against the same baseline: its calibration takes minutes,
+# so it has a run (and a docs section) of its own.
+bench-int8-full: setup
+	mkdir -p bench/results
+	$(BIN)/muselab bench --quick --only int8-full --json bench/results/int8-full.json --docs docs/PERFORMANCE.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache test-output
