@@ -131,22 +131,22 @@ def test_auto_means_openvino_on_a_cpu_but_pytorch_with_compile(ov_settings, monk
     assert not isinstance(small.pipe.unet, OpenVinoUNet) and small.placement.dtype_name == "float32+int8"
 
 
-def test_cancel_during_conversion_leaves_no_half_model(tiny_dir, tmp_path):
+def cancel_while_loading(tiny_dir: Path, tmp_path: Path, when: str, **settings: object) -> tuple[dict, list, Settings]:
+    """Submit an image job on a fresh conversion cache and press cancel at the first loading event
+    whose note starts with `when`; returns the job's final status, the events seen, the settings."""
     from muselab.jobs import JobService
 
     (tmp_path / "tiny-models").symlink_to(tiny_dir / "tiny-models")
-    settings = Settings(
-        data_dir=tmp_path, cache_dir=tmp_path / "cache", preset="tiny", offline=True, backend="openvino"
-    )
-    service = JobService(settings)
+    config = Settings(data_dir=tmp_path, cache_dir=tmp_path / "cache", preset="tiny", offline=True, **settings)
+    service = JobService(config)
     seen: list = []
     original = service.models.loader
 
     def loader(kind, settings, model, on_progress=None):
         def spy(event):
             seen.append(event)
-            if event.note.startswith("Converting the vae"):
-                job.cancel.cancel()  # the user presses cancel once the UNet is converted
+            if event.note.startswith(when):
+                job.cancel.cancel()  # the user presses cancel
             on_progress(event)
 
         return original(kind, settings, model, on_progress=spy)
@@ -157,6 +157,12 @@ def test_cancel_during_conversion_leaves_no_half_model(tiny_dir, tmp_path):
         status = service.wait(job.id, 120)
     finally:
         service.shutdown()
+    return status, seen, config
+
+
+def test_cancel_during_conversion_leaves_no_half_model(tiny_dir, tmp_path):
+    # Cancelled once the UNet is converted and the decoder starts.
+    status, seen, settings = cancel_while_loading(tiny_dir, tmp_path, "Converting the vae", backend="openvino")
     assert status["status"] == "cancelled"
     assert seen and seen[0].stage == "converting"
     # The finished UNet stays cached (the next load skips it); the decoder was never started.
@@ -210,29 +216,24 @@ def test_int8_full_without_openvino_says_what_to_use_instead(ov_settings):
 
 
 def test_cancel_while_calibrating_keeps_the_float_unet_and_no_half_model(tiny_dir, tmp_path):
-    from muselab.jobs import JobService
-
-    (tmp_path / "tiny-models").symlink_to(tiny_dir / "tiny-models")
-    settings = Settings(
-        data_dir=tmp_path, cache_dir=tmp_path / "cache", preset="tiny", offline=True, quantize="int8-full"
-    )
-    service = JobService(settings)
-    original = service.models.loader
-
-    def loader(kind, settings, model, on_progress=None):
-        def spy(event):
-            if event.note.startswith("Calibrating int8 activations: UNet call 3"):
-                job.cancel.cancel()
-            on_progress(event)
-
-        return original(kind, settings, model, on_progress=spy)
-
-    service.models.loader = loader
-    try:
-        job = service.submit(ImageRequest(prompt="fox", steps=2))
-        status = service.wait(job.id, 120)
-    finally:
-        service.shutdown()
+    calibrating = "Calibrating int8 activations: UNet call 3"
+    status, _, settings = cancel_while_loading(tiny_dir, tmp_path, calibrating, quantize="int8-full")
     assert status["status"] == "cancelled"
     cached = [p.name for p in settings.openvino_cache.iterdir()]
     assert len(cached) == 1 and "-none-" in cached[0]  # the float UNet, ready for the next try
+
+
+def test_cli_converts_int8_full_ahead_of_time_and_refuses_it_on_pytorch(cli_env, tmp_path):
+    from conftest import run_cli
+
+    env = {**cli_env, "MUSELAB_CACHE_DIR": str(tmp_path / "cache")}
+    first = run_cli(["models", "convert", "--quantize", "int8-full", "--preset", "tiny", "--offline"], env)
+    assert first.returncode == 0, first.stderr
+    assert "converted in" in first.stdout
+    names = [p.name for p in (tmp_path / "cache" / "openvino").iterdir()]
+    assert any("-int8-full-" in name for name in names) and any("-none-" in name for name in names)
+    refused = run_cli(
+        ["image", "a fox", "--quantize", "int8-full", "--backend", "torch", "--preset", "tiny", "--offline"], env
+    )
+    assert refused.returncode == 3
+    assert "--quantize int8 " in refused.stderr and "Traceback" not in refused.stderr
