@@ -135,13 +135,17 @@ def test_alternated_speedups_cancel_a_steady_drift():
 
 @pytest.mark.skipif(not __import__("muselab.engines.openvino", fromlist=["x"]).nncf_available(), reason="needs nncf")
 def test_the_int8_full_part_compares_with_the_same_baseline_in_a_section_of_its_own(tiny_architectures, tmp_path):
-    report = benchmark.run(quick=True, parts=("int8-full",), say=lambda line: None, isolate=False)
+    report = benchmark.run(quick=True, parts=("int8-full", "fast-int8-full"), say=lambda line: None, isolate=False)
     image = report["image"]
     assert "default_s" not in image and "music" not in report  # only what was asked for
     assert image["int8_full_dtype"] == "float32+int8-full (openvino)"
     assert math.isclose(image["int8_full_ratio"], image["baseline_s"] / image["int8_full_s"])
     assert 5 < image["int8_full_psnr_db"] < 100  # changed by int8 activations, still the same picture
     assert image["int8_full_convert_s"] > 0 and len(image["int8_full_openvino_step_speedups"]) == 2
+    # The sd-turbo fast path with int8 activations, against PyTorch float in the same process.
+    assert image["fast_int8_full_dtype"] == "float32+int8-full (openvino)" and image["fast_int8_full_convert_s"] > 0
+    assert math.isclose(image["fast_int8_full_speedup"], image["fast_torch_s"] / image["fast_int8_full_s"])
+    assert 5 < image["fast_int8_full_psnr_db"] < 100 and "fast_s" not in image
     docs = tmp_path / "PERFORMANCE.md"
     main = f"{benchmark.DOCS_START}\nmain table\n{benchmark.DOCS_END}"
     docs.write_text(f"{main}\n<!-- bench-int8-full:start -->\nold\n<!-- bench-int8-full:end -->\n")
@@ -149,3 +153,4 @@ def test_the_int8_full_part_compares_with_the_same_baseline_in_a_section_of_its_
     text = docs.read_text()
     assert text.startswith(main) and "old" not in text  # the main run's table is left alone
     assert "ratio int8-full/baseline" in text and "one-time conversion and calibration" in text
+    assert "int8-full (OpenVINO) | speed-up" in text

@@ -111,6 +111,10 @@ def run(
         if configurations:
             report["image"] = bench_image(placement, steps, Path(scratch), say, isolate, tuple(configurations))
             save(report, json_path)
+        if "fast-int8-full" in parts:
+            part = _run_part("bench_fast_int8_full", {"scratch": scratch}, isolate, say)
+            report.setdefault("image", {}).update(part)
+            save(report, json_path)
         if "fast" in parts:
             report.setdefault("image", {}).update(_run_part("bench_fast", {}, isolate, say))
             image = report["image"]
@@ -602,17 +606,8 @@ def time_engine(engine: Any, steps: int | None, say: Say, save_to: str | None) -
     }
 
 
-def bench_fast(say: Say) -> dict[str, Any]:
-    """sd-turbo's architecture, 1 step, no guidance, decoded by the tiny autoencoder."""
-    from muselab.engines.image import ImageEngine
-    from muselab.testing import full
-
-    placement = choose_placement()
-    memory = PeakMemory(placement.device)
-    pipe = full.build_sd_turbo_random(placement.dtype, verbose=False)
-    engine = ImageEngine(pipe, "sd-turbo-random", placement)
-    engine._fast_vaes["taesd-random"] = full.build_taesd_random(placement.dtype).to(placement.device)
-    request = ImageRequest(
+def _fast_request() -> ImageRequest:
+    return ImageRequest(
         prompt=IMAGE_PROMPT,
         width=IMAGE_SIZE,
         height=IMAGE_SIZE,
@@ -623,18 +618,86 @@ def bench_fast(say: Say) -> dict[str, Any]:
         decoder="fast",
         decoder_model="taesd-random",
     )
-    engine.generate(request)  # the first call carries one-off set-up costs
+
+
+def _time_fast(engine: Any, rounds: int = 3) -> list[float]:
+    """Seconds of `rounds` fast-path images, after one that carries the set-up costs."""
+    request = _fast_request()
+    engine.generate(request)
     times = []
-    for _ in range(3):
-        synchronize(placement.device)
+    for _ in range(rounds):
+        synchronize(engine.placement.device)
         started = time.perf_counter()
         engine.generate(request)
-        synchronize(placement.device)
+        synchronize(engine.placement.device)
         times.append(time.perf_counter() - started)
+    return times
+
+
+def bench_fast(say: Say) -> dict[str, Any]:
+    """sd-turbo's architecture, 1 step, no guidance, decoded by the tiny autoencoder."""
+    from muselab.engines.image import ImageEngine
+    from muselab.testing import full
+
+    placement = choose_placement()
+    memory = PeakMemory(placement.device)
+    pipe = full.build_sd_turbo_random(placement.dtype, verbose=False)
+    engine = ImageEngine(pipe, "sd-turbo-random", placement)
+    engine._fast_vaes["taesd-random"] = full.build_taesd_random(placement.dtype).to(placement.device)
+    times = _time_fast(engine)
     fast = min(times)
     say(f"image fast path (sd-turbo, 1 step, TAESD): {fast:.2f} s per image ({placement.dtype_name})")
     figures = {"fast_s": fast, "fast_runs_s": times, "fast_peak_rss_gb": memory.gib()}
     del engine, pipe
+    return figures
+
+
+def bench_fast_int8_full(scratch: str, say: Say) -> dict[str, Any]:
+    """The fast path at its fastest: sd-turbo with int8 activations on OpenVINO (converted and
+    calibrated once, timed apart), against the same path on PyTorch float in the same process."""
+    from muselab.engines.image import ImageEngine
+    from muselab.testing import full
+
+    placement = choose_placement()
+    taesd = full.build_taesd_random(placement.dtype).to(placement.device)
+    pipe = full.build_sd_turbo_random(placement.dtype, verbose=False)
+    engine = ImageEngine(pipe, "sd-turbo-random", placement)
+    engine._fast_vaes["taesd-random"] = taesd
+    torch_times = _time_fast(engine, rounds=2)
+    reference = _image_array(engine.generate(_fast_request()))
+    folder = Path(scratch) / "sd-turbo"
+    say("image fast path: saving sd-turbo for int8-full (not timed)")
+    pipe.save_pretrained(folder, safe_serialization=True)
+    del engine, pipe
+    gc.collect()
+    started = time.perf_counter()
+    engine = ImageEngine.load(
+        str(folder),
+        placement,
+        safety_checker=False,
+        offline=True,
+        quantize="int8-full",
+        backend="openvino",
+        openvino_cache=Path(scratch) / "openvino-cache",
+        on_progress=lambda event: say(f"image fast path: {event.note}"),
+    )
+    convert = time.perf_counter() - started
+    engine._fast_vaes["taesd-random"] = taesd
+    times = _time_fast(engine)
+    fast = min(times)
+    figures = {
+        "fast_int8_full_s": fast,
+        "fast_int8_full_runs_s": times,
+        "fast_int8_full_convert_s": convert,
+        "fast_int8_full_dtype": engine.placement.dtype_name,
+        "fast_torch_s": min(torch_times),
+        "fast_int8_full_speedup": min(torch_times) / fast,
+        "fast_int8_full_psnr_db": psnr(reference, _image_array(engine.generate(_fast_request()))),
+    }
+    say(
+        f"image fast path int8-full: {fast:.2f} s per image ({figures['fast_int8_full_speedup']:.2f}x PyTorch "
+        f"float's {figures['fast_torch_s']:.2f} s in the same process), PSNR {figures['fast_int8_full_psnr_db']:.1f} dB"
+    )
     return figures
 
 
@@ -902,6 +965,21 @@ def markdown_table(report: dict[str, Any]) -> str:
         )
     if "int8_full_s" in image:
         lines += ["", *int8_full_table(image, peak)]
+    if "fast_int8_full_s" in image:
+        lines += [
+            "",
+            "| fast path: sd-turbo, 1 step, TAESD decode | PyTorch float, same process | int8-full (OpenVINO) "
+            "| speed-up | PSNR against PyTorch float | one-time conversion and calibration |",
+            "|---|---|---|---|---|---|",
+            _row(
+                "seconds per image",
+                f"{image['fast_torch_s']:.2f} s",
+                f"**{image['fast_int8_full_s']:.2f} s** ({image['fast_int8_full_dtype']})",
+                f"{image['fast_int8_full_speedup']:.2f}x",
+                f"{image['fast_int8_full_psnr_db']:.1f} dB",
+                f"{image['fast_int8_full_convert_s']:.0f} s (cached)",
+            ),
+        ]
     music = report.get("music")
     if music:
         lines += [
@@ -1053,7 +1131,8 @@ def _row(*cells: str) -> str:
 def docs_markers(report: dict[str, Any]) -> tuple[str, str]:
     """Where a report's table goes: a run of the int8-full part alone has a section of its own,
     so it never overwrites the main run's table."""
-    if report.get("parts") == ["int8-full"]:
+    parts = set(report.get("parts", ("image",)))
+    if parts and parts <= {"int8-full", "fast-int8-full"}:
         return "<!-- bench-int8-full:start -->", "<!-- bench-int8-full:end -->"
     return DOCS_START, DOCS_END
 

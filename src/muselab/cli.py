@@ -879,8 +879,9 @@ def bench(
     only: Annotated[
         str,
         typer.Option(
-            help="Parts to run, comma-separated: image, fast, music, int8-full (int8 activations; its "
-            "one-time calibration takes minutes, so it is not in the default set)."
+            help="Parts to run, comma-separated: image, fast, music, int8-full and fast-int8-full (int8 "
+            "activations for SD 1.x and for the sd-turbo fast path; their one-time calibration takes "
+            "minutes, so they are not in the default set)."
         ),
     ] = "image,fast,music",
     music_seconds: Annotated[float | None, typer.Option(help="Seconds of audio (default 5 quick, 10 full).")] = None,
@@ -890,11 +891,10 @@ def bench(
     from muselab import benchmark
 
     parts = tuple(part.strip() for part in only.split(",") if part.strip())
-    unknown = set(parts) - {"image", "fast", "music", "int8-full"}
+    known = ("image", "fast", "music", "int8-full", "fast-int8-full")
+    unknown = set(parts) - set(known)
     if unknown:
-        raise CliError(
-            f"--only: unknown part(s) {', '.join(sorted(unknown))}; choose from image, fast, music, int8-full.", 2
-        )
+        raise CliError(f"--only: unknown part(s) {', '.join(sorted(unknown))}; choose from {', '.join(known)}.", 2)
     if docs is not None and not docs.exists():
         raise CliError(f"--docs {docs}: no such file.", EXIT_BAD_INPUT)
     report = benchmark.run(quick=quick, json_path=json_file, parts=parts, music_seconds=music_seconds)
