@@ -431,15 +431,16 @@ def _convert_unet(
 ) -> None:
     """Put the converted UNet at `unet_dir`. int8-full first needs the float one (`float_dir`,
     converted here unless cached) to run the calibration images with."""
-    converted = (float_dir if (float_dir / "model.xml").exists() else None) if quantize != "none" else None
-    if pipe.unet is None and converted is None:
+    float_cached = (float_dir / "model.xml").exists()
+    if pipe.unet is None and not float_cached:
         raise OpenVinoUnavailable(f"The converted UNet is gone from {cache_dir}; load the model again.")
     if quantize != "int8-full":
-        module = _UNetForExport(pipe.unet.eval()) if pipe.unet is not None and converted is None else None
-        example = _unet_example(pipe.unet) if module is not None else ()
-        convert(module, example, unet_dir, quantize, say, converted)
+        # int8 weights are compressed from the cached float IR where there is one: no second trace.
+        converted = float_dir if quantize == "int8" and float_cached else None
+        module = None if converted is not None else _UNetForExport(pipe.unet.eval())
+        convert(module, () if module is None else _unet_example(pipe.unet), unet_dir, quantize, say, converted)
         return
-    if converted is None:
+    if not float_cached:
         convert(_UNetForExport(pipe.unet.eval()), _unet_example(pipe.unet), float_dir, "none", say)
     import openvino as ov
 
