@@ -48,11 +48,12 @@ bench: setup
 	mkdir -p bench/results
 	$(BIN)/muselab bench --quick --json bench/results/quick.json --docs docs/PERFORMANCE.md
 
-# int8 activations (--quantize int8-full) against the same baseline: its calibration takes minutes,
-# so it has a run (and a docs section) of its own.
+# int8 activations (--quantize int8-full) for SD 1.x against the same baseline, and for the sd-turbo
+# fast path against PyTorch float: their calibration takes minutes,
+# so they have a run (and a docs section) of their own.
 bench-int8-full: setup
 	mkdir -p bench/results
-	$(BIN)/muselab bench --quick --only int8-full --json bench/results/int8-full.json --docs docs/PERFORMANCE.md
+	$(BIN)/muselab bench --quick --only int8-full,fast-int8-full --json bench/results/int8-full.json --docs docs/PERFORMANCE.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache test-output
