@@ -883,16 +883,19 @@ def markdown_table(report: dict[str, Any]) -> str:
         "",
         f"Peaks: matmul fp32 {peak['matmul_gflops_fp32']:.0f} GFLOP/s, bf16 {peak['matmul_gflops_bf16']:.0f} GFLOP/s; "
         f"memory copy {peak['copy_gbps']:.1f} GB/s (read + write).",
+    ]
+    header = [
         "",
         "| what | baseline (plain script) | muselab default | default on PyTorch | int8 weights "
         "| ratio default/baseline |",
         "|---|---|---|---|---|---|",
     ]
+    main: list[str] = []  # the rows under `header`; a run of the int8-full parts alone has none
     image = report.get("image", {})
     if "default_s" in image:
         baseline_fraction = UNET_STEP_FLOP_512_CFG / image["baseline_unet_step_s"] / 1e9 / peak["matmul_gflops_fp32"]
         converted = "default_convert_s" in image
-        lines += [
+        main += [
             _row(
                 "image 512x512: seconds per image",
                 f"{image['baseline_s']:.1f} (fp32, PNDM 50)",
@@ -941,9 +944,9 @@ def markdown_table(report: dict[str, Any]) -> str:
             ),
         ]
         if "openvino_step_speedup" in image:
-            lines.append(_alternated_row("UNet step", image["openvino_step_speedups"]))
+            main.append(_alternated_row("UNet step", image["openvino_step_speedups"]))
         if converted:
-            lines.append(
+            main.append(
                 _row(
                     "one-time OpenVINO conversion (cached; peak memory)",
                     "",
@@ -960,29 +963,12 @@ def markdown_table(report: dict[str, Any]) -> str:
             )
     if "fast_s" in image:
         ratio = f"**1/{image['fast_ratio']:.0f}** of the baseline" if "fast_ratio" in image else ""
-        lines.append(
+        main.append(
             _row("fast path: sd-turbo, 1 step, TAESD decode", "", "", f"{image['fast_s']:.2f} s per image", "", ratio)
         )
-    if "int8_full_s" in image:
-        lines += ["", *int8_full_table(image, peak)]
-    if "fast_int8_full_s" in image:
-        lines += [
-            "",
-            "| fast path: sd-turbo, 1 step, TAESD decode | PyTorch float, same process | int8-full (OpenVINO) "
-            "| speed-up | PSNR against PyTorch float | one-time conversion and calibration |",
-            "|---|---|---|---|---|---|",
-            _row(
-                "seconds per image",
-                f"{image['fast_torch_s']:.2f} s",
-                f"**{image['fast_int8_full_s']:.2f} s** ({image['fast_int8_full_dtype']})",
-                f"{image['fast_int8_full_speedup']:.2f}x",
-                f"{image['fast_int8_full_psnr_db']:.1f} dB",
-                f"{image['fast_int8_full_convert_s']:.0f} s (cached)",
-            ),
-        ]
     music = report.get("music")
     if music:
-        lines += [
+        main += [
             _row(
                 f"music {music['audio_seconds']:g} s ({music['tokens']} tokens, CFG 3): real-time factor",
                 f"{music['baseline_rtf']:.2f} (fp32 generate)",
@@ -1018,9 +1004,9 @@ def markdown_table(report: dict[str, Any]) -> str:
             _row("peak resident memory (build + one clip)", f"{music['baseline_peak_rss_gb']:.2f} GiB", "", "", "", ""),
         ]
         if "openvino_token_speedup" in music:
-            lines.append(_alternated_row("token", music["openvino_token_speedups"]))
+            main.append(_alternated_row("token", music["openvino_token_speedups"]))
         if "default_convert_s" in music:
-            lines.append(
+            main.append(
                 _row(
                     "one-time OpenVINO conversion of the decoder (int8 weights) and compile",
                     "",
@@ -1030,6 +1016,25 @@ def markdown_table(report: dict[str, Any]) -> str:
                     "cached on disk for a model loaded from a folder; not in the RTF",
                 )
             )
+    if main:
+        lines += [*header, *main]
+    if "int8_full_s" in image:
+        lines += ["", *int8_full_table(image, peak)]
+    if "fast_int8_full_s" in image:
+        lines += [
+            "",
+            "| fast path: sd-turbo, 1 step, TAESD decode | PyTorch float, same process | int8-full (OpenVINO) "
+            "| speed-up | PSNR against PyTorch float | one-time conversion and calibration |",
+            "|---|---|---|---|---|---|",
+            _row(
+                "seconds per image",
+                f"{image['fast_torch_s']:.2f} s",
+                f"**{image['fast_int8_full_s']:.2f} s** ({image['fast_int8_full_dtype']})",
+                f"{image['fast_int8_full_speedup']:.2f}x",
+                f"{image['fast_int8_full_psnr_db']:.1f} dB",
+                f"{image['fast_int8_full_convert_s']:.0f} s (cached)",
+            ),
+        ]
     return "\n".join(lines)
 
 
