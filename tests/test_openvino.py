@@ -211,13 +211,28 @@ def test_int8_full_without_openvino_says_what_to_use_instead(ov_settings):
         load_engine("image", settings.model_copy(update={"backend": "torch"}))
     with pytest.raises(OpenVinoUnavailable, match=r"--compile"):  # auto cannot use OpenVINO here
         load_engine("image", settings.model_copy(update={"backend": "auto", "compile": True}))
-    # Music has no UNet: int8-full there is int8 weights with per-token int8 activations where possible.
-    assert settings.music_quantize("cpu") in ("int8-dynamic", "int8") and settings.music_quantize("cuda") == "int8"
+    # A model the OpenVINO path cannot convert is named with the reason, not swapped silently for PyTorch.
+    from muselab.engines import openvino
+
+    original = openvino.unsupported_reason
+    openvino.unsupported_reason = lambda config: "the UNet takes extra conditioning (SDXL-style)"
+    try:
+        with pytest.raises(OpenVinoUnavailable, match=r"cannot use it: the UNet takes extra conditioning"):
+            load_engine("image", settings.model_copy(update={"backend": "auto"}))
+    finally:
+        openvino.unsupported_reason = original
+    # An image option: music stays as auto has it.
+    auto = settings.model_copy(update={"quantize": "auto"})
+    for device in ("cpu", "cuda"):
+        assert settings.music_quantize(device) == auto.music_quantize(device)
 
 
-def test_cancel_while_calibrating_keeps_the_float_unet_and_no_half_model(tiny_dir, tmp_path):
-    calibrating = "Calibrating int8 activations: UNet call 3"
-    status, _, settings = cancel_while_loading(tiny_dir, tmp_path, calibrating, quantize="int8-full")
+@pytest.mark.parametrize("call", [0, 3])
+def test_cancel_while_calibrating_keeps_the_float_unet_and_no_half_model(tiny_dir, tmp_path, call):
+    calibrating = f"Calibrating int8 activations: UNet call {call} "
+    status, _, settings = cancel_while_loading(
+        tiny_dir, tmp_path, calibrating, quantize="int8-full", backend="openvino"
+    )
     assert status["status"] == "cancelled"
     cached = [p.name for p in settings.openvino_cache.iterdir()]
     assert len(cached) == 1 and "-none-" in cached[0]  # the float UNet, ready for the next try
@@ -237,3 +252,20 @@ def test_cli_converts_int8_full_ahead_of_time_and_refuses_it_on_pytorch(cli_env,
     )
     assert refused.returncode == 3
     assert "--quantize int8 " in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_calibration_stopped_at_its_first_notice_leaves_the_pipeline_as_it_was(converted):
+    from muselab.engines.openvino import ConversionProgress, record_unet_inputs
+
+    pipe = converted[0].pipe
+    unet, scheduler = pipe.unet, pipe.scheduler
+
+    class Stop(Exception):
+        pass
+
+    def stop(event):
+        raise Stop  # what a cancel or a job timeout does from inside the progress callback
+
+    with pytest.raises(Stop):
+        record_unet_inputs(pipe, unet, ConversionProgress(3, stop))
+    assert pipe.unet is unet and pipe.scheduler is scheduler and "run" not in unet.__dict__

@@ -50,7 +50,10 @@ DtypeOpt = Annotated[DtypeChoice | None, typer.Option(help="Number format; auto 
 OfflineOpt = Annotated[bool, typer.Option("--offline", help="Never reach the hub; use the local cache only.")]
 QuantizeOpt = Annotated[
     QuantizeChoice | None,
-    typer.Option(help="int8 weights: a quarter of the memory; auto = only where faster (MusicGen on a CPU)."),
+    typer.Option(
+        help="int8 weights: a quarter of the memory; auto = only where faster (MusicGen on a CPU); "
+        "int8-full = int8 activations too for images (OpenVINO on a CPU; faster, pictures change a little)."
+    ),
 ]
 BackendOpt = Annotated[
     BackendChoice | None,
@@ -823,11 +826,14 @@ def _image_backend(settings: Settings, device: str) -> str:
     from muselab.engines.image import auto_uses_openvino
     from muselab.engines.openvino import openvino_available, openvino_version
 
+    quantize = settings.image_quantize()
+    usable = auto_uses_openvino(device, quantize, settings.low_memory, settings.compile)
+    if quantize == "int8-full" and (settings.backend == "torch" or (settings.backend == "auto" and not usable)):
+        return "UNAVAILABLE: --quantize int8-full needs the OpenVINO backend (see `muselab image --help`)"
     if settings.backend == "torch":
         return "torch"
     if settings.backend == "auto":
-        quantize = settings.image_quantize()
-        if not auto_uses_openvino(device, quantize, settings.low_memory, settings.compile):
+        if not usable:
             return "torch" if openvino_available() else "torch (openvino is not installed)"
     elif not openvino_available():
         return "openvino (NOT INSTALLED: pip install openvino)"

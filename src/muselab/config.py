@@ -116,7 +116,7 @@ class Settings(BaseSettings):
         "where the CPU can). 'int8-dynamic' also quantizes MusicGen's activations per token (x86 CPUs): "
         "faster still, a little more error. 'int8-full' also quantizes the image UNet's activations "
         "(OpenVINO on a CPU; calibrated once at conversion, a few minutes): UNet steps about 2.4x faster "
-        "on CPUs with VNNI, pictures visibly close to float32 but not identical; music as int8-dynamic.",
+        "on CPUs with VNNI, pictures close to float32 but not identical; music as with 'auto'.",
     )
     backend: BackendChoice = Field(
         default="auto",
@@ -198,11 +198,11 @@ class Settings(BaseSettings):
         """MusicGen's decoder reads every weight once per token: on a CPU int8 makes that step
         faster (int8 activations too, where fbgemm can multiply int8 by int8: measured about 1.6x
         the weight-only speed, logits within 28-30 dB of float32 against 32-33 dB); on a GPU the
-        step is bound by per-token overhead, so only on request. "int8-full" (int8 activations
-        wherever they can be had) reads as int8 weights plus what auto picks on a CPU."""
+        step is bound by per-token overhead, so only on request. "int8-full" (an image option:
+        int8 activations in the UNet) leaves music as auto has it."""
         if self.quantize in ("auto", "int8-full"):
             if device != "cpu":
-                return "none" if self.quantize == "auto" else "int8"
+                return "none"
             from muselab.quantize import fbgemm_available
 
             return "int8-dynamic" if fbgemm_available() else "int8"

@@ -415,6 +415,8 @@ def _openvino_setup(
         else:
             problem = ov.unsupported_reason(unet_config)
     if problem is not None:
+        if quantize == "int8-full":
+            raise ov.OpenVinoUnavailable(INT8_FULL_NEEDS_OPENVINO.format(reason=f"'{model}' cannot use it: {problem}"))
         if explicit:
             raise ov.OpenVinoUnavailable(
                 f"'{model}' cannot use the OpenVINO backend: {problem}. Or use --backend torch."

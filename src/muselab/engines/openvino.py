@@ -50,6 +50,8 @@ CALIBRATION_PROMPTS = (
     "a watercolor landscape with mountains, a lake and a red boat at sunset",
 )
 CALIBRATION_STEPS = 4
+#: Bump when the calibration recipe (prompts, steps, NNCF settings) changes: it names the cached IR.
+CALIBRATION_VERSION = 1
 
 #: PyTorch's tracer keeps global state: two conversions at once (an image and a music model loading
 #: in two job workers) corrupt each other's graphs. One at a time per process.
@@ -120,7 +122,9 @@ def precision_hint(dtype: torch.dtype) -> str:
     return "bf16" if dtype == torch.bfloat16 else "f32"
 
 
-def cache_key(component_folder: Path, quantize: str, dtype: torch.dtype, conversion: int = CONVERSION_VERSION) -> str:
+def cache_key(
+    component_folder: Path, quantize: str, dtype: torch.dtype, conversion: int | str = CONVERSION_VERSION
+) -> str:
     """Names one converted component: which weights (path, size, time), how (`conversion`: the
     converting code's version), and with which OpenVINO. A hub snapshot's path holds its commit,
     so a new revision is converted afresh."""
@@ -262,14 +266,14 @@ def record_unet_inputs(pipe: Any, unet: OpenVinoUNet, say: ConversionProgress) -
         samples.append([np.array(value, copy=True) for value in inputs])
         return original_run(*inputs)
 
-    unet.run = recording_run  # type: ignore[method-assign]
     previous_unet, previous_scheduler = pipe.unet, pipe.scheduler
-    pipe.unet, pipe.scheduler = unet, make_scheduler(GENERIC_IMAGE_DEFAULTS.scheduler, pipe.scheduler.config)
     total = len(CALIBRATION_PROMPTS) * CALIBRATION_STEPS
     size = unet.config.sample_size
     side = (size if isinstance(size, int) else size[0]) * pipe.vae_scale_factor
-    say(f"Calibrating int8 activations: UNet call 0 of {total}", False)  # the first call takes a while
-    try:
+    try:  # everything swapped in here is swapped back, whatever stops it (a cancel raises in `say`)
+        unet.run = recording_run  # type: ignore[method-assign]
+        pipe.unet, pipe.scheduler = unet, make_scheduler(GENERIC_IMAGE_DEFAULTS.scheduler, pipe.scheduler.config)
+        say(f"Calibrating int8 activations: UNet call 0 of {total}", False)  # the first call takes a while
         for index, prompt in enumerate(CALIBRATION_PROMPTS):
 
             def on_step_end(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any], index: int = index) -> dict:
@@ -288,7 +292,7 @@ def record_unet_inputs(pipe: Any, unet: OpenVinoUNet, say: ConversionProgress) -
             )
     finally:
         pipe.unet, pipe.scheduler = previous_unet, previous_scheduler
-        del unet.run
+        unet.__dict__.pop("run", None)
     return samples
 
 
@@ -406,7 +410,8 @@ def compile_ir(model: Any, dtype: torch.dtype, **options: Any) -> Any:
 
 
 def converted_unet_folder(source: Path, cache_dir: Path, quantize: str, dtype: torch.dtype) -> Path:
-    return cache_dir / cache_key(source / "unet", quantize, dtype)
+    conversion = f"{CONVERSION_VERSION}+calibration{CALIBRATION_VERSION}" if quantize == "int8-full" else None
+    return cache_dir / cache_key(source / "unet", quantize, dtype, conversion or CONVERSION_VERSION)
 
 
 def cached_unet_source(source: Path, cache_dir: Path, quantize: str, dtype: torch.dtype) -> Path | None:
@@ -452,6 +457,7 @@ def _convert_unet(
     calibrating = OpenVinoUNet(compile_ir(float_dir, dtype), unet_config, dtype)
     samples = record_unet_inputs(pipe, calibrating, say)
     del calibrating  # its packed weights, before NNCF compiles a copy of its own
+    return_freed_memory()
     say.step += 1
     say(f"Quantizing the unet's weights and activations to int8 (NNCF, {len(samples)} calibration calls)")
     model = quantize_activations(ov.Core().read_model(float_dir / "model.xml"), samples)
