@@ -333,21 +333,16 @@ INT8_FULL_NEEDS_OPENVINO = (
 
 def auto_uses_openvino(device: str, quantize: str, low_memory: bool = False, compile: bool = False) -> bool:
     """What `--backend auto` means for an image model: OpenVINO on a CPU (as fast as PyTorch or
-    faster, same pictures), unless it is not installed, or memory matters more (`--quantize int8`,
-    whose memory saving OpenVINO's float32 weight copies would undo; `--low-memory`; a machine with
-    less than OPENVINO_AUTO_MIN_MEMORY_GIB, which the one-time conversion needs), or `--compile` (a
-    PyTorch feature) is on. `--quantize int8-full` exists only on OpenVINO."""
-    from muselab.engines.openvino import nncf_available, openvino_available
-
-    if device != "cpu" or compile or low_memory or quantize == "int8":
-        return False
-    if quantize == "int8-full" and not nncf_available():
-        return False
-    return openvino_available() and physical_memory_gib() >= OPENVINO_AUTO_MIN_MEMORY_GIB
+    faster, same pictures), unless `auto_openvino_obstacle` names a reason not to."""
+    return auto_openvino_obstacle(device, quantize, low_memory, compile) is None
 
 
-def _why_not_openvino(device: str, low_memory: bool, compile: bool) -> str:
-    """In words, why `auto_uses_openvino` said no (for int8-full's error)."""
+def auto_openvino_obstacle(device: str, quantize: str, low_memory: bool = False, compile: bool = False) -> str | None:
+    """Why `--backend auto` keeps PyTorch for an image model, in words, or None: it is not
+    installed, or memory matters more (`--quantize int8`, whose memory saving OpenVINO's float32
+    weight copies would undo; `--low-memory`; a machine with less than
+    OPENVINO_AUTO_MIN_MEMORY_GIB, which the one-time conversion needs), or `--compile` (a PyTorch
+    feature) is on. `--quantize int8-full` exists only on OpenVINO (and needs NNCF)."""
     from muselab.engines.openvino import nncf_available, openvino_available
 
     if device != "cpu":
@@ -356,12 +351,16 @@ def _why_not_openvino(device: str, low_memory: bool, compile: bool) -> str:
         return "--compile is for the PyTorch backend (turn it off)"
     if low_memory:
         return "--low-memory keeps PyTorch (turn it off)"
-    if not openvino_available() or not nncf_available():
+    if quantize == "int8":
+        return "--quantize int8 saves more memory on PyTorch"
+    if not openvino_available() or (quantize == "int8-full" and not nncf_available()):
         return "the openvino and nncf packages are not both installed (pip install openvino nncf)"
-    return (
-        f"this machine has {physical_memory_gib():.0f} GiB of RAM, less than the "
-        f"{OPENVINO_AUTO_MIN_MEMORY_GIB} GiB the one-time conversion needs (--backend openvino to try anyway)"
-    )
+    if physical_memory_gib() < OPENVINO_AUTO_MIN_MEMORY_GIB:
+        return (
+            f"this machine has {physical_memory_gib():.0f} GiB of RAM, less than the "
+            f"{OPENVINO_AUTO_MIN_MEMORY_GIB} GiB the one-time conversion needs (--backend openvino to try anyway)"
+        )
+    return None
 
 
 @dataclasses.dataclass
@@ -390,15 +389,14 @@ def _openvino_setup(
     is an error that says why; "auto" quietly keeps PyTorch then."""
     from muselab.engines import openvino as ov
 
-    if backend == "torch":
-        if quantize == "int8-full":
-            raise ov.OpenVinoUnavailable(INT8_FULL_NEEDS_OPENVINO.format(reason="--backend torch was asked for"))
-        return None
     explicit = backend == "openvino"
-    if not explicit and not auto_uses_openvino(placement.device, quantize, low_memory, compile):
+    if backend == "torch":
+        obstacle: str | None = "--backend torch was asked for"
+    else:
+        obstacle = None if explicit else auto_openvino_obstacle(placement.device, quantize, low_memory, compile)
+    if obstacle is not None:
         if quantize == "int8-full":
-            reason = _why_not_openvino(placement.device, low_memory, compile)
-            raise ov.OpenVinoUnavailable(INT8_FULL_NEEDS_OPENVINO.format(reason=reason))
+            raise ov.OpenVinoUnavailable(INT8_FULL_NEEDS_OPENVINO.format(reason=obstacle))
         return None
     problem = None
     if placement.device != "cpu":

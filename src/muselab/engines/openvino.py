@@ -410,8 +410,9 @@ def compile_ir(model: Any, dtype: torch.dtype, **options: Any) -> Any:
 
 
 def converted_unet_folder(source: Path, cache_dir: Path, quantize: str, dtype: torch.dtype) -> Path:
-    conversion = f"{CONVERSION_VERSION}+calibration{CALIBRATION_VERSION}" if quantize == "int8-full" else None
-    return cache_dir / cache_key(source / "unet", quantize, dtype, conversion or CONVERSION_VERSION)
+    calibrated = quantize == "int8-full"  # its IR also depends on the calibration recipe
+    conversion = f"{CONVERSION_VERSION}+calibration{CALIBRATION_VERSION}" if calibrated else CONVERSION_VERSION
+    return cache_dir / cache_key(source / "unet", quantize, dtype, conversion)
 
 
 def cached_unet_source(source: Path, cache_dir: Path, quantize: str, dtype: torch.dtype) -> Path | None:
