@@ -109,6 +109,27 @@ def test_the_table_lands_between_the_markers_of_the_docs(tiny_architectures, tmp
         benchmark.update_docs(docs, report, "x")
 
 
+def test_a_gpu_run_has_a_section_of_its_own_with_its_cuda_graph_row(tiny_architectures, tmp_path):
+    """A GPU's table must never overwrite the CPU run's, and it says what the CUDA graph buys."""
+    report = benchmark.run(quick=True, parts=("music",), music_seconds=1.0, say=lambda line: None, isolate=False)
+    report["machine"]["gpu"] = "NVIDIA H100 80GB HBM3"
+    music = report["music"]
+    music.update(eager_rtf=4 * music["default_rtf"], eager_ms_per_token=4 * music["default_ms_per_token"])
+    docs = tmp_path / "PERFORMANCE.md"
+    main = f"{benchmark.DOCS_START}\nCPU table\n{benchmark.DOCS_END}"
+    docs.write_text(f"{main}\n<!-- bench-gpu:start -->\nstale GPU table\n<!-- bench-gpu:end -->\n")
+    benchmark.update_docs(docs, report, "muselab bench --quick")
+    text = docs.read_text()
+    assert text.startswith(main) and "stale GPU table" not in text
+    assert "GPU NVIDIA H100" in text and "the graph: 4.0x faster" in text
+
+
+def test_durations_keep_their_digits_from_minutes_down_to_milliseconds():
+    durations = [benchmark._seconds(value) for value in (512.3, 3.14159, 0.0336, 0.00451)]
+    assert durations == ["512.3 s", "3.14 s", "34 ms", "4.5 ms"]
+    assert benchmark._rtf(2.261) == "2.26" and benchmark._rtf(0.0472) == "0.047"
+
+
 def test_psnr_and_snr_measure_the_difference():
     import numpy as np
 

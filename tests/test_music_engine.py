@@ -154,3 +154,56 @@ def test_the_lean_sampler_matches_generate_for_a_stereo_model_too():
         ours = MusicgenSampler(network).generate(inputs.input_ids, inputs.attention_mask, max_new_tokens=30, **settings)
     assert reference.shape[1] == 2  # left and right
     assert torch.equal(ours, reference)
+
+
+def test_the_fixed_shape_step_gives_the_logits_of_the_growing_cache(music_engine):
+    """The CUDA graph's step (fixed shapes, cache written at a tensor position, masked attention)
+    must compute what the CPU loop's step computes, position after position."""
+    import torch
+
+    sampler = music_engine.sampler
+    inputs = music_engine.processor(text=["calm piano", "fast drums"], padding=True, return_tensors="pt")
+    length, rows = 12, 4  # two prompts, guided: conditional and unconditional rows
+    tokens = torch.randint(0, 64, (length, rows, sampler.num_codebooks), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        cross = sampler._encode_text(inputs.input_ids, inputs.attention_mask)
+        growing = sampler._stepper(rows, length, cross)
+        run, step_tokens, position = sampler.static_step(rows, length, cross)
+        for index in range(length):
+            expected = growing(tokens[index], index)
+            step_tokens.copy_(tokens[index])
+            position.fill_(index)
+            torch.testing.assert_close(run(), expected, rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(expected, growing(tokens[0], 0))  # positions really differ
+
+
+@pytest.mark.skipif("not __import__('torch').cuda.is_available()")
+def test_on_a_cuda_gpu_tokens_replay_a_captured_graph_with_the_eager_logits(music_engine):
+    import copy
+
+    import torch
+
+    from muselab.engines.musicgen_sampler import CudaGraphStep, MusicgenSampler
+
+    sampler = MusicgenSampler(copy.deepcopy(music_engine.network).cuda())
+    inputs = music_engine.processor(text=["calm piano"], padding=True, return_tensors="pt").to("cuda")
+    codes = torch.randint(0, 64, (sampler.num_codebooks, 20), device="cuda")
+    with torch.inference_mode():
+        cross = sampler._encode_text(inputs.input_ids, inputs.attention_mask)
+        assert isinstance(sampler._stepper(1, 20, cross), CudaGraphStep)
+        graphed = sampler.teacher_forced_logits(inputs.input_ids, inputs.attention_mask, codes)
+        sampler.cuda_graphs = False
+        eager = sampler.teacher_forced_logits(inputs.input_ids, inputs.attention_mask, codes)
+        torch.testing.assert_close(graphed, eager, rtol=1e-4, atol=1e-4)
+        sampler.cuda_graphs = True
+        torch.manual_seed(5)
+        audio = sampler.generate(
+            inputs.input_ids,
+            inputs.attention_mask,
+            max_new_tokens=30,
+            guidance_scale=3.0,
+            temperature=1.0,
+            top_k=20,
+            top_p=1.0,
+        )
+    assert audio.shape[0] == 1 and torch.isfinite(audio).all()

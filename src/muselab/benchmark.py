@@ -86,6 +86,8 @@ def run(
     quiet_libraries()
     say = say or _say
     placement = choose_placement()
+    if placement.device == "cuda" and "image" in parts and "compiled" not in parts:
+        parts = (*parts, "compiled")  # on a GPU, `--compile` is one of the options to measure
     started = time.perf_counter()
     report: dict[str, Any] = {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -102,7 +104,9 @@ def run(
         f"{report['peak']['matmul_gflops_bf16']:.0f} GFLOP/s; copy {report['peak']['copy_gbps']:.1f} GB/s"
     )
     save(report, json_path)
-    steps = 2 if quick else None  # timed steps per image configuration; the first carries set-up
+    # Quick mode on a CPU times 2 steps per image configuration (the first carries set-up) and
+    # extrapolates; a GPU runs whole images in seconds, so it times them all.
+    steps = 2 if quick and placement.device == "cpu" else None
     with tempfile.TemporaryDirectory(prefix="muselab-bench-") as scratch:
         configurations = [
             *(IMAGE_CONFIGURATIONS if "image" in parts else ()),
@@ -124,6 +128,9 @@ def run(
         if "music" in parts:
             seconds = music_seconds or (5.0 if quick else 10.0)
             report["music"] = _run_part("bench_music", {"seconds": seconds}, isolate, say)
+            save(report, json_path)
+        if "compiled" in parts:  # last: compiling takes minutes, and a failure here loses nothing else
+            report.setdefault("image", {}).update(bench_compiled(steps, Path(scratch), isolate, say))
             save(report, json_path)
     # Measured again at the end, the best of the two kept: one measurement on a shared machine can
     # land in a busy moment, and a low peak would flatter the UNet's share of it.
@@ -307,6 +314,8 @@ class StepTimes:
             self.mark()
 
     def mark(self) -> None:
+        if torch.cuda.is_available():  # the step's GPU work, not the moment Python queued it
+            torch.cuda.synchronize()
         self.marks.append(time.perf_counter())
         if self.stop_after is not None and len(self.marks) >= self.stop_after:
             raise _EnoughSteps()
@@ -325,8 +334,10 @@ def time_text_encoding(pipe: Any, device: str) -> float:
     times = []
     with torch.inference_mode():
         for _ in range(3):
+            synchronize(device)
             started = time.perf_counter()
             pipe.encode_prompt(IMAGE_PROMPT, device=device, num_images_per_prompt=1, do_classifier_free_guidance=True)
+            synchronize(device)
             times.append(time.perf_counter() - started)
     return min(times)
 
@@ -414,6 +425,19 @@ def bench_image(
             f"image int8-full: {figures['int8_full_s']:.0f} s per image ({figures['int8_full_ratio']:.2f}x the "
             f"baseline), PSNR {figures['int8_full_psnr_db']:.1f} dB"
         )
+    return figures
+
+
+def bench_compiled(steps: int | None, scratch: Path, isolate: bool, say: Say) -> dict[str, Any]:
+    """The default with the UNet under torch.compile (`--compile`), compiled by a short image
+    first; compared with the baseline and (PSNR) PyTorch float32's picture where the image part ran."""
+    run = {"folder": None, "cache": "", "backend": "torch", "quantize": "none", "steps": steps, "compile": True}
+    part = _run_part("image_engine_run", {**run, "save_to": str(scratch / "compiled.npy")}, isolate, say)
+    figures = {f"compiled_{key}": value for key, value in part.items()}
+    figures["compiled_s"] = figures["compiled_image_s"]
+    if (scratch / "torch.npy").exists():
+        figures["compiled_psnr_db"] = psnr(np.load(scratch / "torch.npy"), np.load(scratch / "compiled.npy"))
+    say(f"image compiled ({figures['compiled_dtype']}): {figures['compiled_s']:.2f} s per image")
     return figures
 
 
@@ -508,10 +532,12 @@ def image_engine_run(
     save_to: str,
     say: Say,
     against_torch: bool = False,
+    compile: bool = False,
 ) -> dict[str, Any]:
     """Load the saved SD 1.x pipeline as muselab does (backend, int8; a converted model from the
-    cache), or with no `folder` build it in memory as loading would (dtype, int8), then one image
-    with muselab's defaults; the picture is saved to `save_to` (.npy)."""
+    cache), or with no `folder` build it in memory as loading would (dtype, int8, `compile`), then
+    one image with muselab's defaults; the picture is saved to `save_to` (.npy). A compiled UNet
+    is compiled by a short image first, timed apart (`compile_s`): that cost is paid once per process."""
     from muselab.engines.image import ImageEngine, load_dtype
     from muselab.testing import full
 
@@ -520,10 +546,18 @@ def image_engine_run(
     started = time.perf_counter()
     if folder is None:
         pipe = full.build_sd1_random(load_dtype(placement, quantize), verbose=False)
-        engine = ImageEngine(pipe, "sd1.x-random", placement, quantize=quantize)
+        engine = ImageEngine(pipe, "sd1.x-random", placement, quantize=quantize, compile=compile)
     else:
         engine = load_saved(folder, cache, backend, quantize)
-    figures = {"load_s": time.perf_counter() - started, **time_engine(engine, steps, say, save_to)}
+    figures: dict[str, Any] = {"load_s": time.perf_counter() - started}
+    if compile:
+        say("image: compiling the UNet (torch.compile) with a 2-step image, timed apart")
+        started = time.perf_counter()
+        defaults = GENERIC_IMAGE_DEFAULTS
+        warm_up = {"steps": 2, "guidance": defaults.guidance, "scheduler": defaults.scheduler, "seed": SEED}
+        engine.generate(ImageRequest(prompt=IMAGE_PROMPT, width=IMAGE_SIZE, height=IMAGE_SIZE, **warm_up))
+        figures["compile_s"] = time.perf_counter() - started
+    figures.update(time_engine(engine, steps, say, save_to))
     figures["peak_rss_gb"] = memory.gib()
     if against_torch and folder is not None:
         # Once the peak is read: PyTorch's UNet joins the process for the drift-free comparison.
@@ -771,11 +805,15 @@ def _bench_music(seconds: float, say: Say, scratch: Path) -> dict[str, Any]:
         "default": (default_quantize, "auto"),
         "torch": (default_quantize, "torch"),
         "int8": ("int8", "auto"),
-        "int8_dynamic": ("int8-dynamic", "auto"),
     }
+    if device == "cuda":
+        # The default without its CUDA graph: each token's ~600 kernels launched one by one.
+        variants["eager"] = (default_quantize, "torch")
+    else:  # int8 activations use fbgemm, a CPU library
+        variants["int8_dynamic"] = ("int8-dynamic", "auto")
     kept: dict[str, Any] = {}
     for label, (quantize, backend) in variants.items():
-        if label != "default" and (quantize, backend) == variants["default"]:
+        if label not in ("default", "eager") and (quantize, backend) == variants["default"]:
             copied = {f"{label}_{key[8:]}": value for key, value in figures.items() if key.startswith("default_")}
             figures.update(copied)
             continue
@@ -789,6 +827,7 @@ def _bench_music(seconds: float, say: Say, scratch: Path) -> dict[str, Any]:
             source=folder,
             openvino_cache=cache,
         )
+        engine.sampler.cuda_graphs = label != "eager"
         engine.generate(request.model_copy(update={"duration": 0.5}))  # warm-up: thread pools, kernel choice
         clock = StepTimes()
         synchronize(device)
@@ -899,18 +938,17 @@ def markdown_table(report: dict[str, Any]) -> str:
         main += [
             _row(
                 "image 512x512: seconds per image",
-                f"{image['baseline_s']:.1f} (fp32, PNDM 50)",
-                f"{image['default_s']:.1f} ({image['default_dtype']}, DPM++ 2M Karras {image['default_steps']})",
-                f"{image['torch_s']:.1f} ({image['torch_dtype']}; **{image['torch_ratio']:.2f}x**)",
-                f"{image['int8_s']:.1f} ({image['int8_dtype']})",
+                f"{_seconds(image['baseline_s'])} (fp32, PNDM 50)",
+                f"{_seconds(image['default_s'])} ({image['default_dtype']}, DPM++ 2M Karras {image['default_steps']})",
+                f"{_seconds(image['torch_s'])} ({image['torch_dtype']}; **{image['torch_ratio']:.2f}x**)",
+                f"{_seconds(image['int8_s'])} ({image['int8_dtype']})",
                 f"**{image['default_ratio']:.2f}x**",
             ),
-            _image_row(image, "text encoding (CFG pair)", "text_encode_s", "{:.2f} s"),
+            _image_row(image, "text encoding (CFG pair)", "text_encode_s"),
             _image_row(
                 image,
                 "UNet step, batch 2",
                 "unet_step_s",
-                "{:.2f} s",
                 f"{image['baseline_unet_step_s'] / image['default_unet_step_s']:.2f}x",
             ),
             _row(
@@ -926,7 +964,7 @@ def markdown_table(report: dict[str, Any]) -> str:
                 *(_speeds(image.get(f"{name}_speed_gflops")) for name in ("baseline", "default", "torch", "int8")),
                 "drift moves the ratios",
             ),
-            _image_row(image, "VAE decode + post-processing", "decode_s", "{:.1f} s"),
+            _image_row(image, "VAE decode + post-processing", "decode_s"),
             _row(
                 "peak resident memory (build or load + one image)",
                 f"{image['baseline_peak_rss_gb']:.2f} GiB",
@@ -962,6 +1000,18 @@ def markdown_table(report: dict[str, Any]) -> str:
                     "not in the per-image times",
                 )
             )
+    if "compiled_s" in image and "baseline_s" in image:
+        main.append(
+            _row(
+                "image with the UNet under torch.compile (`--compile`)",
+                "",
+                f"{_seconds(image['compiled_s'])} an image, {_seconds(image['compiled_unet_step_s'])} a step",
+                f"PSNR {image['compiled_psnr_db']:.1f} dB against it" if "compiled_psnr_db" in image else "",
+                "",
+                f"**{image['baseline_s'] / image['compiled_s']:.2f}x**; compiling: "
+                f"{image['compiled_compile_s']:.0f} s once a process",
+            )
+        )
     if "fast_s" in image:
         ratio = f"**1/{image['fast_ratio']:.0f}** of the baseline" if "fast_ratio" in image else ""
         main.append(
@@ -972,18 +1022,18 @@ def markdown_table(report: dict[str, Any]) -> str:
         main += [
             _row(
                 f"music {music['audio_seconds']:g} s ({music['tokens']} tokens, CFG 3): real-time factor",
-                f"{music['baseline_rtf']:.2f} (fp32 generate)",
-                f"{music['default_rtf']:.2f} ({music['default_weights']})",
-                f"{music['torch_rtf']:.2f} ({music['torch_weights']}; **{music['torch_ratio']:.2f}x**)",
-                f"{music['int8_rtf']:.2f} ({music['int8_weights']})",
+                f"{_rtf(music['baseline_rtf'])} (fp32 generate)",
+                f"{_rtf(music['default_rtf'])} ({music['default_weights']})",
+                f"{_rtf(music['torch_rtf'])} ({music['torch_weights']}; **{music['torch_ratio']:.2f}x**)",
+                f"{_rtf(music['int8_rtf'])} ({music['int8_weights']})",
                 f"**{music['default_ratio']:.2f}x**",
             ),
             _row(
                 "per token",
-                f"{music['baseline_ms_per_token']:.0f} ms (mean, incl. text + decode)",
-                f"{music['default_ms_per_token']:.0f} ms (median)",
-                f"{music['torch_ms_per_token']:.0f} ms (median)",
-                f"{music['int8_ms_per_token']:.0f} ms (median)",
+                f"{_ms(music['baseline_ms_per_token'])} (mean, incl. text + decode)",
+                f"{_ms(music['default_ms_per_token'])} (median)",
+                f"{_ms(music['torch_ms_per_token'])} (median)",
+                f"{_ms(music['int8_ms_per_token'])} (median)",
                 "",
             ),
             _row(
@@ -1004,6 +1054,17 @@ def markdown_table(report: dict[str, Any]) -> str:
             ),
             _row("peak resident memory (build + one clip)", f"{music['baseline_peak_rss_gb']:.2f} GiB", "", "", "", ""),
         ]
+        if "eager_rtf" in music:
+            main.append(
+                _row(
+                    "music without the CUDA graph (eager tokens): real-time factor",
+                    "",
+                    f"{_rtf(music['eager_rtf'])}, {_ms(music['eager_ms_per_token'])} a token",
+                    "",
+                    "",
+                    f"the graph: {music['eager_rtf'] / music['default_rtf']:.1f}x faster",
+                )
+            )
         if "openvino_token_speedup" in music:
             main.append(_alternated_row("token", music["openvino_token_speedups"]))
         if "default_convert_s" in music:
@@ -1125,9 +1186,26 @@ def _alternated_row(what: str, speedups: list[float]) -> str:
     return _row(what, "", f"**{median:.2f}x** (median)", "1x", "", f"rounds: {rounds}")
 
 
-def _image_row(image: dict[str, Any], what: str, key: str, form: str, ratio: str = "") -> str:
+def _image_row(image: dict[str, Any], what: str, key: str, ratio: str = "") -> str:
     names = ("baseline", "default", "torch", "int8")
-    return _row(what, *(form.format(image[f"{name}_{key}"]) for name in names), ratio)
+    return _row(what, *(_seconds(image[f"{name}_{key}"]) for name in names), ratio)
+
+
+def _seconds(value: float) -> str:
+    """A duration with the digits that matter on a CPU (minutes) and on a GPU (milliseconds)."""
+    if value >= 10:
+        return f"{value:.1f} s"
+    if value >= 1:
+        return f"{value:.2f} s"
+    return f"{1000 * value:.1f} ms" if value < 0.01 else f"{1000 * value:.0f} ms"
+
+
+def _rtf(value: float) -> str:
+    return f"{value:.2f}" if value >= 0.1 else f"{value:.3f}"
+
+
+def _ms(value: float) -> str:
+    return f"{value:.0f} ms" if value >= 10 else f"{value:.2f} ms"
 
 
 def _speeds(pair: list[float] | None) -> str:
@@ -1139,8 +1217,10 @@ def _row(*cells: str) -> str:
 
 
 def docs_markers(report: dict[str, Any]) -> tuple[str, str]:
-    """Where a report's table goes: a run of the int8-full part alone has a section of its own,
-    so it never overwrites the main run's table."""
+    """Where a report's table goes: a run on a GPU, and a run of the int8-full part alone, have
+    sections of their own, so they never overwrite the main (CPU) run's table."""
+    if report.get("machine", {}).get("gpu"):
+        return "<!-- bench-gpu:start -->", "<!-- bench-gpu:end -->"
     parts = set(report.get("parts", ("image",)))
     if parts and parts <= {"int8-full", "fast-int8-full"}:
         return "<!-- bench-int8-full:start -->", "<!-- bench-int8-full:end -->"

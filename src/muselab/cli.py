@@ -887,7 +887,8 @@ def bench(
         typer.Option(
             help="Parts to run, comma-separated: image, fast, music, int8-full and fast-int8-full (int8 "
             "activations for SD 1.x and for the sd-turbo fast path; their one-time calibration takes "
-            "minutes, so they are not in the default set)."
+            "minutes, so they are not in the default set), compiled (the UNet under torch.compile; "
+            "added to image on a CUDA GPU)."
         ),
     ] = "image,fast,music",
     music_seconds: Annotated[float | None, typer.Option(help="Seconds of audio (default 5 quick, 10 full).")] = None,
@@ -897,7 +898,7 @@ def bench(
     from muselab import benchmark
 
     parts = tuple(part.strip() for part in only.split(",") if part.strip())
-    known = ("image", "fast", "music", "int8-full", "fast-int8-full")
+    known = ("image", "fast", "music", "int8-full", "fast-int8-full", "compiled")
     unknown = set(parts) - set(known)
     if unknown:
         raise CliError(f"--only: unknown part(s) {', '.join(sorted(unknown))}; choose from {', '.join(known)}.", 2)

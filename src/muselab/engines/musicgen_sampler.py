@@ -9,11 +9,18 @@ samples exactly as `generate` does (classifier-free guidance, then temperature, 
 with transformers' own logits processors and one `torch.multinomial` per step), so the same seed
 draws the same tokens (`tests/test_music_engine.py` checks this against `generate`).
 
+On a CUDA GPU the loop is bound by launches, not by the GPU: one token is about 600 small kernels,
+each queued from Python. There the step runs as a CUDA graph (`CudaGraphStep`): captured once per
+clip, replayed with one launch per token. A graph needs fixed shapes and addresses, so that step
+writes the KV cache at a position held in a device tensor and attends over the whole cache with
+a mask (`static_step`), the same maths as the growing slice the CPU loop attends over.
+
 What it does not do: audio prompts (melody conditioning) and beam search; muselab uses neither.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -29,6 +36,8 @@ class MusicgenSampler:
         #: An `OpenVinoMusicDecoder` that runs the decoder steps instead of PyTorch, when set
         #: (`openvino_music.load_music_decoder`).
         self.compiled: Any = None
+        #: Replay the step as a CUDA graph when on a CUDA GPU (`CudaGraphStep`); False runs it eagerly.
+        self.cuda_graphs = True
         lm = network.decoder  # MusicgenForCausalLM
         self.decoder = lm.model.decoder
         self.lm_heads = lm.lm_heads
@@ -72,6 +81,8 @@ class MusicgenSampler:
         tokens = pattern.clone()
         rows = 2 * batch if guided else batch
         step = self._stepper(rows, max_length, (cross_keys, cross_values, cross_mask))
+        on_gpu = tokens.device.type == "cuda"
+        previous_done: Any = None
         for position in range(max_new_tokens):
             step_tokens = tokens[:, position].reshape(batch, self.num_codebooks)
             if guided:
@@ -82,6 +93,13 @@ class MusicgenSampler:
             sampled = torch.multinomial(probs, num_samples=1).squeeze(1)
             column = pattern[:, position + 1]
             tokens[:, position + 1] = torch.where(column == -1, sampled, column)
+            if on_gpu:
+                # A GPU runs behind the Python that queues its work. Waiting for the token before
+                # this one keeps one token queued (no idle gap) and the progress honest within a token.
+                if previous_done is not None:
+                    previous_done.synchronize()
+                previous_done = torch.cuda.Event()
+                previous_done.record()
             if on_token is not None:
                 on_token()
         return self._decode(tokens, batch)
@@ -111,6 +129,10 @@ class MusicgenSampler:
         PyTorch with a preallocated cache, or the compiled OpenVINO decoder when there is one."""
         if self.compiled is not None:
             return self.compiled.start(*cross, rows=rows)
+        if self.cuda_graphs and cross[2].device.type == "cuda":
+            graph = CudaGraphStep.capture(self, rows, max_length, cross)
+            if graph is not None:
+                return graph
         cache_shape = (len(self.decoder.layers), rows, self.num_heads, max_length, self.head_dim)
         dtype = self.decoder.layer_norm.weight.dtype
         device = cross[2].device
@@ -129,6 +151,39 @@ class MusicgenSampler:
             return self.logits(step_tokens, self.decoder.embed_positions.weights[position], attend_self, *cross)
 
         return step
+
+    def static_step(
+        self, rows: int, max_length: int, cross: tuple
+    ) -> tuple[Callable[[], torch.Tensor], torch.Tensor, torch.Tensor]:
+        """The step with fixed shapes and addresses, as a CUDA graph needs: returns `run()` and the
+        two inputs it reads, `step_tokens` (rows, codebooks) and `position` (1,), to fill in place.
+
+        The KV cache is written at `position` (a device tensor, not a Python int) and attention
+        covers the whole cache, masked beyond `position`: the same result as attending over the
+        filled part. The cache starts at zero, since a masked entry still gets multiplied by its
+        weight of zero, and uninitialised memory may hold NaN."""
+        cache_shape = (len(self.decoder.layers), rows, self.num_heads, max_length, self.head_dim)
+        dtype = self.decoder.layer_norm.weight.dtype
+        device = cross[2].device
+        keys = torch.zeros(cache_shape, dtype=dtype, device=device)
+        values = torch.zeros(cache_shape, dtype=dtype, device=device)
+        step_tokens = torch.zeros(rows, self.num_codebooks, dtype=torch.long, device=device)
+        position = torch.zeros(1, dtype=torch.long, device=device)
+        slots = torch.arange(max_length, device=device)
+        positions = self.decoder.embed_positions.weights
+
+        def run() -> torch.Tensor:
+            filled = (slots <= position)[None, None, None, :]  # (1, 1, 1, max_length)
+
+            def attend_self(index: int, attention: Any, normed: torch.Tensor) -> torch.Tensor:
+                keys[index].index_copy_(2, position, self._heads(attention.k_proj(normed)))
+                values[index].index_copy_(2, position, self._heads(attention.v_proj(normed)))
+                query = self._heads(attention.q_proj(normed))
+                return F.scaled_dot_product_attention(query, keys[index], values[index], attn_mask=filled)
+
+            return self.logits(step_tokens, positions.index_select(0, position)[0], attend_self, *cross)
+
+        return run, step_tokens, position
 
     def logits(
         self,
@@ -191,6 +246,42 @@ class MusicgenSampler:
         left = audio_encoder.decode(codes[:, :, ::2, :], audio_scales=[None] * batch).audio_values
         right = audio_encoder.decode(codes[:, :, 1::2, :], audio_scales=[None] * batch).audio_values
         return torch.cat([left, right], dim=1)
+
+
+class CudaGraphStep:
+    """`MusicgenSampler.static_step` captured as a CUDA graph: each token is then one graph
+    launch instead of about 600 kernel launches from Python, which is what bounds eager decoding
+    on a fast GPU. Captured once per clip (a few eager steps' time); its memory is freed with it."""
+
+    def __init__(self, graph: Any, step_tokens: torch.Tensor, position: torch.Tensor, logits: torch.Tensor):
+        self.graph, self.step_tokens, self.position, self.logits = graph, step_tokens, position, logits
+
+    @classmethod
+    def capture(cls, sampler: MusicgenSampler, rows: int, max_length: int, cross: tuple) -> CudaGraphStep | None:
+        """The captured step, or None (with a warning) where capture fails: the eager step then runs."""
+        run, step_tokens, position = sampler.static_step(rows, max_length, cross)
+        try:
+            # Warm-up on a side stream, as capture requires: kernels chosen, workspaces allocated.
+            # It writes cache slot 0, which the first real step overwrites.
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    run()
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                logits = run()
+        except RuntimeError as exc:
+            logging.getLogger(__name__).warning("CUDA graph capture failed (%s); music decodes eagerly", exc)
+            return None
+        return cls(graph, step_tokens, position, logits)
+
+    def __call__(self, step_tokens: torch.Tensor, position: int) -> torch.Tensor:
+        self.step_tokens.copy_(step_tokens)
+        self.position.fill_(position)
+        self.graph.replay()
+        return self.logits.clone()  # the next replay overwrites the graph's output
 
 
 def _logits_processors(guidance: float | None, temperature: float, top_k: int, top_p: float) -> Any:

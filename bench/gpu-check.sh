@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The GPU checks in one run, for a machine with a CUDA GPU: the CUDA tests, then `muselab bench
+# --quick`, whose table lands in docs/PERFORMANCE.md's GPU section. Logs and the JSON go to $OUT
+# (default bench/results/gpu). Where the machine's Python has PyTorch but lacks this project's
+# other packages, wheels in .whl/ (pip download ... -d .whl) are installed beside it first.
+set -u -o pipefail
+OUT=${OUT:-bench/results/gpu}
+mkdir -p "$OUT" bench/results
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD/src HF_HUB_OFFLINE=1 MUSELAB_DATA_DIR=/tmp/muselab-data
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || exit 1
+  export PYTHONPATH=/tmp/site:$PYTHONPATH
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+python3 -c "import torch, diffusers, transformers, muselab.cli, muselab.benchmark
+print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'diffusers', diffusers.__version__,
+      'transformers', transformers.__version__)" 2>&1 | tee -a "$OUT/gpu.txt" || exit 1
+timeout "${TEST_TIMEOUT:-150}" python3 -m pytest -q -p no:cacheprovider tests/test_music_engine.py \
+  -k "cuda or fixed_shape or lean_sampler" 2>&1 | tee "$OUT/pytest.log"
+timeout "${BENCH_TIMEOUT:-420}" python3 -m muselab bench --quick --json bench/results/gpu.json \
+  --docs docs/PERFORMANCE.md 2>&1 | tee "$OUT/bench.log"
+status=$?
+cp bench/results/gpu.json docs/PERFORMANCE.md "$OUT/" 2>/dev/null
+exit $status
