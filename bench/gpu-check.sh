@@ -16,9 +16,12 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 python3 -c "import torch, diffusers, transformers, muselab.cli, muselab.benchmark
 print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'diffusers', diffusers.__version__,
       'transformers', transformers.__version__)" 2>&1 | tee -a "$OUT/gpu.txt" || exit 1
-# The engine tests place their tiny models on the GPU there (float16), the CUDA graph test included.
-timeout "${TEST_TIMEOUT:-150}" python3 -m pytest -q -p no:cacheprovider tests/test_music_engine.py \
-  tests/test_image_engine.py 2>&1 | tee "$OUT/pytest.log"
+# The engine tests place their tiny models on the GPU there (float16), the CUDA graph test included;
+# one process each, since a device-side assert ends a process's use of the GPU.
+for file in tests/test_music_engine.py tests/test_image_engine.py; do
+  CUDA_LAUNCH_BLOCKING=1 timeout "${TEST_TIMEOUT:-150}" python3 -m pytest -q -p no:cacheprovider "$file" 2>&1 \
+    | tee -a "$OUT/pytest.log"
+done
 timeout "${BENCH_TIMEOUT:-420}" python3 -m muselab bench --quick --json bench/results/gpu.json \
   --docs docs/PERFORMANCE.md 2>&1 | tee "$OUT/bench.log"
 status=$?

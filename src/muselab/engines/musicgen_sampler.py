@@ -20,6 +20,7 @@ What it does not do: audio prompts (melody conditioning) and beam search; musela
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -66,6 +67,22 @@ class MusicgenSampler:
     ) -> torch.Tensor:
         """Audio (batch, channels, samples) for a batch of tokenized prompts. `on_token` runs after
         every token and may raise to stop (cancellation)."""
+        with attention_kernels(input_ids.device):
+            return self._generate(
+                input_ids, attention_mask, max_new_tokens, guidance_scale, temperature, top_k, top_p, on_token
+            )
+
+    def _generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        max_new_tokens: int,
+        guidance_scale: float,
+        temperature: float,
+        top_k: int,
+        top_p: float,
+        on_token: Callable[[], None] | None,
+    ) -> torch.Tensor:
         batch = input_ids.shape[0]
         guided = guidance_scale is not None and guidance_scale > 1
         processors = _logits_processors(guidance_scale if guided else None, temperature, top_k, top_p)
@@ -171,6 +188,7 @@ class MusicgenSampler:
         position = torch.zeros(1, dtype=torch.long, device=device)
         slots = torch.arange(max_length, device=device)
         positions = self.decoder.embed_positions.weights
+        scale = self.head_dim**-0.5
 
         def run() -> torch.Tensor:
             filled = (slots <= position)[None, None, None, :]  # (1, 1, 1, max_length)
@@ -179,7 +197,11 @@ class MusicgenSampler:
                 keys[index].index_copy_(2, position, self._heads(attention.k_proj(normed)))
                 values[index].index_copy_(2, position, self._heads(attention.v_proj(normed)))
                 query = self._heads(attention.q_proj(normed))
-                return F.scaled_dot_product_attention(query, keys[index], values[index], attn_mask=filled)
+                # Written out rather than SDPA with a mask: one query row is a matrix-vector
+                # product either way, and this leaves no kernel choice to depend on the mask.
+                scores = torch.matmul(query, keys[index].transpose(-1, -2)).float() * scale
+                weights = scores.masked_fill(~filled, float("-inf")).softmax(dim=-1)
+                return torch.matmul(weights.to(query.dtype), values[index])
 
             return self.logits(step_tokens, positions.index_select(0, position)[0], attend_self, *cross)
 
@@ -232,9 +254,10 @@ class MusicgenSampler:
         """Logits (codebooks, positions, vocab) for fixed codes (codebooks, positions) of one
         unguided prompt, through the same steps generation uses: how far a backend's numbers move,
         free of the divergence sampling adds."""
-        cross = self._encode_text(input_ids, attention_mask)
-        step = self._stepper(input_ids.shape[0], codes.shape[1], cross)
-        rows = [step(codes[:, position][None], position) for position in range(codes.shape[1])]
+        with attention_kernels(input_ids.device):
+            cross = self._encode_text(input_ids, attention_mask)
+            step = self._stepper(input_ids.shape[0], codes.shape[1], cross)
+            rows = [step(codes[:, position][None], position) for position in range(codes.shape[1])]
         return torch.stack(rows, dim=1)
 
     def _decode(self, tokens: torch.Tensor, batch: int) -> torch.Tensor:
@@ -282,6 +305,16 @@ class CudaGraphStep:
         self.position.fill_(position)
         self.graph.replay()
         return self.logits.clone()  # the next replay overwrites the graph's output
+
+
+def attention_kernels(device: torch.device) -> contextlib.AbstractContextManager:
+    """On CUDA, attention by flash, memory-efficient or plain kernels, not cuDNN's: cuDNN builds an
+    execution plan per shape, and the eager loop's key length changes at every token."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 def _logits_processors(guidance: float | None, temperature: float, top_k: int, top_p: float) -> Any:
