@@ -188,7 +188,6 @@ class MusicgenSampler:
         position = torch.zeros(1, dtype=torch.long, device=device)
         slots = torch.arange(max_length, device=device)
         positions = self.decoder.embed_positions.weights
-        scale = self.head_dim**-0.5
 
         def run() -> torch.Tensor:
             filled = (slots <= position)[None, None, None, :]  # (1, 1, 1, max_length)
@@ -197,11 +196,7 @@ class MusicgenSampler:
                 keys[index].index_copy_(2, position, self._heads(attention.k_proj(normed)))
                 values[index].index_copy_(2, position, self._heads(attention.v_proj(normed)))
                 query = self._heads(attention.q_proj(normed))
-                # Written out rather than SDPA with a mask: one query row is a matrix-vector
-                # product either way, and this leaves no kernel choice to depend on the mask.
-                scores = torch.matmul(query, keys[index].transpose(-1, -2)).float() * scale
-                weights = scores.masked_fill(~filled, float("-inf")).softmax(dim=-1)
-                return torch.matmul(weights.to(query.dtype), values[index])
+                return masked_attention(query, keys[index], values[index], filled)
 
             return self.logits(step_tokens, positions.index_select(0, position)[0], attend_self, *cross)
 
@@ -235,9 +230,12 @@ class MusicgenSampler:
             batch = cross_keys[index].shape[0]
             conditional = hidden[:batch]
             query = self._heads(cross.q_proj(layer.encoder_attn_layer_norm(conditional)))
-            context = F.scaled_dot_product_attention(
-                query, cross_keys[index], cross_values[index], attn_mask=cross_mask
-            )
+            if query.device.type == "cuda":
+                context = masked_attention(query, cross_keys[index], cross_values[index], cross_mask)
+            else:
+                context = F.scaled_dot_product_attention(
+                    query, cross_keys[index], cross_values[index], attn_mask=cross_mask
+                )
             added = cross.out_proj(context.transpose(1, 2).reshape(batch, 1, -1))
             hidden = torch.cat([conditional + added, hidden[batch:]])
 
@@ -305,6 +303,17 @@ class CudaGraphStep:
         self.position.fill_(position)
         self.graph.replay()
         return self.logits.clone()  # the next replay overwrites the graph's output
+
+
+def masked_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Attention of one query row with a boolean mask, written out (softmax in float32). On an
+    H200, SDPA with a mask in this single-row case ended in NaN tokens in float16 (the tiny test
+    model whatever the kernel; musicgen-small once cuDNN's kernel was left out); one row is a
+    matrix-vector product either way. The query is scaled first, as SDPA does, so float16
+    products stay in range."""
+    scores = torch.matmul(query * query.shape[-1] ** -0.5, keys.transpose(-1, -2)).float()
+    weights = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+    return torch.matmul(weights.to(query.dtype), values)
 
 
 def attention_kernels(device: torch.device) -> contextlib.AbstractContextManager:
