@@ -70,7 +70,7 @@ Say = Callable[[str], None]
 def run(
     quick: bool = True,
     json_path: Path | None = None,
-    parts: tuple[str, ...] = ("image", "fast", "music"),
+    parts: tuple[str, ...] | None = None,
     music_seconds: float | None = None,
     say: Say | None = None,
     isolate: bool = True,
@@ -86,8 +86,8 @@ def run(
     quiet_libraries()
     say = say or _say
     placement = choose_placement()
-    if placement.device == "cuda" and "image" in parts and "compiled" not in parts:
-        parts = (*parts, "compiled")  # on a GPU, `--compile` is one of the options to measure
+    if parts is None:  # on a GPU, `--compile` is one more option to measure
+        parts = ("image", "fast", "music", *(("compiled",) if placement.device == "cuda" else ()))
     started = time.perf_counter()
     report: dict[str, Any] = {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
