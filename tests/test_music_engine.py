@@ -209,3 +209,12 @@ def test_on_a_cuda_gpu_tokens_replay_a_captured_graph_with_the_eager_logits(musi
             top_p=1.0,
         )
     assert audio.shape[0] == 1 and torch.isfinite(audio).all()
+
+
+def test_the_cuda_graph_setting_reaches_the_sampler(tiny_settings):
+    """MUSELAB_CUDA_GRAPHS=0 is the way out should a GPU misbehave under graph replay."""
+    from muselab.engines import load_engine
+
+    engine = load_engine("music", tiny_settings.model_copy(update={"cuda_graphs": False}))
+    assert engine.sampler.cuda_graphs is False
+    assert load_engine("music", tiny_settings).sampler.cuda_graphs is True

@@ -925,13 +925,14 @@ def markdown_table(report: dict[str, Any]) -> str:
         f"Machine: {machine['cpu']}, {machine['cores']} cores, {machine['cpu_capability']}"
         + (f", GPU {machine['gpu']}" if machine.get("gpu") else "")
         + f"; torch {machine['torch']}. Run {report['date']}"
-        + (", quick mode (steps x measured step time + text encoding + decode)" if report.get("quick") else "")
+        + (f", quick mode ({_quick_means(report)})" if report.get("quick") else "")
         + f"; {report.get('total_seconds', 0):.0f} s in all.",
         "",
         f"Default placement: {report['placement']['dtype']} ({report['placement']['reason']}).",
         "",
-        f"Peaks: matmul fp32 {peak['matmul_gflops_fp32']:.0f} GFLOP/s, bf16 {peak['matmul_gflops_bf16']:.0f} GFLOP/s; "
-        f"memory copy {peak['copy_gbps']:.1f} GB/s (read + write).",
+        f"Peaks: matmul fp32 {peak['matmul_gflops_fp32']:.0f} GFLOP/s, bf16 {peak['matmul_gflops_bf16']:.0f} GFLOP/s"
+        + (f", fp16 {peak['matmul_gflops_fp16']:.0f} GFLOP/s" if "matmul_gflops_fp16" in peak else "")
+        + f"; memory copy {peak['copy_gbps']:.1f} GB/s (read + write).",
     ]
     header = [
         "",
@@ -1108,6 +1109,12 @@ def markdown_table(report: dict[str, Any]) -> str:
             ),
         ]
     return "\n".join(lines)
+
+
+def _quick_means(report: dict[str, Any]) -> str:
+    if report.get("image", {}).get("extrapolated"):
+        return "steps x measured step time + text encoding + decode"
+    return "every image timed whole"
 
 
 def int8_full_table(image: dict[str, Any], peak: dict[str, float]) -> list[str]:

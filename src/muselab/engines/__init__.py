@@ -53,6 +53,7 @@ def load_engine(
             quantize=settings.music_quantize(placement.device),
             backend=settings.backend,
             openvino_cache=settings.openvino_cache,
+            cuda_graphs=settings.cuda_graphs,
             on_progress=on_progress,
         )
     from muselab.engines.image import ImageEngine

@@ -42,6 +42,7 @@ class MusicEngine:
         backend: str = "torch",
         source: Path | None = None,
         openvino_cache: Path | None = None,
+        cuda_graphs: bool = True,
         on_progress: ProgressCallback | None = None,
     ):
         """Wrap a loaded MusicGen model and its processor; see `MusicEngine.load`.
@@ -53,11 +54,13 @@ class MusicEngine:
 
         `backend` ("torch", "openvino" or "auto", see `music_backend`) says what runs the decoder
         steps. OpenVINO converts the decoder once, cached under `openvino_cache` when the model came
-        from the folder `source`, and reports that work through `on_progress`.
+        from the folder `source`, and reports that work through `on_progress`. `cuda_graphs`: on a
+        CUDA GPU, each token replays a captured graph of the decoder step (`CudaGraphStep`).
         """
         self.network = network.to(placement.device).eval()
         chosen = music_backend(backend, model, placement.device, quantize)
         self.sampler = MusicgenSampler(self.network)
+        self.sampler.cuda_graphs = cuda_graphs
         self.load_timings: dict[str, float] = {}
         if chosen == "openvino":
             automatic = backend == "auto"
@@ -120,6 +123,7 @@ class MusicEngine:
         quantize: str = "none",
         backend: str = "torch",
         openvino_cache: Path | None = None,
+        cuda_graphs: bool = True,
         on_progress: ProgressCallback | None = None,
     ) -> MusicEngine:
         """Load a hub id or local folder (safetensors only) through transformers' `from_pretrained`."""
@@ -149,6 +153,7 @@ class MusicEngine:
             backend=backend,
             source=Path(source),
             openvino_cache=openvino_cache,
+            cuda_graphs=cuda_graphs,
             on_progress=on_progress,
         )
 

@@ -20,7 +20,6 @@ What it does not do: audio prompts (melody conditioning) and beam search; musela
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -67,22 +66,6 @@ class MusicgenSampler:
     ) -> torch.Tensor:
         """Audio (batch, channels, samples) for a batch of tokenized prompts. `on_token` runs after
         every token and may raise to stop (cancellation)."""
-        with attention_kernels(input_ids.device):
-            return self._generate(
-                input_ids, attention_mask, max_new_tokens, guidance_scale, temperature, top_k, top_p, on_token
-            )
-
-    def _generate(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        max_new_tokens: int,
-        guidance_scale: float,
-        temperature: float,
-        top_k: int,
-        top_p: float,
-        on_token: Callable[[], None] | None,
-    ) -> torch.Tensor:
         batch = input_ids.shape[0]
         guided = guidance_scale is not None and guidance_scale > 1
         processors = _logits_processors(guidance_scale if guided else None, temperature, top_k, top_p)
@@ -196,7 +179,7 @@ class MusicgenSampler:
                 keys[index].index_copy_(2, position, self._heads(attention.k_proj(normed)))
                 values[index].index_copy_(2, position, self._heads(attention.v_proj(normed)))
                 query = self._heads(attention.q_proj(normed))
-                return masked_attention(query, keys[index], values[index], filled)
+                return F.scaled_dot_product_attention(query, keys[index], values[index], attn_mask=filled)
 
             return self.logits(step_tokens, positions.index_select(0, position)[0], attend_self, *cross)
 
@@ -230,12 +213,9 @@ class MusicgenSampler:
             batch = cross_keys[index].shape[0]
             conditional = hidden[:batch]
             query = self._heads(cross.q_proj(layer.encoder_attn_layer_norm(conditional)))
-            if query.device.type == "cuda":
-                context = masked_attention(query, cross_keys[index], cross_values[index], cross_mask)
-            else:
-                context = F.scaled_dot_product_attention(
-                    query, cross_keys[index], cross_values[index], attn_mask=cross_mask
-                )
+            context = F.scaled_dot_product_attention(
+                query, cross_keys[index], cross_values[index], attn_mask=cross_mask
+            )
             added = cross.out_proj(context.transpose(1, 2).reshape(batch, 1, -1))
             hidden = torch.cat([conditional + added, hidden[batch:]])
 
@@ -252,10 +232,9 @@ class MusicgenSampler:
         """Logits (codebooks, positions, vocab) for fixed codes (codebooks, positions) of one
         unguided prompt, through the same steps generation uses: how far a backend's numbers move,
         free of the divergence sampling adds."""
-        with attention_kernels(input_ids.device):
-            cross = self._encode_text(input_ids, attention_mask)
-            step = self._stepper(input_ids.shape[0], codes.shape[1], cross)
-            rows = [step(codes[:, position][None], position) for position in range(codes.shape[1])]
+        cross = self._encode_text(input_ids, attention_mask)
+        step = self._stepper(input_ids.shape[0], codes.shape[1], cross)
+        rows = [step(codes[:, position][None], position) for position in range(codes.shape[1])]
         return torch.stack(rows, dim=1)
 
     def _decode(self, tokens: torch.Tensor, batch: int) -> torch.Tensor:
@@ -303,27 +282,6 @@ class CudaGraphStep:
         self.position.fill_(position)
         self.graph.replay()
         return self.logits.clone()  # the next replay overwrites the graph's output
-
-
-def masked_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Attention of one query row with a boolean mask, written out (softmax in float32). On an
-    H200, SDPA with a mask in this single-row case ended in NaN tokens in float16 (the tiny test
-    model whatever the kernel; musicgen-small once cuDNN's kernel was left out); one row is a
-    matrix-vector product either way. The query is scaled first, as SDPA does, so float16
-    products stay in range."""
-    scores = torch.matmul(query * query.shape[-1] ** -0.5, keys.transpose(-1, -2)).float()
-    weights = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
-    return torch.matmul(weights.to(query.dtype), values)
-
-
-def attention_kernels(device: torch.device) -> contextlib.AbstractContextManager:
-    """On CUDA, attention by flash, memory-efficient or plain kernels, not cuDNN's: cuDNN builds an
-    execution plan per shape, and the eager loop's key length changes at every token."""
-    if device.type != "cuda":
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 def _logits_processors(guidance: float | None, temperature: float, top_k: int, top_p: float) -> Any:

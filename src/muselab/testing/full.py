@@ -122,6 +122,11 @@ def build_musicgen_small_random(dtype: torch.dtype = torch.float32, verbose: boo
     )
     with _default_dtype(dtype):
         network = MusicgenForConditionalGeneration(config).eval().to(dtype)
+    # EnCodec's codebooks start as zeros (k-means learns them), so every code would decode to the
+    # same sound and any two clips would compare as identical; random ones make audio follow tokens.
+    with torch.no_grad():
+        for layer in network.audio_encoder.quantizer.layers:
+            layer.codebook.embed.normal_()
     set_musicgen_generation_defaults(network, special_token_id=2048)
     processor = build_musicgen_processor()
     if verbose:
