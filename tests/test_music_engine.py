@@ -218,3 +218,25 @@ def test_the_cuda_graph_setting_reaches_the_sampler(tiny_settings):
     engine = load_engine("music", tiny_settings.model_copy(update={"cuda_graphs": False}))
     assert engine.sampler.cuda_graphs is False
     assert load_engine("music", tiny_settings).sampler.cuda_graphs is True
+
+
+def test_nan_scores_refuse_the_clip_with_a_way_out_instead_of_crashing(music_engine, monkeypatch):
+    """On a GPU, NaN probabilities reaching `multinomial` kill the process's CUDA context (every later
+    job fails); the sampler must refuse that clip with a clear error and stay usable."""
+    import torch
+
+    from muselab.engines.musicgen_sampler import NonFiniteScores
+
+    sampler = music_engine.sampler
+    real_logits = sampler.logits
+
+    def overflowing(*args, **kwargs):
+        logits = real_logits(*args, **kwargs)
+        return torch.full_like(logits, float("nan"))
+
+    monkeypatch.setattr(sampler, "logits", overflowing)
+    with pytest.raises(NonFiniteScores, match="--dtype float32"):
+        music_engine.generate(MusicRequest(prompt="calm piano", duration=1, seed=1))
+    monkeypatch.undo()
+    result = music_engine.generate(MusicRequest(prompt="calm piano", duration=1, seed=1))
+    assert np.isfinite(result.outputs[0].audio).all()

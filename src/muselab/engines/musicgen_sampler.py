@@ -83,6 +83,7 @@ class MusicgenSampler:
         step = self._stepper(rows, max_length, (cross_keys, cross_values, cross_mask))
         on_gpu = tokens.device.type == "cuda"
         previous_done: Any = None
+        nonfinite = torch.zeros((), dtype=torch.bool, device=tokens.device)
         for position in range(max_new_tokens):
             step_tokens = tokens[:, position].reshape(batch, self.num_codebooks)
             if guided:
@@ -90,6 +91,12 @@ class MusicgenSampler:
             logits = step(step_tokens, position)
             scores = processors(tokens[:, : position + 1], logits.float())
             probs = F.softmax(scores, dim=-1)
+            # NaN or inf scores (an overflow in float16, say) would fail `multinomial`, and on a GPU
+            # that failure is a device-side assert that ends the whole process's use of the GPU,
+            # every later job included. Such rows draw uniformly instead; the clip is refused below.
+            finite = torch.isfinite(probs).all(dim=-1, keepdim=True)
+            nonfinite |= ~finite.all()
+            probs = torch.where(finite, probs, 1.0 / probs.shape[-1])
             sampled = torch.multinomial(probs, num_samples=1).squeeze(1)
             column = pattern[:, position + 1]
             tokens[:, position + 1] = torch.where(column == -1, sampled, column)
@@ -102,6 +109,12 @@ class MusicgenSampler:
                 previous_done.record()
             if on_token is not None:
                 on_token()
+        if bool(nonfinite):
+            dtype = str(self.decoder.layer_norm.weight.dtype).removeprefix("torch.")
+            raise NonFiniteScores(
+                f"MusicGen produced NaN or infinite scores while sampling ({tokens.device.type}, {dtype}): "
+                "its numbers overflowed. Try --dtype float32" + (", or MUSELAB_CUDA_GRAPHS=0." if on_gpu else ".")
+            )
         return self._decode(tokens, batch)
 
     def _encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[list, list, torch.Tensor]:
@@ -246,6 +259,10 @@ class MusicgenSampler:
         left = audio_encoder.decode(codes[:, :, ::2, :], audio_scales=[None] * batch).audio_values
         right = audio_encoder.decode(codes[:, :, 1::2, :], audio_scales=[None] * batch).audio_values
         return torch.cat([left, right], dim=1)
+
+
+class NonFiniteScores(RuntimeError):
+    """The decoder's scores held NaN or infinity: the clip would be noise, so none is made."""
 
 
 class CudaGraphStep:
