@@ -270,8 +270,19 @@ class CudaGraphStep:
     launch instead of about 600 kernel launches from Python, which is what bounds eager decoding
     on a fast GPU. Captured once per clip (a few eager steps' time); its memory is freed with it."""
 
-    def __init__(self, graph: Any, step_tokens: torch.Tensor, position: torch.Tensor, logits: torch.Tensor):
+    def __init__(
+        self,
+        graph: Any,
+        run: Callable[[], torch.Tensor],
+        step_tokens: torch.Tensor,
+        position: torch.Tensor,
+        logits: torch.Tensor,
+    ):
         self.graph, self.step_tokens, self.position, self.logits = graph, step_tokens, position, logits
+        # The graph reads and writes the KV cache and the other tensors `run` holds at fixed
+        # addresses: freed, their memory would go to the next allocation, and every replay would
+        # then read (and write) someone else's data.
+        self.run = run
 
     @classmethod
     def capture(cls, sampler: MusicgenSampler, rows: int, max_length: int, cross: tuple) -> CudaGraphStep | None:
@@ -287,12 +298,14 @@ class CudaGraphStep:
                     run()
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            # thread_local: jobs running on the GPU in other threads meanwhile (the job service
+            # runs music and images side by side) neither break the capture nor fail because of it.
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 logits = run()
         except RuntimeError as exc:
             logging.getLogger(__name__).warning("CUDA graph capture failed (%s); music decodes eagerly", exc)
             return None
-        return cls(graph, step_tokens, position, logits)
+        return cls(graph, run, step_tokens, position, logits)
 
     def __call__(self, step_tokens: torch.Tensor, position: int) -> torch.Tensor:
         self.step_tokens.copy_(step_tokens)
