@@ -269,3 +269,21 @@ def test_calibration_stopped_at_its_first_notice_leaves_the_pipeline_as_it_was(c
     with pytest.raises(Stop):
         record_unet_inputs(pipe, unet, ConversionProgress(3, stop))
     assert pipe.unet is unet and pipe.scheduler is scheduler and "run" not in unet.__dict__
+
+
+def test_a_bfloat16_placement_makes_the_pictures_pytorch_makes(ov_settings, tmp_path):
+    """Where the dtype probe picks bfloat16 (CPUs with fast bf16, or a busy moment during the probe),
+    the OpenVINO default must still work: its graphs take and return float32 and compute in bf16.
+    (They used to be traced with bfloat16 inputs, which numpy arrays cannot feed: a crash.)"""
+    import torch
+
+    from muselab.benchmark import psnr
+    from muselab.devices import Placement
+
+    placement = Placement("cpu", torch.bfloat16, "as the probe picks it on some CPUs")
+    model = ov_settings.model_for("image")
+    request = ImageRequest(prompt="fox", steps=2, seed=1)
+    on_openvino = ImageEngine.load(model, placement, offline=True, backend="openvino", openvino_cache=tmp_path)
+    on_torch = ImageEngine.load(model, placement, offline=True, backend="torch")
+    assert on_openvino.placement.dtype_name == "bfloat16 (openvino)"
+    assert psnr(pixels(on_torch.generate(request)), pixels(on_openvino.generate(request))) > 30  # 42 dB seen

@@ -39,7 +39,7 @@ import torch
 from muselab.engines.base import ModelUnavailable, ProgressCallback, ProgressEvent
 
 #: Bump when the conversion below changes, so stale cached IR is never used.
-CONVERSION_VERSION = 1
+CONVERSION_VERSION = 2  # 2: float32 inputs and outputs whatever the weights (bfloat16 IR could not be fed)
 
 #: What the UNet's int8 activations are calibrated on (`--quantize int8-full`): a few short images
 #: with the default sampler, every UNet call recorded. Varied subjects, so the ranges are not one
@@ -142,7 +142,10 @@ def cache_key(
 
 
 class _UNetForExport(torch.nn.Module):
-    """The UNet with the three inputs SD 1.x/2.x pipelines pass and a plain tensor out."""
+    """The UNet with the three inputs SD 1.x/2.x pipelines pass and a plain tensor out, float32 in
+    and out whatever the weights' dtype: the runtime is fed from numpy, which has no bfloat16, so a
+    graph with bfloat16 inputs (traced from a bfloat16 UNet) could not be fed at all.
+    `INFERENCE_PRECISION_HINT` still makes it compute in bfloat16 where that was chosen."""
 
     def __init__(self, unet: torch.nn.Module):
         super().__init__()
@@ -151,23 +154,35 @@ class _UNetForExport(torch.nn.Module):
     def forward(
         self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
     ) -> torch.Tensor:
-        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+        dtype = self.unet.dtype
+        output = self.unet(sample.to(dtype), timestep, encoder_hidden_states.to(dtype), return_dict=False)[0]
+        return output.float()
+
+
+class _DecoderForExport(torch.nn.Module):
+    """The VAE decoder, float32 in and out (as `_UNetForExport`, for the same reason)."""
+
+    def __init__(self, decoder: torch.nn.Module):
+        super().__init__()
+        self.decoder = decoder
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decoder(z.to(next(self.decoder.parameters()).dtype)).float()
 
 
 def _unet_example(unet: Any) -> tuple[torch.Tensor, ...]:
     config = unet.config
     size = config.sample_size if isinstance(config.sample_size, int) else config.sample_size[0]
-    dtype = unet.dtype
     return (
-        torch.randn(2, config.in_channels, size, size, dtype=dtype),
+        torch.randn(2, config.in_channels, size, size),
         torch.tensor(500.0, dtype=torch.float32),
-        torch.randn(2, 77, config.cross_attention_dim, dtype=dtype),
+        torch.randn(2, 77, config.cross_attention_dim),
     )
 
 
 def _decoder_example(vae: Any) -> tuple[torch.Tensor, ...]:
     config = vae.config
-    return (torch.randn(1, config.latent_channels, 32, 32, dtype=vae.dtype),)
+    return (torch.randn(1, config.latent_channels, 32, 32),)
 
 
 def read_unet_config(folder: Path) -> Any:
@@ -497,7 +512,7 @@ def use_openvino(
     if unet_dir in missing:
         _convert_unet(pipe, unet_dir, float_dir, cache_dir, quantize, dtype, say, unet_config)
     if decoder_dir in missing:
-        decoder = pipe.vae.decoder.eval()
+        decoder = _DecoderForExport(pipe.vae.decoder.eval())
         convert(decoder, _decoder_example(pipe.vae), decoder_dir, "none", say)
     timings["convert_s"] = time.perf_counter() - started
     say("Compiling the OpenVINO models")
