@@ -85,3 +85,27 @@ def test_auto_quantize_uses_int8_only_where_it_buys_speed():
     assert Settings(quantize="int8").image_quantize() == "int8"
     assert Settings(quantize="int8-dynamic").image_quantize() == "int8"  # images: the same int8 either way
     assert Settings(quantize="none").music_quantize("cpu") == "none"
+
+
+def test_a_machine_getting_less_busy_during_the_probe_does_not_tip_it_to_bfloat16(cpu_only, monkeypatch):
+    """The probe measures float32 and bf16 in turn: a machine whose speed changes while it measures
+    (a shared one, CI) slows both alike. Measured one after the other, this ramp would have shown
+    bf16 twice as fast as float32 on a chip where it is half as fast."""
+    monkeypatch.setattr(devices, "cpu_flags", lambda: frozenset({"avx512_bf16"}))
+    calls = []
+
+    def measure(dtype, device="cpu", size=1024, repeats=4):
+        calls.append(dtype)
+        ramp = (len(calls) / 8) ** 2  # from busy to free over the probe's 8 measurements
+        return (376 if dtype == torch.float32 else 186) * ramp
+
+    monkeypatch.setattr(devices, "measure_matmul_gflops", measure)
+    devices.matmul_gflops.cache_clear()
+    devices._probe_in_turn.cache_clear()
+    try:
+        placement = devices.choose_placement()
+    finally:
+        devices.matmul_gflops.cache_clear()
+        devices._probe_in_turn.cache_clear()
+    assert calls[:4] == [torch.float32, torch.bfloat16] * 2  # in turn
+    assert placement.dtype == torch.float32
