@@ -124,6 +124,22 @@ def test_a_gpu_run_has_a_section_of_its_own_with_its_cuda_graph_row(tiny_archite
     assert "GPU NVIDIA H100" in text and "the graph: 4.0x faster" in text
 
 
+def test_a_failed_compiled_part_keeps_the_rest_of_the_report(tiny_architectures, monkeypatch):
+    """torch.compile can fail on a bare machine (no compiler, an unsupported GPU); the figures
+    already measured must still reach the JSON and the table."""
+
+    def fails(**arguments):
+        raise RuntimeError("inductor: no working C++ compiler")
+
+    monkeypatch.setattr(benchmark, "image_engine_run", fails)
+    lines: list[str] = []
+    report = benchmark.run(quick=True, parts=("music", "compiled"), music_seconds=1.0, say=lines.append, isolate=False)
+    assert "no working C++ compiler" in report["image"]["compiled_error"]
+    assert report["music"]["default_rtf"] > 0 and "total_seconds" in report
+    assert "real-time factor" in benchmark.markdown_table(report)
+    assert any("image compiled: failed" in line for line in lines)
+
+
 def test_durations_keep_their_digits_from_minutes_down_to_milliseconds():
     durations = [benchmark._seconds(value) for value in (512.3, 3.14159, 0.0336, 0.00451)]
     assert durations == ["512.3 s", "3.14 s", "34 ms", "4.5 ms"]

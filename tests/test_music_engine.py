@@ -166,7 +166,8 @@ def test_the_fixed_shape_step_gives_the_logits_of_the_growing_cache(music_engine
     length, rows = 12, 4  # two prompts, guided: conditional and unconditional rows
     tokens = torch.randint(0, 64, (length, rows, sampler.num_codebooks), generator=torch.Generator().manual_seed(2))
     tokens = tokens.to(device)
-    tolerance = {"rtol": 1e-4, "atol": 1e-5} if music_engine.placement.dtype == torch.float32 else {}
+    exact = music_engine.placement.dtype == torch.float32  # float16 on a GPU: a few units in the third digit
+    tolerance = {"rtol": 1e-4, "atol": 1e-5} if exact else {"rtol": 1e-2, "atol": 1e-2}
     with torch.inference_mode():
         cross = sampler._encode_text(inputs.input_ids, inputs.attention_mask)
         growing = sampler._stepper(rows, length, cross)
@@ -187,7 +188,7 @@ def test_on_a_cuda_gpu_tokens_replay_a_captured_graph_with_the_eager_logits(musi
 
     from muselab.engines.musicgen_sampler import CudaGraphStep, MusicgenSampler
 
-    sampler = MusicgenSampler(copy.deepcopy(music_engine.network).cuda())
+    sampler = MusicgenSampler(copy.deepcopy(music_engine.network).cuda().float())  # float32: tight comparison
     inputs = music_engine.processor(text=["calm piano"], padding=True, return_tensors="pt").to("cuda")
     codes = torch.randint(0, 64, (sampler.num_codebooks, 20), device="cuda")
     with torch.inference_mode():
