@@ -2,7 +2,7 @@
 # The GPU checks in one run, for a machine with a CUDA GPU: the CUDA tests, then `muselab bench
 # --quick`, whose table lands in docs/PERFORMANCE.md's GPU section. Logs and the JSON go to $OUT
 # (default bench/results/gpu). Where the machine's Python has PyTorch but lacks this project's
-# other packages, wheels in .whl/ (pip download ... -d .whl) are installed beside it first.
+# other packages, wheels in .whl/ are installed beside it first (bench/README.md says which, and how).
 set -u -o pipefail
 OUT=${OUT:-bench/results/gpu}
 mkdir -p "$OUT" bench/results
