@@ -28,6 +28,7 @@ import torch
 from muselab.testing.tiny import (
     build_musicgen_processor,
     build_tiny_clip_tokenizer,
+    randomize_codebooks,
     sd1_scheduler,
     set_musicgen_generation_defaults,
 )
@@ -122,11 +123,7 @@ def build_musicgen_small_random(dtype: torch.dtype = torch.float32, verbose: boo
     )
     with _default_dtype(dtype):
         network = MusicgenForConditionalGeneration(config).eval().to(dtype)
-    # EnCodec's codebooks start as zeros (k-means learns them), so every code would decode to the
-    # same sound and any two clips would compare as identical; random ones make audio follow tokens.
-    with torch.no_grad():
-        for layer in network.audio_encoder.quantizer.layers:
-            layer.codebook.embed.normal_()
+    randomize_codebooks(network)  # else any two clips would decode alike and compare as identical
     set_musicgen_generation_defaults(network, special_token_id=2048)
     processor = build_musicgen_processor()
     if verbose:

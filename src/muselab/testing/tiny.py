@@ -83,6 +83,14 @@ def build_tiny_musicgen(path: str | Path, replace: bool = True) -> Path:
     return _save_atomically(path, lambda tmp: (model.save_pretrained(tmp), processor.save_pretrained(tmp)), replace)
 
 
+def randomize_codebooks(model: Any) -> None:
+    """EnCodec's codebooks start as zeros (they are learnt by k-means), which would make every code
+    decode to the same sound; random codebooks make the audio depend on the tokens."""
+    with torch.no_grad():
+        for layer in model.audio_encoder.quantizer.layers:
+            layer.codebook.embed.normal_()
+
+
 def tiny_musicgen_network(stereo: bool = False) -> Any:
     """The tiny MusicGen in memory; `stereo` gives it 8 interleaved codebooks (left, right), as the
     musicgen-stereo checkpoints have."""
@@ -128,11 +136,8 @@ def tiny_musicgen_network(stereo: bool = False) -> Any:
         },
     )
     model = MusicgenForConditionalGeneration(config).eval()
-    # EnCodec's codebooks start as zeros (they are learnt by k-means), which would make every
-    # code decode to the same sound; random codebooks make the audio depend on the tokens.
+    randomize_codebooks(model)
     with torch.no_grad():
-        for layer in model.audio_encoder.quantizer.layers:
-            layer.codebook.embed.normal_()
         # Random heads give near-uniform logits, where sampling settings barely matter; a trained
         # model's logits are peaked, so widen them.
         for head in model.decoder.lm_heads:
