@@ -59,8 +59,7 @@ class MusicEngine:
         """
         self.network = network.to(placement.device).eval()
         chosen = music_backend(backend, model, placement.device, quantize)
-        self.sampler = MusicgenSampler(self.network)
-        self.sampler.cuda_graphs = cuda_graphs
+        self.sampler = MusicgenSampler(self.network, cuda_graphs=cuda_graphs)
         self.load_timings: dict[str, float] = {}
         if chosen == "openvino":
             automatic = backend == "auto"

@@ -31,13 +31,13 @@ from torch.nn import functional as F
 class MusicgenSampler:
     """Generates audio codes with a `MusicgenForConditionalGeneration`'s weights, then decodes them."""
 
-    def __init__(self, network: Any):
+    def __init__(self, network: Any, cuda_graphs: bool = True):
         self.network = network
         #: An `OpenVinoMusicDecoder` that runs the decoder steps instead of PyTorch, when set
         #: (`openvino_music.load_music_decoder`).
         self.compiled: Any = None
         #: Replay the step as a CUDA graph when on a CUDA GPU (`CudaGraphStep`); False runs it eagerly.
-        self.cuda_graphs = True
+        self.cuda_graphs = cuda_graphs
         lm = network.decoder  # MusicgenForCausalLM
         self.decoder = lm.model.decoder
         self.lm_heads = lm.lm_heads
@@ -146,11 +146,7 @@ class MusicgenSampler:
             graph = CudaGraphStep.capture(self, rows, max_length, cross)
             if graph is not None:
                 return graph
-        cache_shape = (len(self.decoder.layers), rows, self.num_heads, max_length, self.head_dim)
-        dtype = self.decoder.layer_norm.weight.dtype
-        device = cross[2].device
-        keys = torch.empty(cache_shape, dtype=dtype, device=device)
-        values = torch.empty(cache_shape, dtype=dtype, device=device)
+        keys, values = self._kv_cache(rows, max_length, cross[2].device, torch.empty)
 
         def step(step_tokens: torch.Tensor, position: int) -> torch.Tensor:
             def attend_self(index: int, attention: Any, normed: torch.Tensor) -> torch.Tensor:
@@ -165,6 +161,15 @@ class MusicgenSampler:
 
         return step
 
+    def _kv_cache(
+        self, rows: int, max_length: int, device: torch.device, make: Callable[..., torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of every layer, (layers, rows, heads, max_length, head dim), made by
+        `make` (`torch.empty`, or `torch.zeros` where masked slots get read)."""
+        shape = (len(self.decoder.layers), rows, self.num_heads, max_length, self.head_dim)
+        dtype = self.decoder.layer_norm.weight.dtype
+        return make(shape, dtype=dtype, device=device), make(shape, dtype=dtype, device=device)
+
     def static_step(
         self, rows: int, max_length: int, cross: tuple
     ) -> tuple[Callable[[], torch.Tensor], torch.Tensor, torch.Tensor]:
@@ -175,11 +180,8 @@ class MusicgenSampler:
         covers the whole cache, masked beyond `position`: the same result as attending over the
         filled part. The cache starts at zero, since a masked entry still gets multiplied by its
         weight of zero, and uninitialised memory may hold NaN."""
-        cache_shape = (len(self.decoder.layers), rows, self.num_heads, max_length, self.head_dim)
-        dtype = self.decoder.layer_norm.weight.dtype
         device = cross[2].device
-        keys = torch.zeros(cache_shape, dtype=dtype, device=device)
-        values = torch.zeros(cache_shape, dtype=dtype, device=device)
+        keys, values = self._kv_cache(rows, max_length, device, torch.zeros)
         step_tokens = torch.zeros(rows, self.num_codebooks, dtype=torch.long, device=device)
         position = torch.zeros(1, dtype=torch.long, device=device)
         slots = torch.arange(max_length, device=device)
