@@ -560,12 +560,9 @@ def image_engine_run(
     figures: dict[str, Any] = {"load_s": time.perf_counter() - started}
     if compile:
         say("image: compiling the UNet (torch.compile) with a 2-step image, timed apart")
-        started = time.perf_counter()
-        defaults = GENERIC_IMAGE_DEFAULTS
-        warm_up = {"steps": 2, "guidance": defaults.guidance, "scheduler": defaults.scheduler, "seed": SEED}
-        engine.generate(ImageRequest(prompt=IMAGE_PROMPT, width=IMAGE_SIZE, height=IMAGE_SIZE, **warm_up))
-        figures["compile_s"] = time.perf_counter() - started
-    figures.update(time_engine(engine, steps, say, save_to))
+    figures.update(time_engine(engine, steps, say, save_to, warm_up=compile))
+    if compile:
+        figures["compile_s"] = figures["warm_up_s"]
     figures["peak_rss_gb"] = memory.gib()
     if against_torch and folder is not None:
         # Once the peak is read: PyTorch's UNet joins the process for the drift-free comparison.
@@ -613,8 +610,10 @@ def step_speedup(pipe: Any, folder: Path, say: Say, what: str = "OpenVINO", roun
     return {"openvino_step_speedup": speedup, "openvino_step_speedups": speedups}
 
 
-def time_engine(engine: Any, steps: int | None, say: Say, save_to: str | None) -> dict[str, Any]:
-    """Text encoding, steps and decode of one 512x512 image with muselab's sampler defaults."""
+def time_engine(engine: Any, steps: int | None, say: Say, save_to: str | None, warm_up: bool = False) -> dict[str, Any]:
+    """Text encoding, steps and decode of one 512x512 image with muselab's sampler defaults. A
+    2-step image of the same recipe goes first, untimed, on a GPU or with `warm_up` (its seconds:
+    `warm_up_s`): the first image pays for kernel selection, library start-up, compiling."""
     device = engine.placement.device
     text = time_text_encoding(engine.pipe, device)
     total_steps = GENERIC_IMAGE_DEFAULTS.steps
@@ -628,9 +627,11 @@ def time_engine(engine: Any, steps: int | None, say: Say, save_to: str | None) -
         seed=SEED,
     )
     say(f"image {engine.placement.dtype_name}: {request.scheduler}, {total_steps} steps")
-    two_steps = None
-    if device == "cuda":  # the first image on a GPU pays for kernel selection and library start-up
+    two_steps, warm_up_s = None, None
+    if warm_up or device == "cuda":
+        started = time.perf_counter()
         two_steps = engine.generate(request.model_copy(update={"steps": 2}))
+        warm_up_s = time.perf_counter() - started
     speed_before = speed_index(device)
     clock = StepTimes()
     result = engine.generate(request, on_progress=clock.on_progress)
@@ -640,7 +641,7 @@ def time_engine(engine: Any, steps: int | None, say: Say, save_to: str | None) -
     if save_to:
         # PSNR compares pictures after 2 steps, as quick mode on a CPU does: after 25, a random-weight
         # UNet has amplified float16's rounding into a different picture of the same statistics.
-        np.save(save_to, _image_array(two_steps) if two_steps is not None else picture)
+        np.save(save_to, _image_array(two_steps) if device == "cuda" else picture)
     step, decode = clock.step_seconds(), end - clock.marks[-1]
     say(f"image {engine.placement.dtype_name}: {step:.2f} s/step, decode {decode:.1f} s")
     return {
@@ -653,6 +654,7 @@ def time_engine(engine: Any, steps: int | None, say: Say, save_to: str | None) -
         "speed_gflops": [speed_before, speed_after],
         # A flat picture (a NaN turned black, say) shows here at once, whatever its PSNR.
         "picture_mean_std": [float(picture.mean()), float(picture.std())],
+        **({"warm_up_s": warm_up_s} if warm_up_s is not None else {}),
     }
 
 
@@ -820,18 +822,18 @@ def _bench_music(seconds: float, say: Say, scratch: Path) -> dict[str, Any]:
     # (quantize, backend): the default; the same settings on PyTorch, side by side; int8 weights
     # with float activations; int8-dynamic where the default is something else.
     variants = {
-        "default": (default_quantize, "auto"),
-        "torch": (default_quantize, "torch"),
-        "int8": ("int8", "auto"),
+        "default": (default_quantize, "auto", True),
+        "torch": (default_quantize, "torch", True),
+        "int8": ("int8", "auto", True),
     }
     if device == "cuda":
         # The default without its CUDA graph: each token's ~600 kernels launched one by one.
-        variants["eager"] = (default_quantize, "torch")
+        variants["eager"] = (default_quantize, "torch", False)
     else:  # int8 activations use fbgemm, a CPU library
-        variants["int8_dynamic"] = ("int8-dynamic", "auto")
+        variants["int8_dynamic"] = ("int8-dynamic", "auto", True)
     kept: dict[str, Any] = {}
-    for label, (quantize, backend) in variants.items():
-        if label not in ("default", "eager") and (quantize, backend) == variants["default"]:
+    for label, (quantize, backend, cuda_graphs) in variants.items():
+        if label != "default" and (quantize, backend, cuda_graphs) == variants["default"]:
             copied = {f"{label}_{key[8:]}": value for key, value in figures.items() if key.startswith("default_")}
             figures.update(copied)
             continue
@@ -844,8 +846,8 @@ def _bench_music(seconds: float, say: Say, scratch: Path) -> dict[str, Any]:
             backend=backend,
             source=folder,
             openvino_cache=cache,
+            cuda_graphs=cuda_graphs,
         )
-        engine.sampler.cuda_graphs = label != "eager"
         engine.generate(request.model_copy(update={"duration": 0.5}))  # warm-up: thread pools, kernel choice
         clock = StepTimes(synchronize_gpu=False)
         synchronize(device)
