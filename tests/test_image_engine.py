@@ -96,6 +96,9 @@ def test_every_scheduler_runs(image_engine, scheduler):
     assert result.request.scheduler == scheduler
     assert type(image_engine.pipe.scheduler).__name__ != "PNDMScheduler" or scheduler == "PNDM"
     assert pixels(result).std() > 0
+    # The seed drives every draw, ancestral samplers' per-step noise included.
+    again = image_engine.generate(ImageRequest(prompt="fox", seed=3, steps=4, scheduler=scheduler))
+    assert np.array_equal(pixels(again), pixels(result))
 
 
 def test_custom_size_and_negative_prompt(image_engine):
@@ -222,11 +225,15 @@ def test_low_memory_slices_attention_and_tiles_the_decode(tiny_settings, image_e
     assert not image_engine.pipe.vae.use_tiling  # small images decode whole by default
 
 
-def test_a_seed_starts_every_dtype_from_the_same_noise(tiny_settings, image_engine, monkeypatch):
-    """Some PyTorch builds draw half-precision noise by a path of its own, other numbers than
+@pytest.mark.parametrize("scheduler", ["DPM++ 2M Karras", "Euler a", "LCM"])
+def test_a_seed_draws_the_same_noise_in_every_dtype(tiny_settings, image_engine, monkeypatch, scheduler):
+    """Some PyTorch builds draw half-precision noise by a path of their own, other numbers than
     float32's for the same seed (float16 on an H200 read 11 dB PSNR from float32). The engine draws
-    the starting noise in float32 itself; here the pipeline's own draw is made dtype-dependent."""
+    the starting noise, and the noise ancestral samplers add between steps, in float32; here the
+    libraries' own draws are made dtype-dependent, as on such a build."""
     import diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion as sd_pipeline
+    import diffusers.schedulers.scheduling_euler_ancestral_discrete as euler_a
+    import diffusers.schedulers.scheduling_lcm as lcm
     import torch
 
     from muselab.devices import choose_placement
@@ -239,10 +246,11 @@ def test_a_seed_starts_every_dtype_from_the_same_noise(tiny_settings, image_engi
             generator = torch.Generator().manual_seed(12345)
         return draw(shape, generator=generator, device=device, dtype=dtype, layout=layout)
 
-    monkeypatch.setattr(sd_pipeline, "randn_tensor", dtype_dependent_draw)
+    for module in (sd_pipeline, euler_a, lcm):
+        monkeypatch.setattr(module, "randn_tensor", dtype_dependent_draw)
     bf16 = ImageEngine.load(tiny_settings.model_for("image"), choose_placement(dtype="bfloat16"), offline=True)
     assert type(bf16.pipe).__module__ == sd_pipeline.__name__
-    request = ImageRequest(prompt="a red fox", seed=7, steps=3)
+    request = ImageRequest(prompt="a red fox", seed=7, steps=4, scheduler=scheduler)
     reference = pixels(image_engine.generate(request)).astype(int)
     assert np.abs(pixels(bf16.generate(request)).astype(int) - reference).mean() < 6
     other_seed = pixels(bf16.generate(request.model_copy(update={"seed": 12345}))).astype(int)

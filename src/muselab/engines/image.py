@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import secrets
 import time
 from pathlib import Path
@@ -58,6 +59,27 @@ def make_scheduler(name: str, base_config: Any) -> Any:
         "LCM": diffusers.LCMScheduler,
     }
     return classes[name].from_config(config)
+
+
+def steps_in_float32(scheduler: Any) -> Any:
+    """Make the scheduler's `step` work on float32 model outputs and hand back latents in their own
+    dtype. So the noise that ancestral samplers (`Euler a`, `LCM`) add between steps is drawn in
+    float32 whatever the engine's dtype, as the starting noise is (`ImageEngine.initial_noise`),
+    and the sampler's arithmetic runs in float32. On a float32 engine nothing changes."""
+    step = scheduler.step
+
+    # functools.wraps keeps `step`'s signature visible: diffusers passes `generator` and `eta`
+    # only to a step whose signature names them.
+    @functools.wraps(step)
+    def float32_step(model_output: torch.Tensor, timestep: Any, sample: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        result = step(model_output.float(), timestep, sample, *args, **kwargs)
+        if isinstance(result, tuple):
+            return (result[0].to(sample.dtype), *result[1:])
+        result.prev_sample = result.prev_sample.to(sample.dtype)
+        return result
+
+    scheduler.step = float32_step
+    return scheduler
 
 
 #: Above this many pixels the VAE decodes in tiles, so a large image never needs the whole
@@ -276,7 +298,7 @@ class ImageEngine:
         request = self.resolve(request)
         assert request.seed is not None and request.steps is not None
         cancel = cancel or CancelToken()
-        self.pipe.scheduler = make_scheduler(request.scheduler, self._scheduler_config)
+        self.pipe.scheduler = steps_in_float32(make_scheduler(request.scheduler, self._scheduler_config))
         # One engine runs one generation at a time (the job service's run lock), so the decoder
         # can be chosen per request.
         self.pipe.vae = self.fast_vae(request.decoder_model) if request.decoder == "fast" else self._full_vae
