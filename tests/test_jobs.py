@@ -13,7 +13,7 @@ from muselab.devices import Placement
 from muselab.engines import Cancelled, load_engine
 from muselab.engines.base import engine_result
 from muselab.jobs import JobService
-from muselab.schemas import ImageRequest, MusicRequest
+from muselab.schemas import ImageRequest, MusicRequest, SceneRequest
 
 
 class FakeEngine:
@@ -130,4 +130,87 @@ def test_a_job_whose_model_is_loading_is_first_in_line_not_lost(settings):
         assert service.wait(second.id, 10)["status"] == "succeeded"
     finally:
         release.set()
+        service.shutdown()
+
+
+def scene_service(tiny_dir, tmp_path, wrap_music=None, **settings):
+    """A job service on the tiny models that notes which models were loaded when each one loads."""
+    config = Settings(data_dir=tiny_dir, preset="tiny", offline=True, output_dir=tmp_path / "out", **settings)
+    loads: list[tuple[str, list[str]]] = []
+    service: JobService
+
+    def loader(kind, s, model=None, on_progress=None):
+        loads.append((kind, [m["kind"] for m in service.models.loaded()]))
+        engine = load_engine(kind, s, model, on_progress)
+        return wrap_music(engine) if wrap_music and kind == "music" else engine
+
+    service = JobService(config, loader=loader)
+    return service, loads
+
+
+SCENE = SceneRequest(prompt="a quiet harbour", music_prompt="calm piano", duration=1, steps=2, seed=3)
+
+
+def test_low_memory_scene_loads_its_models_one_after_the_other(tiny_dir, tmp_path):
+    service, loads = scene_service(tiny_dir, tmp_path, low_memory=True)
+    progress = []
+    original_update = service._update
+
+    def recording_update(job, **changes):
+        if changes.get("progress") is not None:
+            progress.append((changes["progress"].step, changes["progress"].total, changes["progress"].stage))
+        original_update(job, **changes)
+
+    service._update = recording_update
+    try:
+        status = service.wait(service.submit(SCENE).id, 180)
+        assert status["status"] == "succeeded", status.get("error")
+        assert [o["kind"] for o in status["outputs"]] == ["image", "music", "scene"]
+        # The image model was unloaded before the music model loaded: never both in memory.
+        assert loads == [("image", []), ("music", [])]
+        assert [m["kind"] for m in service.models.loaded()] == ["music"]
+        steps = [step for step, _, stage in progress if stage in ("image", "music")]
+        assert steps == sorted(steps) and progress[-1][0] == progress[-1][1]  # the bar ends full
+    finally:
+        service.shutdown()
+    service, loads = scene_service(tiny_dir, tmp_path)
+    try:
+        assert service.wait(service.submit(SCENE).id, 180)["status"] == "succeeded"
+        assert loads == [("image", []), ("music", ["image"])]  # without --low-memory both stay loaded
+    finally:
+        service.shutdown()
+
+
+class SoundtrackStops:
+    """A music engine whose clip stops partway, as when the user cancels it."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def generate(self, request, on_progress=None, cancel=None, **options):
+        raise Cancelled()
+
+
+def test_a_scene_keeps_its_picture_when_the_soundtrack_stops(tiny_dir, tmp_path):
+    service, _ = scene_service(tiny_dir, tmp_path, wrap_music=SoundtrackStops)
+    try:
+        status = service.wait(service.submit(SCENE).id, 180)
+        assert status["status"] == "cancelled"
+        assert [o["kind"] for o in status["outputs"]] == ["image"]
+        assert len(list((tmp_path / "out").glob("*.png"))) == 1 and not list((tmp_path / "out").glob("*.mp4"))
+    finally:
+        service.shutdown()
+
+
+def test_a_low_memory_scene_whose_music_model_is_missing_keeps_its_picture(tiny_dir, tmp_path):
+    service, _ = scene_service(tiny_dir, tmp_path, low_memory=True)
+    try:
+        status = service.wait(service.submit(SCENE.model_copy(update={"music_model": "someone/not-here"})).id, 180)
+        assert status["status"] == "failed" and status["error_kind"] == "model_unavailable"
+        assert "someone/not-here" in status["error"]
+        assert [o["kind"] for o in status["outputs"]] == ["image"]
+    finally:
         service.shutdown()

@@ -64,7 +64,10 @@ BackendOpt = Annotated[
 ]
 LowMemoryOpt = Annotated[
     bool | None,
-    typer.Option("--low-memory", help="Attention slicing, VAE tiling, CPU offload on CUDA: less memory, slower."),
+    typer.Option(
+        "--low-memory",
+        help="Attention slicing, VAE tiling, CPU offload on CUDA, one model loaded at a time: less memory, slower.",
+    ),
 ]
 ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="Hub id or local folder.")]
 SeedOpt = Annotated[int | None, typer.Option(help="Seed; the same seed gives the same output. Random if unset.")]

@@ -10,11 +10,12 @@ from __future__ import annotations
 import base64
 import io
 import logging
+import math
 import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,18 @@ from muselab.schemas import ImageRequest, Request, SceneRequest
 from muselab.store import HistoryStore, OutputRecord
 
 log = logging.getLogger("muselab.jobs")
+
+#: MusicGen's decoder steps a second of audio (EnCodec's 50 frames) and its delay pattern's extra
+#: steps (4 codebooks): a scene's progress total until its music model is loaded.
+MUSICGEN_TOKENS_A_SECOND, MUSICGEN_CODEBOOKS = 50, 4
+
+
+def scene_tokens(music_engine: Engine | None, duration: float) -> int:
+    """The music model's decoder steps for `duration`; before it is loaded (--low-memory loads it
+    after the picture), MusicGen's usual count, which the loaded model's then replaces."""
+    if music_engine is None:
+        return math.ceil(duration * MUSICGEN_TOKENS_A_SECOND) + MUSICGEN_CODEBOOKS
+    return music_engine.tokens_for(duration)  # type: ignore[attr-defined]
 
 
 class QueueFull(RuntimeError):
@@ -62,6 +75,8 @@ class Job:
     error: str | None = None
     error_kind: str | None = None  # model_unavailable, out_of_memory, timeout, internal
     resolved: dict[str, Any] | None = None
+    # Outputs saved before the job stopped short (a scene's picture when its soundtrack fails).
+    kept: list[dict[str, Any]] = field(default_factory=list)
     outputs: list[OutputRecord] = field(default_factory=list)
     done: threading.Event = field(default_factory=threading.Event)
     version: int = 0
@@ -203,7 +218,8 @@ class JobService:
         self.settings = settings
         self.store = store or HistoryStore.for_settings(settings)
         self.interrupted = self.store.recover_interrupted()
-        self.models = ModelManager(settings, settings.max_models, loader)
+        # --low-memory loads models one at a time: the one used least recently goes before the next loads.
+        self.models = ModelManager(settings, 1 if settings.low_memory else settings.max_models, loader)
         self._lock = threading.Condition()
         self._jobs: dict[str, Job] = {}
         self._queues: dict[tuple[str, str], deque[Job]] = {}
@@ -364,11 +380,11 @@ class JobService:
                 self._run_scene(job, on_progress, timed_out, started)
             else:
                 self._run_single(job, on_progress, timed_out, started)
-        except Cancelled:  # while loading: a one-time conversion stops between its stages
-            self._stopped(job, timed_out, [], started)
+        except Cancelled:  # while loading (a one-time conversion stops between its stages), or a scene's music
+            self._stopped(job, timed_out, job.kept, started)
         except (ModelUnavailable, DeviceError) as exc:
             job.error_kind = "model_unavailable"
-            self._finish(job, "failed", error=str(exc), started=started)
+            self._finish(job, "failed", error=str(exc), outputs=job.kept, started=started)
         except Exception as exc:
             if _is_out_of_memory(exc):
                 self.models.free_memory()
@@ -377,11 +393,11 @@ class JobService:
                     "Out of memory. Memory was freed and the service keeps running; try a smaller size, "
                     "fewer images or clips, a shorter duration, or a smaller model."
                 )
-                self._finish(job, "failed", error=message, started=started)
+                self._finish(job, "failed", error=message, outputs=job.kept, started=started)
             else:
                 log.exception("job %s failed", job.id)
                 job.error_kind = "internal"
-                self._finish(job, "failed", error=f"{type(exc).__name__}: {exc}", started=started)
+                self._finish(job, "failed", error=f"{type(exc).__name__}: {exc}", outputs=job.kept, started=started)
 
     @staticmethod
     def _loading_progress(job: Job, on_progress: Any) -> Callable[[ProgressEvent], None]:
@@ -412,13 +428,18 @@ class JobService:
             self._finish(job, "succeeded", outputs=self._describe(result, paths), started=started)
 
     def _run_scene(self, job: Job, on_progress: Any, timed_out: threading.Event, started: float) -> None:
-        """A picture, then its soundtrack, then the MP4 of both: one job, one progress bar."""
+        """A picture, then its soundtrack, then the MP4 of both: one job, one progress bar. With
+        --low-memory the two models are never loaded together: the picture's model is let go (and,
+        the manager holding one model then, unloaded) before the music model loads."""
         scene = job.request
         assert isinstance(scene, SceneRequest)
-        with (
-            self.models.use("image", scene.image_model or "", self._loading_progress(job, on_progress)) as image_engine,
-            self.models.use("music", scene.music_model or "", self._loading_progress(job, on_progress)) as music_engine,
-        ):
+        loading = self._loading_progress(job, on_progress)
+        sequential = self.settings.low_memory
+        with ExitStack() as held:
+            image_engine = held.enter_context(self.models.use("image", scene.image_model or "", loading))
+            music_engine = (
+                None if sequential else held.enter_context(self.models.use("music", scene.music_model or "", loading))
+            )
             image_request = image_engine.resolve(scene.image_request())
             scene = scene.model_copy(
                 update={
@@ -428,13 +449,12 @@ class JobService:
                     "steps": image_request.steps,
                 }
             )
-            music_request = music_engine.resolve(scene.music_request())
             job.resolved = scene.model_dump(mode="json")
             placement = image_engine.placement
             self.store.mark_running(job.id, job.model, placement.device, placement.dtype_name)
             self._update(job, status="running", progress=None)  # loading progress ends here
             image_steps = image_request.steps
-            total = image_steps + music_engine.tokens_for(music_request.duration)  # type: ignore[attr-defined]
+            total = image_steps + scene_tokens(music_engine, scene.duration)
 
             def scene_progress(offset: int, stage: str) -> Callable[[ProgressEvent], None]:
                 def forward(event: ProgressEvent) -> None:
@@ -455,17 +475,32 @@ class JobService:
                 picture = image_engine.generate(
                     image_request, scene_progress(0, "image"), job.cancel, preview_every=max(1, image_steps // 8)
                 )
-                sound = music_engine.generate(music_request, scene_progress(image_steps, "music"), job.cancel)
             except Cancelled:
                 self._stopped(job, timed_out, [], started)
                 return
+            try:
+                if music_engine is None:
+                    held.close()  # lets the image model go before the music model loads
+                    music_engine = held.enter_context(self.models.use("music", scene.music_model or "", loading))
+                    total = image_steps + scene_tokens(music_engine, scene.duration)
+                sound = music_engine.generate(
+                    music_engine.resolve(scene.music_request()), scene_progress(image_steps, "music"), job.cancel
+                )
+            except Exception:
+                # The picture is made: keep it, whatever stopped its soundtrack (cancel, time limit, error).
+                job.kept = self._describe(picture, media.save_result(picture, None, self._scene_folder(job)))
+                raise
             outputs = self._save_scene(job, scene, picture, sound)
             self._finish(job, "succeeded", outputs=outputs, started=started)
 
-    def _save_scene(self, job: Job, scene: SceneRequest, picture: Any, sound: Any) -> list[dict[str, Any]]:
+    def _scene_folder(self, job: Job) -> Path:
         # A scene writes three files, so `output` (CLI only) names a folder.
         folder = job.save.output if job.save.output is not None else self.settings.outputs
         folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
+    def _save_scene(self, job: Job, scene: SceneRequest, picture: Any, sound: Any) -> list[dict[str, Any]]:
+        folder = self._scene_folder(job)
         image, clip = picture.outputs[0], sound.outputs[0]
         scene_dict = scene.model_dump(mode="json")
         described = [
