@@ -480,7 +480,9 @@ class JobService:
                 return
             try:
                 if music_engine is None:
-                    held.close()  # lets the image model go before the music model loads
+                    # Let the image model go (and the manager unload it) before the music model loads.
+                    del image_engine
+                    held.close()
                     music_engine = held.enter_context(self.models.use("music", scene.music_model or "", loading))
                     total = image_steps + scene_tokens(music_engine, scene.duration)
                 sound = music_engine.generate(
