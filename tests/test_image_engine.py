@@ -226,6 +226,32 @@ def test_low_memory_slices_attention_and_tiles_the_decode(tiny_settings, image_e
 
 
 @pytest.mark.parametrize("scheduler", ["DPM++ 2M Karras", "Euler a", "LCM"])
+def test_a_float32_picture_is_the_librarys_own_for_the_seed(tiny_settings, scheduler):
+    """Drawing the starting noise itself must not change a float32 picture: the pipeline's own
+    draws (ancestral samplers' per-step noise) continue the seed's sequence after it, as when the
+    pipeline draws everything (a recipe saved by an earlier version remakes the same picture)."""
+    import torch
+
+    from muselab.devices import choose_placement
+    from muselab.engines.image import ImageEngine, make_scheduler
+
+    engine = ImageEngine.load(tiny_settings.model_for("image"), choose_placement(dtype="float32"), offline=True)
+    request = ImageRequest(prompt="a red fox", seed=5, steps=4, scheduler=scheduler)
+    result = engine.generate(request)
+    ours, resolved = pixels(result), result.request
+    engine.pipe.scheduler = make_scheduler(scheduler, engine._scheduler_config)
+    library = engine.pipe(
+        prompt="a red fox",
+        width=resolved.width,
+        height=resolved.height,
+        num_inference_steps=4,
+        guidance_scale=resolved.guidance,
+        generator=torch.Generator("cpu").manual_seed(5),
+    ).images[0]
+    assert np.array_equal(ours, np.asarray(library))
+
+
+@pytest.mark.parametrize("scheduler", ["DPM++ 2M Karras", "Euler a", "LCM"])
 def test_a_seed_draws_the_same_noise_in_every_dtype(tiny_settings, image_engine, monkeypatch, scheduler):
     """Some PyTorch builds draw half-precision noise by a path of their own, other numbers than
     float32's for the same seed (float16 on an H200 read 11 dB PSNR from float32). The engine draws

@@ -313,6 +313,7 @@ class ImageEngine:
         for index in range(request.num_images):
             cancel.raise_if_cancelled()
             seed = (request.seed + index) % (MAX_SEED + 1)
+            generator = torch.Generator("cpu").manual_seed(seed)
 
             def on_step_end(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any], index=index) -> dict:
                 if cancel.cancelled:
@@ -331,8 +332,10 @@ class ImageEngine:
                     height=request.height,
                     num_inference_steps=request.steps,
                     guidance_scale=request.guidance,
-                    latents=self.initial_noise(request, seed),
-                    generator=torch.Generator("cpu").manual_seed(seed),
+                    latents=self.initial_noise(request, generator),
+                    # The same generator, past the starting noise: a sampler's own draws continue
+                    # the seed's sequence, as when the pipeline draws the starting noise itself.
+                    generator=generator,
                     callback_on_step_end=on_step_end,
                     callback_on_step_end_tensor_inputs=["latents"],
                 )
@@ -342,9 +345,10 @@ class ImageEngine:
             outputs.append(ImageOutput(image=result.images[0], seed=seed, flagged=flagged))
         return engine_result(self, request, outputs, started)
 
-    def initial_noise(self, request: ImageRequest, seed: int) -> torch.Tensor:
-        """The seed's starting latents, drawn in float32 on the CPU whatever the engine's dtype and
-        device, then cast: so one seed starts every placement from the same noise. Left to the
+    def initial_noise(self, request: ImageRequest, generator: torch.Generator) -> torch.Tensor:
+        """The seed's starting latents, drawn in float32 from its CPU `generator` whatever the
+        engine's dtype and device, then cast: so one seed starts every placement from the same
+        noise (in float32, exactly the noise the pipeline would have drawn). Left to the
         pipeline, float16 noise comes from a half-precision path that, in some PyTorch builds,
         draws other numbers than float32's (on an H200, float16 pictures read 11 dB PSNR from
         float32's, all of it from the starting noise)."""
@@ -354,7 +358,7 @@ class ImageEngine:
             request.height // self.pipe.vae_scale_factor,
             request.width // self.pipe.vae_scale_factor,
         )
-        noise = torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed), dtype=torch.float32)
+        noise = torch.randn(shape, generator=generator, dtype=torch.float32)
         encoders = text_encoders(self.pipe)
         # The pipeline's latents take its prompt embeddings' dtype, i.e. the text encoder's.
         return noise.to(encoders[0].dtype if encoders else self.placement.dtype)
