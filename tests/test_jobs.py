@@ -221,3 +221,55 @@ def test_a_low_memory_scene_whose_music_model_is_missing_keeps_its_picture(tiny_
         assert [o["kind"] for o in status["outputs"]] == ["image"]
     finally:
         service.shutdown()
+
+
+def test_low_memory_runs_one_model_at_a_time_across_workers(tmp_path):
+    """Image and music jobs have workers of their own; with --low-memory they take turns, and each
+    model is unloaded before the other loads."""
+    settings = Settings(data_dir=tmp_path, preset="tiny", offline=True, low_memory=True, max_models=2)
+    running, most_running, lock = [0], [0], threading.Lock()
+    alive_at_load: list[int] = []
+    engines: list[weakref.ref] = []
+
+    def busy(request):
+        with lock:
+            running[0] += 1
+            most_running[0] = max(most_running[0], running[0])
+        time.sleep(0.05)
+        with lock:
+            running[0] -= 1
+
+    def loader(kind, s, model=None, on_progress=None):
+        gc.collect()
+        alive_at_load.append(sum(engine() is not None for engine in engines))
+        engine = FakeEngine(kind, model, busy)
+        engines.append(weakref.ref(engine))
+        return engine
+
+    service = JobService(settings, loader=loader)
+    try:
+        jobs = [
+            service.submit(ImageRequest(prompt=f"p{i}") if i % 2 else MusicRequest(prompt=f"p{i}", duration=1))
+            for i in range(6)
+        ]
+        assert [service.wait(job.id, 30)["status"] for job in jobs] == ["succeeded"] * 6
+        assert most_running[0] == 1
+        assert len(alive_at_load) >= 2 and set(alive_at_load) == {0}
+        assert len(service.models.loaded()) == 1
+    finally:
+        service.shutdown()
+
+
+def test_a_picture_that_cannot_be_kept_does_not_hide_why_the_scene_stopped(tiny_dir, tmp_path, monkeypatch):
+    from muselab import jobs
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(jobs.media, "save_result", disk_full)
+    service, _ = scene_service(tiny_dir, tmp_path, wrap_music=SoundtrackStops)
+    try:
+        status = service.wait(service.submit(SCENE).id, 180)
+        assert status["status"] == "cancelled" and status["outputs"] == []
+    finally:
+        service.shutdown()

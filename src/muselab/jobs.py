@@ -15,7 +15,7 @@ import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -122,6 +122,11 @@ class ModelManager:
 
     def __init__(self, settings: Settings, capacity: int, loader: Callable[..., Engine] = load_engine):
         self.settings, self.capacity, self.loader = settings, max(1, capacity), loader
+        # --low-memory: one model in use, and so loaded, at a time across all workers; a job for
+        # another model waits, and the idle one is unloaded before the next loads.
+        self._one_at_a_time = threading.Lock() if settings.low_memory else None
+        if settings.low_memory:
+            self.capacity = 1
         self._engines: OrderedDict[tuple[str, str], Engine] = OrderedDict()
         self._in_use: dict[tuple[str, str], int] = {}
         # One generation at a time per engine, whichever worker (single-model or scene) asks.
@@ -136,30 +141,27 @@ class ModelManager:
         key = (kind, model)
         with self._lock:
             run_lock = self._run_locks.setdefault(key, threading.Lock())
-        run_lock.acquire()
-        try:
+        with self._one_at_a_time or nullcontext(), run_lock:
             engine = self._get(key, on_progress)  # counts the engine as in use once it is loaded
             try:
                 yield engine
             finally:
                 with self._lock:
                     self._in_use[key] -= 1
-        finally:
-            run_lock.release()
 
     def _get(self, key: tuple[str, str], on_progress: Callable[[ProgressEvent], None] | None = None) -> Engine:
         """The engine for `key`, loaded if needed; the caller holds the key's run lock."""
         kind, model = key
-        with self._lock:
+        with self._lock:  # found and counted in use at once, so no other worker's eviction comes between
             engine = self._engines.get(key)
             if engine is not None:
                 self._engines.move_to_end(key)
-        if engine is None:
-            self._evict(keep=self.capacity - 1)
-            engine = self.loader(kind, self.settings, model, on_progress=on_progress)
-            with self._lock:
-                self._engines[key] = engine
+                self._in_use[key] = self._in_use.get(key, 0) + 1
+                return engine
+        self._evict(keep=self.capacity - 1)
+        engine = self.loader(kind, self.settings, model, on_progress=on_progress)
         with self._lock:
+            self._engines[key] = engine
             self._in_use[key] = self._in_use.get(key, 0) + 1
         return engine
 
@@ -218,8 +220,7 @@ class JobService:
         self.settings = settings
         self.store = store or HistoryStore.for_settings(settings)
         self.interrupted = self.store.recover_interrupted()
-        # --low-memory loads models one at a time: the one used least recently goes before the next loads.
-        self.models = ModelManager(settings, 1 if settings.low_memory else settings.max_models, loader)
+        self.models = ModelManager(settings, settings.max_models, loader)
         self._lock = threading.Condition()
         self._jobs: dict[str, Job] = {}
         self._queues: dict[tuple[str, str], deque[Job]] = {}
@@ -490,7 +491,10 @@ class JobService:
                 )
             except Exception:
                 # The picture is made: keep it, whatever stopped its soundtrack (cancel, time limit, error).
-                job.kept = self._describe(picture, media.save_result(picture, None, self._scene_folder(job)))
+                try:
+                    job.kept = self._describe(picture, media.save_result(picture, None, self._scene_folder(job)))
+                except Exception:  # the job still ends with what stopped the soundtrack, not this
+                    log.exception("job %s: the scene's picture could not be kept", job.id)
                 raise
             outputs = self._save_scene(job, scene, picture, sound)
             self._finish(job, "succeeded", outputs=outputs, started=started)
