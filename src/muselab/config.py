@@ -132,7 +132,8 @@ class Settings(BaseSettings):
         default=False,
         description="Trade speed for memory: attention slicing, VAE slicing and tiling, "
         "on CUDA model CPU offload (each sub-model moves to the GPU only while it runs), and one model "
-        "loaded at a time (a scene unloads its image model before loading its music model).",
+        "loaded at a time (jobs for different models take turns; a scene unloads its image model "
+        "before loading its music model).",
     )
     compile: bool = Field(
         default=False,
