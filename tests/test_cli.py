@@ -248,6 +248,16 @@ def test_history_lists_rates_and_exports_cli_generations(cli_env, tmp_path):
     assert sorted(p.suffix for p in (tmp_path / "scene").iterdir()) == [".mp4", ".png", ".wav"]
 
 
+def test_a_low_memory_scene_without_its_music_model_keeps_the_picture_and_says_where(cli_env, tmp_path):
+    env = {**cli_env, "MUSELAB_MUSIC_MODEL": "someone/not-downloaded"}
+    args = ["scene", "a harbour", "--preset", "tiny", "--low-memory", "-d", "1", "--steps", "2", "-o", "scene/"]
+    scene = run_cli(args, env, tmp_path)
+    assert scene.returncode == 3, scene.stderr  # the model is missing
+    assert "someone/not-downloaded" in scene.stderr and "Kept 1 finished file(s)" in scene.stderr
+    assert [p.suffix for p in (tmp_path / "scene").iterdir()] == [".png"]
+    assert "Traceback" not in scene.stderr
+
+
 def test_fast_decoder_from_the_command_line(cli_env, tmp_path):
     made = run_cli(
         ["image", "fox", "--preset", "tiny", "--steps", "2", "--seed", "3", "--fast-decoder", "-o", "f.png"],

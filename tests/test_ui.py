@@ -192,3 +192,27 @@ def test_the_studio_can_drive_a_running_server(ui_env, tiny_dir, tmp_path, monke
         assert [o["prompt"] for o in listed["outputs"]] == ["remote strings"]
     finally:
         server.stop()
+
+
+def test_a_scene_stopped_during_its_soundtrack_shows_the_picture_it_kept(ui_env):
+    from muselab.schemas import SceneRequest
+    from muselab.ui.common import backend
+
+    service = backend().service
+    job = service.submit(SceneRequest(prompt="a lighthouse at night", duration=30, steps=2, seed=4))
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        progress = service.status(job.id)["progress"]
+        if progress is not None and progress["stage"] == "music":
+            break
+        time.sleep(0.005)
+    service.cancel(job.id)
+    assert service.wait(job.id, 60)["status"] == "cancelled"
+    at = open_page("scene")
+    at.session_state["scene.job"] = job.id
+    at.run()
+    assert not at.exception, at.exception
+    assert "1 finished file(s) kept" in at.warning[0].value
+    assert at.get("imgs") or at.get("image")
+    assert not at.get("audio") and not at.get("video")
+    assert [button.label for button in at.get("download_button")] == ["PNG"]

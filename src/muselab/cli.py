@@ -303,12 +303,13 @@ def _generate(
     finally:
         service.shutdown()
     paths = [record.path for record in job.outputs]
+    kept = f" Kept {len(paths)} finished file(s): " + ", ".join(map(str, paths)) if paths else ""
     if job.status == "cancelled":
-        kept = f" Kept {len(paths)} finished file(s): " + ", ".join(map(str, paths)) if paths else ""
         raise CliError("Cancelled; nothing partial was written." + kept, EXIT_CANCELLED)
     if job.status != "succeeded":
         code = EXIT_MODEL if job.error_kind == "model_unavailable" else 1
-        raise CliError(job.error or "the job failed", code)
+        message = job.error or "the job failed"
+        raise CliError(f"{message}\n{kept.strip()}" if kept else message, code)
     status = service.store.get_job(job.id)
     assert status is not None
     _report(status, paths, as_json)

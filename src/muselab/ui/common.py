@@ -70,10 +70,11 @@ def job_panel(kind: str) -> dict[str, Any] | None:
     if status["status"] in ACTIVE:
         _live_progress(kind, job_id)
         return status
+    kept = len(status["outputs"])
     if status["status"] == "failed":
-        st.error(status["error"] or "The job failed.", icon=":material/error:")
+        message = status["error"] or "The job failed."
+        st.error(message + (f" {kept} finished file(s) kept." if kept else ""), icon=":material/error:")
     elif status["status"] == "cancelled":
-        kept = len(status["outputs"])
         st.warning("Cancelled. Nothing partial was saved" + (f"; {kept} finished file(s) kept." if kept else "."))
     elif status["status"] == "interrupted":
         st.warning("muselab stopped before this job finished. Press Generate to run it again.")

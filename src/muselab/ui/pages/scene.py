@@ -34,8 +34,12 @@ if status and status["outputs"]:
     with st.container(border=True):
         st.text(status["request"]["prompt"])
         show_output(by_kind["image"])
-        show_output(by_kind["music"], compact=True)
-        st.caption("The MP4: the picture with its soundtrack")
-        show_output(by_kind["scene"])
-        rating(by_kind["scene"])
-        show_recipe(by_kind["scene"])
+        # A scene stopped during its soundtrack keeps only its picture.
+        if "music" in by_kind:
+            show_output(by_kind["music"], compact=True)
+        if "scene" in by_kind:
+            st.caption("The MP4: the picture with its soundtrack")
+            show_output(by_kind["scene"])
+        main = by_kind.get("scene", by_kind["image"])
+        rating(main)
+        show_recipe(main)
