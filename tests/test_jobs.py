@@ -144,8 +144,8 @@ def scene_service(tiny_dir, tmp_path, wrap_music=None, **settings):
 
     def loader(kind, s, model=None, on_progress=None):
         gc.collect()
-        alive = [engine().placement is not None for engine in engines if engine() is not None]
-        loads.append((kind, [m["kind"] for m in service.models.loaded()] + ["(still in memory)"] * len(alive)))
+        alive = sum(engine() is not None for engine in engines)
+        loads.append((kind, [m["kind"] for m in service.models.loaded()] + ["(still in memory)"] * alive))
         engine = load_engine(kind, s, model, on_progress)
         engines.append(weakref.ref(engine))
         return wrap_music(engine) if wrap_music and kind == "music" else engine

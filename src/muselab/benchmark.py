@@ -410,8 +410,9 @@ def bench_image(
     for key in ("openvino_step_speedup", "openvino_step_speedups"):  # measured in the default's part
         if f"default_{key}" in figures:
             figures[key] = figures.pop(f"default_{key}")
-    psnr_steps = steps or GENERIC_IMAGE_DEFAULTS.steps
-    figures["psnr_recipe"] = f"{DEFAULT_SAMPLER}, {psnr_steps} steps, guidance 7.5, seed {SEED}"
+    figures["psnr_recipe"] = (
+        f"{DEFAULT_SAMPLER}, {steps or GENERIC_IMAGE_DEFAULTS.steps} steps, guidance 7.5, seed {SEED}"
+    )
     figures["torch_s"] = figures["torch_image_s"]
     figures["torch_ratio"] = figures["baseline_s"] / figures["torch_s"]
     if "default_s" in figures:
