@@ -90,6 +90,20 @@ def test_quick_bench_writes_every_documented_key(tiny_architectures, tmp_path):
     if image["default_backend"] == "openvino":
         assert len(image["openvino_step_speedups"]) == 2 and image["openvino_step_speedup"] > 0
         assert "alternated in one process" in benchmark.markdown_table(report)
+        # Each alternated step's share of the peak is taken beside it (the probe reads 100 here).
+        assert (
+            len(image["unet_step_peak_fractions_beside"]) == 2
+            and len(image["torch_unet_step_peak_fractions_beside"]) == 3
+        )
+        step_s = benchmark.UNET_STEP_FLOP_512_CFG / 1e9 / 100 / image["unet_step_peak_fraction_beside"]
+        assert 0 < step_s < 60
+        assert "measured beside it" in benchmark.markdown_table(report)
+        # The drift-free ratio puts the baseline's step time, over the alternated speed-up, in the default's image.
+        steps = image["default_steps"]
+        default_s = image["default_s"] + steps * (
+            image["baseline_unet_step_s"] / image["openvino_step_speedup"] - image["default_unet_step_s"]
+        )
+        assert math.isclose(image["default_ratio_drift_free"], image["baseline_s"] / default_s)
         assert image["default_dtype"].endswith("(openvino)") and image["default_convert_s"] > 0
     # Every timed image part says how fast the machine was around it (drift moves ratios).
     assert image["baseline_speed_gflops"] == image["default_speed_gflops"] == [100.0, 100.0]
@@ -168,6 +182,22 @@ def test_alternated_speedups_cancel_a_steady_drift():
         return (10.0 + next(clock)) / 2
 
     assert benchmark.alternated_speedups(reference, ours, rounds=2) == [2.0, 2.0]
+
+
+def test_a_step_slowed_by_the_machine_keeps_its_share_of_the_peak():
+    """The machine runs at half speed while one step runs (the probes on either side say so): that
+    step takes twice as long but uses the hardware as well as the others, and its share of the
+    peak measured beside it must say so; against the best probe of the run it would read half."""
+    speeds = iter([200.0, 200.0, 100.0, 100.0, 200.0])  # the probe before the first step, then after each
+
+    def step(seconds: float):
+        return lambda: seconds
+
+    probed = benchmark.ProbedSteps(lambda: next(speeds), flop=1e12)
+    fast, slowed = probed.timed("a", step(10.0)), probed.timed("b", step(20.0))
+    assert [fast(), slowed(), slowed(), fast()] == [10.0, 20.0, 20.0, 10.0]
+    # 100 GFLOP/s of work: 50% of 200 beside the first step; the slowed ones ran beside 150 and 100.
+    assert probed.shares == {"a": [0.5, 100 / 150], "b": [50 / 150, 0.5]}
 
 
 @pytest.mark.skipif(not __import__("muselab.engines.openvino", fromlist=["x"]).nncf_available(), reason="needs nncf")

@@ -407,7 +407,15 @@ def bench_image(
         figures[f"{name}_s"] = figures[f"{name}_image_s"]
         figures[f"{name}_ratio"] = figures["baseline_s"] / figures[f"{name}_s"]
         figures[f"{name}_psnr_db"] = psnr(np.load(images["torch"]), np.load(images[name]))
-    for key in ("openvino_step_speedup", "openvino_step_speedups"):  # measured in the default's part
+    measured_beside = (
+        "openvino_step_speedup",
+        "openvino_step_speedups",
+        "unet_step_peak_fraction_beside",
+        "unet_step_peak_fractions_beside",
+        "torch_unet_step_peak_fraction_beside",
+        "torch_unet_step_peak_fractions_beside",
+    )
+    for key in measured_beside:  # measured in the default's part
         if f"default_{key}" in figures:
             figures[key] = figures.pop(f"default_{key}")
     figures["psnr_recipe"] = (
@@ -415,6 +423,12 @@ def bench_image(
     )
     figures["torch_s"] = figures["torch_image_s"]
     figures["torch_ratio"] = figures["baseline_s"] / figures["torch_s"]
+    if "openvino_step_speedup" in figures and placement.dtype == torch.float32:
+        # The alternated PyTorch step is the baseline's own (float32, batch 2): the default's image
+        # with its steps at the baseline's step time over the alternated speed-up.
+        steps_s = figures["default_steps"] * figures["baseline_unet_step_s"] / figures["openvino_step_speedup"]
+        default_s = figures["default_s"] - figures["default_steps"] * figures["default_unet_step_s"] + steps_s
+        figures["default_ratio_drift_free"] = figures["baseline_s"] / default_s
     if "default_s" in figures:
         figures["unet_step_dtype"] = figures["default_dtype"]
         say(
@@ -584,10 +598,39 @@ def alternated_speedups(reference: Callable[[], float], ours: Callable[[], float
     return speedups
 
 
+class ProbedSteps:
+    """Steps timed with a matmul probe after each (and one before the first): each step's share of
+    the peak is taken against the mean of the probes on either side of it, the machine's speed
+    while it ran."""
+
+    def __init__(self, probe: Callable[[], float], flop: float):
+        self.probe, self.flop = probe, flop
+        self.speed = probe()
+        self.shares: dict[str, list[float]] = {}
+
+    def timed(self, name: str, step: Callable[[], float]) -> Callable[[], float]:
+        """`step` (returning its seconds), its shares of the peak recorded under `name`."""
+        shares = self.shares.setdefault(name, [])
+
+        def run() -> float:
+            seconds = step()
+            after = self.probe()
+            shares.append(self.flop / seconds / 1e9 / ((self.speed + after) / 2))
+            self.speed = after
+            return seconds
+
+        return run
+
+
 def step_speedup(pipe: Any, folder: Path, say: Say, what: str = "OpenVINO", rounds: int = 2) -> dict[str, Any]:
     """The pipeline's converted (OpenVINO) UNet against PyTorch's read from `folder` (in float, the
     baseline's step), their steps alternated in one process: a speed-up the machine's drift
-    between parts cannot move."""
+    between parts cannot move.
+
+    A matmul probe in the step's dtype runs between the steps, so each step's share of the matmul
+    peak is also taken against the machine's speed beside it (the mean of the probes before and
+    after), not against the best the run saw elsewhere: on a shared machine that moves by a third
+    between parts."""
     from diffusers import UNet2DConditionModel
 
     placement = choose_placement()
@@ -598,17 +641,40 @@ def step_speedup(pipe: Any, folder: Path, say: Say, what: str = "OpenVINO", roun
     text = torch.randn(2, 77, config.cross_attention_dim, generator=generator).to(placement.dtype)
     timestep = torch.tensor(500.0)
 
-    def seconds(unet: Any) -> float:
-        started = time.perf_counter()
-        unet(sample, timestep, text, return_dict=False)
-        return time.perf_counter() - started
+    def seconds(unet: Any) -> Callable[[], float]:
+        def step() -> float:
+            started = time.perf_counter()
+            unet(sample, timestep, text, return_dict=False)
+            return time.perf_counter() - started
+
+        return step
 
     with torch.inference_mode():
-        seconds(torch_unet)  # the first call carries one-off set-up (the converted one ran already)
-        speedups = alternated_speedups(lambda: seconds(torch_unet), lambda: seconds(converted_unet), rounds)
+        seconds(torch_unet)()  # the first call carries one-off set-up (the converted one ran already)
+        probed = ProbedSteps(
+            lambda: matmul_gflops(placement.dtype, placement.device, repeats=1), UNET_STEP_FLOP_512_CFG
+        )
+        torch_step, converted_step = (
+            probed.timed("torch", seconds(torch_unet)),
+            probed.timed("ours", seconds(converted_unet)),
+        )
+        speedups = alternated_speedups(torch_step, converted_step, rounds)
     speedup = statistics.median(speedups)
     say(f"image: UNet steps alternated in one process: {what} {speedup:.2f}x PyTorch ({speedups})")
-    return {"openvino_step_speedup": speedup, "openvino_step_speedups": speedups}
+    shares = probed.shares
+    converted_share, torch_share = statistics.median(shares["ours"]), statistics.median(shares["torch"])
+    say(
+        f"image: UNet step's share of the matmul peak measured beside it: {what} {100 * converted_share:.0f}%, "
+        f"PyTorch {100 * torch_share:.0f}%"
+    )
+    return {
+        "openvino_step_speedup": speedup,
+        "openvino_step_speedups": speedups,
+        "unet_step_peak_fraction_beside": converted_share,
+        "unet_step_peak_fractions_beside": shares["ours"],
+        "torch_unet_step_peak_fraction_beside": torch_share,
+        "torch_unet_step_peak_fractions_beside": shares["torch"],
+    }
 
 
 def time_engine(engine: Any, steps: int | None, say: Say, save_to: str | None, warm_up: bool = False) -> dict[str, Any]:
@@ -1007,6 +1073,29 @@ def markdown_table(report: dict[str, Any]) -> str:
         ]
         if "openvino_step_speedup" in image:
             main.append(_alternated_row("UNet step", image["openvino_step_speedups"]))
+        if "unet_step_peak_fraction_beside" in image:
+            rounds = ", ".join(f"{100 * value:.0f}%" for value in image["unet_step_peak_fractions_beside"])
+            main.append(
+                _row(
+                    "UNet step as a share of the matmul peak measured beside it (probes between the alternated steps)",
+                    f"{100 * image['torch_unet_step_peak_fraction_beside']:.0f}% (the same PyTorch step)",
+                    f"**{100 * image['unet_step_peak_fraction_beside']:.0f}%** (median)",
+                    f"{100 * image['torch_unet_step_peak_fraction_beside']:.0f}%",
+                    "",
+                    f"rounds: {rounds}",
+                )
+            )
+        if "default_ratio_drift_free" in image:
+            main.append(
+                _row(
+                    "image, drift-free: the baseline's step time over the alternated speed-up",
+                    "",
+                    "",
+                    "",
+                    "",
+                    f"**{image['default_ratio_drift_free']:.2f}x**",
+                )
+            )
         if converted:
             main.append(
                 _row(
@@ -1125,7 +1214,7 @@ def markdown_table(report: dict[str, Any]) -> str:
 
 
 def _quick_means(report: dict[str, Any]) -> str:
-    if report["placement"]["device"] == "cpu":  # as `run` decides
+    if report.get("image", {}).get("extrapolated"):
         return "image steps x measured step time + text encoding + decode"
     return "every image timed whole"
 
