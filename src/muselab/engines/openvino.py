@@ -51,15 +51,7 @@ CALIBRATION_PROMPTS = (
 )
 CALIBRATION_STEPS = 4
 #: Bump when the calibration recipe (prompts, steps, NNCF settings) changes: it names the cached IR.
-CALIBRATION_VERSION = 2  # 2: the layers in FLOAT_LAYER_PATTERNS stay float
-
-#: UNet layers `--quantize int8-full` leaves in float (names as traced from diffusers): int8 would
-#: buy them no time, since they see few rows or channels, yet each quantized layer adds its error.
-#: They are the cross-attention keys and values (77 text tokens), the time embedding and each
-#: block's projection of it (one row), and the first and last convolutions (4 channels). On the
-#: full-size SD 1.x UNet this raised the output's SNR against float32 from 20.3 to 22.0 dB at the
-#: same speed (docs/PERFORMANCE.md). Attention itself stays float too.
-FLOAT_LAYER_PATTERNS = (r".*attn2\.to_[kv]/.*", r".*time_emb.*", r".*\.conv_in/.*", r".*\.conv_out/.*")
+CALIBRATION_VERSION = 1
 
 #: PyTorch's tracer keeps global state: two conversions at once (an image and a music model loading
 #: in two job workers) corrupt each other's graphs. One at a time per process.
@@ -268,9 +260,6 @@ def quantize_activations(model: Any, samples: list[list[np.ndarray]]) -> Any:
             nncf.Dataset(samples),
             subset_size=len(samples),
             model_type=nncf.ModelType.TRANSFORMER,
-            ignored_scope=nncf.IgnoredScope(
-                patterns=list(FLOAT_LAYER_PATTERNS), types=["ScaledDotProductAttention"], validate=False
-            ),
             advanced_parameters=nncf.AdvancedQuantizationParameters(
                 smooth_quant_alphas=nncf.AdvancedSmoothQuantParameters(convolution=-1, matmul=-1),
                 disable_bias_correction=True,
