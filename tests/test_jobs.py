@@ -135,22 +135,38 @@ def test_a_job_whose_model_is_loading_is_first_in_line_not_lost(settings):
         service.shutdown()
 
 
+class WatchedLoader:
+    """A loader that counts, as each load starts, how many engines it made before are still in
+    memory (loaded or not, referenced from anywhere): an unloaded model must really be gone."""
+
+    def __init__(self, make):
+        self.make = make
+        self.engines: list[weakref.ref] = []
+
+    def alive(self) -> int:
+        gc.collect()
+        return sum(engine() is not None for engine in self.engines)
+
+    def __call__(self, kind, settings, model=None, on_progress=None):
+        engine = self.make(kind, settings, model, on_progress)
+        self.engines.append(weakref.ref(engine))
+        return engine
+
+
 def scene_service(tiny_dir, tmp_path, wrap_music=None, **settings):
     """A job service on the tiny models that notes which models were loaded when each one loads."""
     config = Settings(data_dir=tiny_dir, preset="tiny", offline=True, output_dir=tmp_path / "out", **settings)
     loads: list[tuple[str, list[str]]] = []
-    engines: list[weakref.ref] = []
     service: JobService
 
-    def loader(kind, s, model=None, on_progress=None):
-        gc.collect()
-        alive = sum(engine() is not None for engine in engines)
+    def make(kind, s, model, on_progress):
+        alive = watched.alive()
         loads.append((kind, [m["kind"] for m in service.models.loaded()] + ["(still in memory)"] * alive))
         engine = load_engine(kind, s, model, on_progress)
-        engines.append(weakref.ref(engine))
         return wrap_music(engine) if wrap_music and kind == "music" else engine
 
-    service = JobService(config, loader=loader)
+    watched = WatchedLoader(make)
+    service = JobService(config, loader=watched)
     return service, loads
 
 
@@ -229,7 +245,6 @@ def test_low_memory_runs_one_model_at_a_time_across_workers(tmp_path):
     settings = Settings(data_dir=tmp_path, preset="tiny", offline=True, low_memory=True, max_models=2)
     running, most_running, lock = [0], [0], threading.Lock()
     alive_at_load: list[int] = []
-    engines: list[weakref.ref] = []
 
     def busy(request):
         with lock:
@@ -239,14 +254,12 @@ def test_low_memory_runs_one_model_at_a_time_across_workers(tmp_path):
         with lock:
             running[0] -= 1
 
-    def loader(kind, s, model=None, on_progress=None):
-        gc.collect()
-        alive_at_load.append(sum(engine() is not None for engine in engines))
-        engine = FakeEngine(kind, model, busy)
-        engines.append(weakref.ref(engine))
-        return engine
+    def make(kind, s, model, on_progress):
+        alive_at_load.append(watched.alive())
+        return FakeEngine(kind, model, busy)
 
-    service = JobService(settings, loader=loader)
+    watched = WatchedLoader(make)
+    service = JobService(settings, loader=watched)
     try:
         jobs = [
             service.submit(ImageRequest(prompt=f"p{i}") if i % 2 else MusicRequest(prompt=f"p{i}", duration=1))

@@ -121,12 +121,11 @@ class ModelManager:
     """Loads engines on demand, keeps at most `capacity` in memory, unloads the least recently used."""
 
     def __init__(self, settings: Settings, capacity: int, loader: Callable[..., Engine] = load_engine):
-        self.settings, self.capacity, self.loader = settings, max(1, capacity), loader
+        self.settings, self.loader = settings, loader
         # --low-memory: one model in use, and so loaded, at a time across all workers; a job for
         # another model waits, and the idle one is unloaded before the next loads.
+        self.capacity = 1 if settings.low_memory else max(1, capacity)
         self._one_at_a_time = threading.Lock() if settings.low_memory else None
-        if settings.low_memory:
-            self.capacity = 1
         self._engines: OrderedDict[tuple[str, str], Engine] = OrderedDict()
         self._in_use: dict[tuple[str, str], int] = {}
         # One generation at a time per engine, whichever worker (single-model or scene) asks.
