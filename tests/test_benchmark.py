@@ -95,7 +95,7 @@ def test_quick_bench_writes_every_documented_key(tiny_architectures, tmp_path):
             len(image["unet_step_peak_fractions_beside"]) == 2
             and len(image["torch_unet_step_peak_fractions_beside"]) == 3
         )
-        step_s = benchmark.UNET_STEP_FLOP_512_CFG / 1e9 / 100 / image["unet_step_peak_fraction_beside"]
+        step_s = benchmark.unet_step_flop() / 1e9 / 100 / image["unet_step_peak_fraction_beside"]
         assert 0 < step_s < 60
         assert "measured beside it" in benchmark.markdown_table(report)
         # The drift-free ratio puts the baseline's step time, over the alternated speed-up, in the default's image.
@@ -198,6 +198,39 @@ def test_a_step_slowed_by_the_machine_keeps_its_share_of_the_peak():
     assert [fast(), slowed(), slowed(), fast()] == [10.0, 20.0, 20.0, 10.0]
     # 100 GFLOP/s of work: 50% of 200 beside the first step; the slowed ones ran beside 150 and 100.
     assert probed.shares == {"a": [0.5, 100 / 150], "b": [50 / 150, 0.5]}
+
+
+def test_the_unet_step_flop_count_includes_attention():
+    """The UNet's share of the peak divides the work of a step by its time: work left out of the
+    count would understate the share. SD 1.x at 512x512 and batch 2 is 1.354 TFLOP of convolutions
+    and linear layers plus 0.252 of attention, which torch's counter misses on CPU tensors."""
+    from diffusers.models.attention_processor import AttnProcessor
+
+    assert benchmark.unet_step_flop() == 1_606_546_882_560
+    # A small UNet with attention at two widths: its CPU flash-attention kernel counts what the
+    # explicit attention (baddbmm and bmm, which torch's counter knows) computes, as meta does.
+    unet = _small_attention_unet()
+    fused = benchmark.unet_call_flop(unet, batch=2, latent_side=16, text_tokens=7)
+    with torch.device("meta"):
+        on_meta = benchmark.unet_call_flop(_small_attention_unet(), batch=2, latent_side=16, text_tokens=7)
+    unet.set_attn_processor(AttnProcessor())
+    explicit = benchmark.unet_call_flop(unet, batch=2, latent_side=16, text_tokens=7)
+    assert fused == on_meta == explicit
+
+
+def _small_attention_unet():
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        sample_size=16,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=32,
+    ).eval()
 
 
 @pytest.mark.skipif(not __import__("muselab.engines.openvino", fromlist=["x"]).nncf_available(), reason="needs nncf")
