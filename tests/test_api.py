@@ -77,6 +77,11 @@ def test_healthz_and_info(client):
     assert client.get("/healthz").json()["status"] == "ok"
     info = client.get("/api/info").json()
     assert info["preset"] == "tiny" and info["models"]["image"].endswith("tiny-stable-diffusion")
+    runtime = info["runtime"]
+    assert runtime["device"] == "cpu" and runtime["reason"]
+    assert runtime["image_engine"] in ("torch", "openvino") and runtime["music_engine"] in ("torch", "openvino")
+    # The API may be exposed: it names no folder of the machine (the OpenVINO cache, say).
+    assert "cached in" not in json.dumps(runtime) and "/" not in runtime["music_backend"]
 
 
 def test_music_job_end_to_end(client):

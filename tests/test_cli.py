@@ -200,6 +200,8 @@ def test_models_list_doctor_and_make_tiny(cli_env, tmp_path):
     assert doctor["device"] == "cpu" and doctor["dtype"] in ("float32", "bfloat16")
     assert doctor["quantize_music"] in ("int8", "int8-dynamic") and doctor["quantize_image"] == "none"
     assert doctor["reason"] and doctor["offline"] is True
+    assert doctor["music_engine"] in ("torch", "openvino")
+    assert doctor["music_backend"].startswith(doctor["music_engine"])
     made = run_cli(["models", "make-tiny", str(tmp_path / "tiny")], cli_env)
     assert made.returncode == 0, made.stderr
     assert (tmp_path / "tiny" / "tiny-musicgen" / "model.safetensors").exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -60,7 +61,10 @@ def test_home_has_the_two_entry_points_and_the_device(ui_env):
     labels = [button.label for button in at.button]
     assert labels[:2] == ["Music", "Image"]
     captions = " ".join(caption.value for caption in at.caption)
-    assert "Device: cpu" in captions and "tiny-musicgen" in captions and "tiny-stable-diffusion" in captions
+    assert "tiny-musicgen" in captions and "tiny-stable-diffusion" in captions
+    # Where it runs and how: the device and dtype, then each kind's engine and weights.
+    assert re.search(r"Running: cpu \((float32|bfloat16)\) · images: (torch|openvino), float weights", captions)
+    assert re.search(r" · music: (torch|openvino), int8(-dynamic)? weights", captions)
 
 
 def test_music_generates_plays_downloads_and_stores_feedback(ui_env):
@@ -186,6 +190,9 @@ def test_the_studio_can_drive_a_running_server(ui_env, tiny_dir, tmp_path, monke
         at.button(key="music.generate").click().run()
         run_until(at, lambda page: page.get("audio"))
         assert [button.label for button in at.get("download_button")] == ["WAV", "FLAC"]
+        # The front page says the server's device and engines, not this machine's.
+        home = " ".join(caption.value for caption in open_page("home").caption)
+        assert f"Running on {server.url}: cpu (" in home and " · music: " in home
         import httpx
 
         listed = httpx.get(server.url + "/api/outputs", headers={"authorization": "Bearer t0ken"}).json()

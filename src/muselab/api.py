@@ -341,6 +341,9 @@ def _add_routes(app: FastAPI) -> None:
 
     @app.get("/api/info", tags=["service"])
     async def info(request: Request) -> dict[str, Any]:
+        """The models, the device and dtype, and each kind's engine and weights (no folder names)."""
+        from muselab.engines import describe_runtime
+
         service = _service(request)
         settings = service.settings
         return {
@@ -349,6 +352,7 @@ def _add_routes(app: FastAPI) -> None:
             "loaded": service.models.loaded(),
             "preset": settings.preset,
             "max_queue": settings.max_queue,
+            "runtime": describe_runtime(settings, with_paths=False),
         }
 
     @app.post("/api/jobs/music", status_code=202, tags=["jobs"], response_model=None)

@@ -782,10 +782,10 @@ def doctor(as_json: JsonOpt = False) -> None:
     import torch
     import transformers
 
-    from muselab.devices import choose_placement, cpu_has_native_bf16, cpu_name
+    from muselab.devices import cpu_has_native_bf16, cpu_name
+    from muselab.engines import describe_runtime
 
     settings = Settings()
-    placement = choose_placement(settings.device, settings.dtype)
     cached = _cached_repos()
     report = {
         "muselab": __version__,
@@ -793,13 +793,7 @@ def doctor(as_json: JsonOpt = False) -> None:
         "torch": torch.__version__,
         "diffusers": diffusers.__version__,
         "transformers": transformers.__version__,
-        "device": placement.device,
-        "dtype": placement.dtype_name,
-        "reason": placement.reason,
-        "quantize_music": settings.music_quantize(placement.device),
-        "quantize_image": settings.image_quantize(),
-        "image_backend": _image_backend(settings, placement.device),
-        "music_backend": _music_backend(settings, placement.device),
+        **describe_runtime(settings),
         "cpu": cpu_name(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_native_bf16": cpu_has_native_bf16(),
@@ -824,37 +818,6 @@ def doctor(as_json: JsonOpt = False) -> None:
     for model_id, present in report["models_present"].items():
         mark = "[green]present[/]" if present else "[dim]not downloaded[/]"
         out.print(f"  {model_id}: {mark}")
-
-
-def _image_backend(settings: Settings, device: str) -> str:
-    from muselab.engines.image import auto_uses_openvino
-    from muselab.engines.openvino import openvino_available, openvino_version
-
-    quantize = settings.image_quantize()
-    usable = auto_uses_openvino(device, quantize, settings.low_memory, settings.compile)
-    if quantize == "int8-full" and (settings.backend == "torch" or (settings.backend == "auto" and not usable)):
-        return "UNAVAILABLE: --quantize int8-full needs the OpenVINO backend (see `muselab image --help`)"
-    if settings.backend == "torch":
-        return "torch"
-    if settings.backend == "auto":
-        if not usable:
-            return "torch" if openvino_available() else "torch (openvino is not installed)"
-    elif not openvino_available():
-        return "openvino (NOT INSTALLED: pip install openvino)"
-    return f"openvino {openvino_version()} (models converted once, cached in {settings.openvino_cache})"
-
-
-def _music_backend(settings: Settings, device: str) -> str:
-    from muselab.engines.music import music_backend
-    from muselab.engines.openvino import OpenVinoUnavailable, openvino_available, openvino_version
-
-    try:
-        backend = music_backend(settings.backend, "the music model", device, settings.music_quantize(device))
-    except OpenVinoUnavailable as exc:
-        return f"openvino (UNAVAILABLE: {str(exc).splitlines()[0]})"
-    if backend == "torch":
-        return "torch" if openvino_available() else "torch (openvino is not installed)"
-    return f"openvino {openvino_version()} (decoder converted once, cached in {settings.openvino_cache})"
 
 
 def _cached_repos() -> dict[str, int]:

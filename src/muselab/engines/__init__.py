@@ -25,6 +25,7 @@ __all__ = [
     "ModelUnavailable",
     "MusicOutput",
     "ProgressEvent",
+    "describe_runtime",
     "load_engine",
 ]
 
@@ -76,3 +77,59 @@ def load_engine(
         openvino_cache=settings.openvino_cache,
         on_progress=on_progress,
     )
+
+
+def describe_runtime(settings: Settings, with_paths: bool = True) -> dict[str, str]:
+    """Where and how the engines will run with `settings`, and why: what `muselab doctor`, the API's
+    /api/info and the UI's front page show, so a user can see why generation is as fast as it is.
+    `*_engine` is `torch`, `openvino` or `unavailable`; `*_backend` says more. Without `with_paths`
+    no folder of the machine is named (the API may be exposed)."""
+    placement = choose_placement(settings.device, settings.dtype)
+    cached = f", cached in {settings.openvino_cache}" if with_paths else ""
+    image_engine, image_backend = _image_backend(settings, placement.device, cached)
+    music_engine, music_backend = _music_backend(settings, placement.device, cached)
+    return {
+        "device": placement.device,
+        "dtype": placement.dtype_name,
+        "reason": placement.reason,
+        "quantize_music": settings.music_quantize(placement.device),
+        "quantize_image": settings.image_quantize(),
+        "image_engine": image_engine,
+        "image_backend": image_backend,
+        "music_engine": music_engine,
+        "music_backend": music_backend,
+    }
+
+
+def _image_backend(settings: Settings, device: str, cached: str) -> tuple[str, str]:
+    from muselab.engines.image import auto_uses_openvino
+    from muselab.engines.openvino import openvino_available, openvino_version
+
+    quantize = settings.image_quantize()
+    usable = auto_uses_openvino(device, quantize, settings.low_memory, settings.compile)
+    if quantize == "int8-full" and (settings.backend == "torch" or (settings.backend == "auto" and not usable)):
+        return (
+            "unavailable",
+            "UNAVAILABLE: --quantize int8-full needs the OpenVINO backend (see `muselab image --help`)",
+        )
+    if settings.backend == "torch":
+        return "torch", "torch"
+    if settings.backend == "auto":
+        if not usable:
+            return "torch", "torch" if openvino_available() else "torch (openvino is not installed)"
+    elif not openvino_available():
+        return "unavailable", "openvino (NOT INSTALLED: pip install openvino)"
+    return "openvino", f"openvino {openvino_version()} (models converted once{cached})"
+
+
+def _music_backend(settings: Settings, device: str, cached: str) -> tuple[str, str]:
+    from muselab.engines.music import music_backend
+    from muselab.engines.openvino import OpenVinoUnavailable, openvino_available, openvino_version
+
+    try:
+        backend = music_backend(settings.backend, "the music model", device, settings.music_quantize(device))
+    except OpenVinoUnavailable as exc:
+        return "unavailable", f"openvino (UNAVAILABLE: {str(exc).splitlines()[0]})"
+    if backend == "torch":
+        return "torch", "torch" if openvino_available() else "torch (openvino is not installed)"
+    return "openvino", f"openvino {openvino_version()} (decoder converted once{cached})"

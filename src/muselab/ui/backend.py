@@ -73,16 +73,14 @@ class LocalBackend:
         self.service.store.delete_output(output_id)
 
     def info(self) -> dict[str, Any]:
-        from muselab.devices import choose_placement
+        from muselab.engines import describe_runtime
 
         settings = self.service.settings
-        placement = choose_placement(settings.device, settings.dtype)
         return {
             "models": {"music": settings.model_for("music"), "image": settings.model_for("image")},
             "loaded": self.service.models.loaded(),
-            "device": f"{placement.device} ({placement.dtype_name})",
-            "reason": placement.reason,
             "preset": settings.preset,
+            "runtime": describe_runtime(settings, with_paths=False),
         }
 
 
@@ -138,5 +136,4 @@ class RemoteBackend:
         self._call("DELETE", f"/api/outputs/{output_id}")
 
     def info(self) -> dict[str, Any]:
-        info = self._call("GET", "/api/info").json()
-        return {**info, "device": "server", "reason": f"served by {self.client.base_url}"}
+        return {**self._call("GET", "/api/info").json(), "served_by": str(self.client.base_url)}

@@ -220,9 +220,26 @@ def show_recipe(output: dict[str, Any]) -> None:
 
 
 def device_line() -> str:
+    """Where generation runs and how (engine, weights): what a user weighs the speed against."""
     info = backend().info()
-    return f"Device: {info['device']}" + (
-        " · tiny test models (output is noise)" if info.get("preset") == "tiny" else ""
+    if "runtime" in info:
+        served = f" on {info['served_by']}" if info.get("served_by") else ""
+        line = f"Running{served}: {runtime_line(info['runtime'])}"
+    else:  # a server from before /api/info described its runtime
+        line = f"Served by {info.get('served_by', 'a muselab server')}"
+    return line + (" · tiny test models (output is noise)" if info.get("preset") == "tiny" else "")
+
+
+def runtime_line(runtime: dict[str, str]) -> str:
+    """`muselab.engines.describe_runtime`'s answer in one line: device and dtype, then each kind's
+    engine and weights."""
+
+    def kind(engine: str, quantize: str) -> str:
+        return f"{engine}, {'float' if quantize == 'none' else quantize} weights"
+
+    return (
+        f"{runtime['device']} ({runtime['dtype']}) · images: {kind(runtime['image_engine'], runtime['quantize_image'])}"
+        f" · music: {kind(runtime['music_engine'], runtime['quantize_music'])}"
     )
 
 
