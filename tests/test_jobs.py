@@ -14,7 +14,7 @@ from muselab.config import Settings
 from muselab.devices import Placement
 from muselab.engines import Cancelled, load_engine
 from muselab.engines.base import engine_result
-from muselab.jobs import JobService
+from muselab.jobs import JobService, scene_tokens
 from muselab.schemas import ImageRequest, MusicRequest, SceneRequest
 
 
@@ -193,6 +193,9 @@ def test_low_memory_scene_loads_its_models_one_after_the_other(tiny_dir, tmp_pat
         assert [m["kind"] for m in service.models.loaded()] == ["music"]
         steps = [step for step, _, stage in progress if stage in ("image", "music")]
         assert steps == sorted(steps) and progress[-1][0] == progress[-1][1]  # the bar ends full
+        # The total is guessed until the music model loads; the bar itself never moves back.
+        shown = [step / total for step, total, stage in progress if stage in ("image", "music")]
+        assert shown == sorted(shown)
     finally:
         service.shutdown()
     service, loads = scene_service(tiny_dir, tmp_path)
@@ -202,6 +205,22 @@ def test_low_memory_scene_loads_its_models_one_after_the_other(tiny_dir, tmp_pat
         assert loads == [("image", []), ("music", ["image", "(still in memory)"])]
     finally:
         service.shutdown()
+
+
+def test_a_scene_guesses_at_least_the_decoder_steps_of_any_musicgen_before_it_loads():
+    """With --low-memory the music model loads after the picture, so the scene's progress total is
+    a guess until then; a guess below the real count would move the bar back (stereo's delay
+    pattern takes 8 extra steps, mono's 4)."""
+    from muselab.devices import choose_placement
+    from muselab.engines.music import MusicEngine
+    from muselab.testing.tiny import build_musicgen_processor, tiny_musicgen_network
+
+    for stereo in (False, True):
+        network, processor = tiny_musicgen_network(stereo=stereo), build_musicgen_processor()
+        engine = MusicEngine(network, processor, "tiny", choose_placement("cpu", "float32"), backend="torch")
+        assert engine.num_codebooks == (8 if stereo else 4)
+        for duration in (1.0, 5.0, 30.0):
+            assert scene_tokens(None, duration) >= scene_tokens(engine, duration) >= duration * engine.frame_rate
 
 
 class SoundtrackStops:

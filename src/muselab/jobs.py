@@ -30,16 +30,18 @@ from muselab.store import HistoryStore, OutputRecord
 
 log = logging.getLogger("muselab.jobs")
 
-#: MusicGen's decoder steps a second of audio (EnCodec's 50 frames) and its delay pattern's extra
-#: steps (4 codebooks): a scene's progress total until its music model is loaded.
-MUSICGEN_TOKENS_A_SECOND, MUSICGEN_CODEBOOKS = 50, 4
+#: MusicGen's decoder steps a second of audio (EnCodec's 50 frames) and the most extra steps its
+#: delay pattern takes (8 codebooks, stereo's; mono has 4): a scene's progress total until its
+#: music model is loaded.
+MUSICGEN_TOKENS_A_SECOND, MUSICGEN_MAX_CODEBOOKS = 50, 8
 
 
 def scene_tokens(music_engine: Engine | None, duration: float) -> int:
     """The music model's decoder steps for `duration`; before it is loaded (--low-memory loads it
-    after the picture), MusicGen's usual count, which the loaded model's then replaces."""
+    after the picture), the most a MusicGen model takes, which the loaded model's count then
+    replaces: the total can only shrink, so the bar never moves back."""
     if music_engine is None:
-        return math.ceil(duration * MUSICGEN_TOKENS_A_SECOND) + MUSICGEN_CODEBOOKS
+        return math.ceil(duration * MUSICGEN_TOKENS_A_SECOND) + MUSICGEN_MAX_CODEBOOKS
     return music_engine.tokens_for(duration)  # type: ignore[attr-defined]
 
 

@@ -51,6 +51,11 @@ class MusicgenSampler:
             network.text_encoder.config.hidden_size != config.hidden_size and config.cross_attention_hidden_size is None
         )
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The decoder's float dtype: its final layer norm's (int8 linear layers keep their norms float)."""
+        return self.decoder.layer_norm.weight.dtype
+
     @torch.inference_mode()
     def generate(
         self,
@@ -110,7 +115,7 @@ class MusicgenSampler:
             if on_token is not None:
                 on_token()
         if bool(nonfinite):
-            dtype = str(self.decoder.layer_norm.weight.dtype).removeprefix("torch.")
+            dtype = str(self.dtype).removeprefix("torch.")
             raise NonFiniteScores(
                 f"MusicGen produced NaN or infinite scores while sampling ({tokens.device.type}, {dtype}): "
                 "its numbers overflowed. Try --dtype float32" + (", or MUSELAB_CUDA_GRAPHS=0." if on_gpu else ".")
@@ -167,8 +172,7 @@ class MusicgenSampler:
         """Keys and values of every layer, (layers, rows, heads, max_length, head dim), made by
         `make` (`torch.empty`, or `torch.zeros` where masked slots get read)."""
         shape = (len(self.decoder.layers), rows, self.num_heads, max_length, self.head_dim)
-        dtype = self.decoder.layer_norm.weight.dtype
-        return make(shape, dtype=dtype, device=device), make(shape, dtype=dtype, device=device)
+        return make(shape, dtype=self.dtype, device=device), make(shape, dtype=self.dtype, device=device)
 
     def static_step(
         self, rows: int, max_length: int, cross: tuple

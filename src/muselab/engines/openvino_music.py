@@ -70,8 +70,7 @@ class _DecoderStepForExport(torch.nn.Module):
         sampler = self.sampler
         presents: list[torch.Tensor] = []
         # Inputs and logits are float32 whatever the weights are (numpy has no bfloat16).
-        dtype = self.decoder.layer_norm.weight.dtype
-        cross_keys, cross_values = cross_keys.to(dtype), cross_values.to(dtype)
+        cross_keys, cross_values = cross_keys.to(sampler.dtype), cross_values.to(sampler.dtype)
 
         def attend_self(index: int, attention: Any, normed: torch.Tensor) -> torch.Tensor:
             key = torch.cat([past[2 * index], sampler._heads(attention.k_proj(normed))], dim=2)
@@ -86,7 +85,7 @@ class _DecoderStepForExport(torch.nn.Module):
 
 def _example(sampler: Any, text_length: int = 5, past_length: int = 3) -> tuple[torch.Tensor, ...]:
     layers, heads, head_dim = len(sampler.decoder.layers), sampler.num_heads, sampler.head_dim
-    dtype = sampler.decoder.layer_norm.weight.dtype
+    dtype = sampler.dtype
     cross = torch.randn(layers, 1, heads, text_length, head_dim)
     past = [torch.randn(2, heads, past_length, head_dim, dtype=dtype) for _ in range(2 * layers)]
     return (
