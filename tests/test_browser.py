@@ -119,7 +119,7 @@ def test_the_studio_in_a_real_browser(studio, browser, tmp_path):
     music_button = page.locator(".st-key-home-music button")
     music_button.wait_for()
     assert page.locator(".st-key-home-image button").is_visible()
-    page.get_by_text("Device: cpu").wait_for()
+    page.get_by_text("Running: cpu (").wait_for()
     shoot(page, "home")
 
     music_button.click()
