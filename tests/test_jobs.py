@@ -96,6 +96,33 @@ def test_one_model_never_runs_two_generations_at_once(settings):
         service.shutdown()
 
 
+def test_job_workers_treat_denormal_numbers_as_zero(settings):
+    """Arithmetic on floats below 1.2e-38 takes a CPU slow path (a matmul fed them ran 200x slower);
+    trained weights produce them. Every worker flushes them to zero, whatever thread it came from."""
+    tiny = 1e-39
+    seen = []
+
+    def measure(request):  # in the worker: DAZ reads `tiny` as zero
+        seen.append((torch.tensor([tiny]) * 1.0).item())
+
+    service = JobService(settings, loader=lambda kind, s, model, on_progress=None: FakeEngine(kind, model, measure))
+    submitted = []
+
+    def submit_from_a_thread_that_keeps_denormals():
+        torch.set_flush_denormal(False)
+        assert (torch.tensor([tiny]) * 1.0).item() != 0  # so the worker it starts would too
+        submitted.append(service.submit(ImageRequest(prompt="a")))
+
+    try:
+        submitter = threading.Thread(target=submit_from_a_thread_that_keeps_denormals)
+        submitter.start()
+        submitter.join()
+        assert service.wait(submitted[0].id, 10)["status"] == "succeeded"
+        assert seen == [0.0]
+    finally:
+        service.shutdown()
+
+
 def test_real_engines_share_the_manager(tiny_dir):
     settings = Settings(data_dir=tiny_dir, preset="tiny", offline=True)
     service = JobService(settings, loader=load_engine)

@@ -22,7 +22,7 @@ from typing import Any
 
 from muselab import media
 from muselab.config import Settings
-from muselab.devices import DeviceError
+from muselab.devices import DeviceError, flush_denormals
 from muselab.engines import Cancelled, CancelToken, Engine, ModelUnavailable, ProgressEvent, load_engine
 from muselab.engines.base import engine_result
 from muselab.schemas import ImageRequest, Request, SceneRequest
@@ -349,6 +349,7 @@ class JobService:
     # ------------------------------------------------------------ running
 
     def _work(self, key: tuple[str, str]) -> None:
+        flush_denormals()  # before this thread's first tensor operation (see `flush_denormals`)
         while True:
             with self._lock:
                 queue = self._queues.get(key)
