@@ -164,8 +164,10 @@ def _run_part(function: str, arguments: dict[str, Any], isolate: bool, say: Say)
 
 
 def _child_main(argv: list[str]) -> int:
+    from muselab.devices import flush_denormals
     from muselab.quiet import quiet_libraries
 
+    flush_denormals()  # as muselab's job workers run (before any tensor operation of this process)
     quiet_libraries()
     function, arguments = argv[0], json.loads(argv[1])
     result = globals()[function](say=_say_to_stderr, **arguments)

@@ -28,13 +28,13 @@ def flush_denormals() -> bool:
     cannot). Left on, arithmetic on such "denormal" numbers takes a slow path in the CPU: a matmul
     whose input held them ran 200x slower here (11.3 s against 57 ms), and trained weights and
     sharp softmaxes do produce them (random weights rarely do, so the benchmark cannot show it).
+
     The setting is per thread, and a thread's OpenMP helpers copy it when they start, at its first
-    parallel operation: so call it first thing in every thread that runs models. This module calls
-    it on import; the job service's workers call it as they start."""
+    parallel operation: so it is called first thing in the threads that run models (the job
+    service's workers, the benchmark's parts), not on import, where it would change the numbers of
+    whatever else runs in the importing thread (Hypothesis, for one, refuses to run under it)."""
     return torch.set_flush_denormal(True)
 
-
-flush_denormals()
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
