@@ -200,37 +200,26 @@ def test_a_step_slowed_by_the_machine_keeps_its_share_of_the_peak():
     assert probed.shares == {"a": [0.5, 100 / 150], "b": [50 / 150, 0.5]}
 
 
-def test_the_unet_step_flop_count_includes_attention():
+def test_the_unet_step_flop_count_includes_attention(tiny_dir):
     """The UNet's share of the peak divides the work of a step by its time: work left out of the
     count would understate the share. SD 1.x at 512x512 and batch 2 is 1.354 TFLOP of convolutions
     and linear layers plus 0.252 of attention, which torch's counter misses on CPU tensors."""
+    from diffusers import UNet2DConditionModel
     from diffusers.models.attention_processor import AttnProcessor
 
     assert benchmark.unet_step_flop() == 1_606_546_882_560
-    # A small UNet with attention at two widths: its CPU flash-attention kernel counts what the
-    # explicit attention (baddbmm and bmm, which torch's counter knows) computes, as meta does.
-    unet = _small_attention_unet()
-    fused = benchmark.unet_call_flop(unet, batch=2, latent_side=16, text_tokens=7)
+    # The tiny UNet's CPU flash-attention kernel counts what the explicit attention (baddbmm and
+    # bmm, which torch's counter knows) computes, as the meta device does.
+    unet = UNet2DConditionModel.from_pretrained(tiny_dir / "tiny-models" / TINY_FOLDERS["image"] / "unet").eval()
+
+    def flop(model):
+        return benchmark.unet_call_flop(model, batch=2, latent_side=16, text_tokens=7)
+
+    fused = flop(unet)
     with torch.device("meta"):
-        on_meta = benchmark.unet_call_flop(_small_attention_unet(), batch=2, latent_side=16, text_tokens=7)
+        on_meta = flop(UNet2DConditionModel.from_config(unet.config))
     unet.set_attn_processor(AttnProcessor())
-    explicit = benchmark.unet_call_flop(unet, batch=2, latent_side=16, text_tokens=7)
-    assert fused == on_meta == explicit
-
-
-def _small_attention_unet():
-    from diffusers import UNet2DConditionModel
-
-    return UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        sample_size=16,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        norm_num_groups=32,
-    ).eval()
+    assert fused == on_meta == flop(unet)
 
 
 @pytest.mark.skipif(not __import__("muselab.engines.openvino", fromlist=["x"]).nncf_available(), reason="needs nncf")
