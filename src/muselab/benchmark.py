@@ -141,9 +141,9 @@ def run(
     report["peak"] = {key: max(value, again[key]) for key, value in report["peak"].items()}
     image = report.get("image", {})
     if "default_unet_step_s" in image:
-        image["unet_step_flop"] = unet_step_flop()
+        image["unet_step_flop"] = flop = unet_step_flop()
         image["unet_step_peak_fraction"] = (
-            unet_step_flop() / image["default_unet_step_s"] / 1e9 / peak_for(report["peak"], placement.dtype)
+            flop / image["default_unet_step_s"] / 1e9 / peak_for(report["peak"], placement.dtype)
         )
     report["total_seconds"] = time.perf_counter() - started
     report["load_average_at_end"] = os.getloadavg()
@@ -1050,7 +1050,8 @@ def markdown_table(report: dict[str, Any]) -> str:
     main: list[str] = []  # the rows under `header`; a run of the int8-full parts alone has none
     image = report.get("image", {})
     if "default_s" in image:
-        baseline_fraction = unet_step_flop() / image["baseline_unet_step_s"] / 1e9 / peak["matmul_gflops_fp32"]
+        flop = unet_step_flop()
+        baseline_fraction = flop / image["baseline_unet_step_s"] / 1e9 / peak["matmul_gflops_fp32"]
         converted = "default_convert_s" in image
         main += [
             _row(
@@ -1069,10 +1070,10 @@ def markdown_table(report: dict[str, Any]) -> str:
                 f"{image['baseline_unet_step_s'] / image['default_unet_step_s']:.2f}x",
             ),
             _row(
-                f"UNet step as a share of the matmul peak ({unet_step_flop() / 1e12:.3f} TFLOP, attention included)",
+                f"UNet step as a share of the matmul peak ({flop / 1e12:.3f} TFLOP, attention included)",
                 f"{100 * baseline_fraction:.0f}% of fp32",
                 f"**{100 * image['unet_step_peak_fraction']:.0f}%** of {image['unet_step_dtype']}",
-                f"{100 * unet_step_flop() / image['torch_unet_step_s'] / 1e9 / peak['matmul_gflops_fp32']:.0f}%",
+                f"{100 * flop / image['torch_unet_step_s'] / 1e9 / peak['matmul_gflops_fp32']:.0f}%",
                 "",
                 "",
             ),

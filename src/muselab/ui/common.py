@@ -219,9 +219,9 @@ def show_recipe(output: dict[str, Any]) -> None:
         st.code(json.dumps(output["recipe"]["request"], indent=2), language="json")
 
 
-def device_line() -> str:
-    """Where generation runs and how (engine, weights): what a user weighs the speed against."""
-    info = backend().info()
+def device_line(info: dict[str, Any]) -> str:
+    """Where generation runs and how (engine, weights), from the backend's `info()`: what a user
+    weighs the speed against."""
     if "runtime" in info:
         served = f" on {info['served_by']}" if info.get("served_by") else ""
         line = f"Running{served}: {runtime_line(info['runtime'])}"

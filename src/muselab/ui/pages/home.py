@@ -14,7 +14,7 @@ if scene.button("Scene", key="home-scene", icon=":material/movie:", width="stret
 
 with st.spinner("Starting muselab..."):
     info = backend().info()
-st.caption(device_line())
+st.caption(device_line(info))
 st.caption(f"Music model: {info['models']['music']}")
 st.caption(f"Image model: {info['models']['image']}")
 
