@@ -10,7 +10,7 @@ ARGS ?=
 PRESET ?= tiny
 PORT ?= 8501
 
-.PHONY: setup run demo test lint browser bench bench-int8-full clean
+.PHONY: setup run demo test lint browser fuzz bench bench-int8-full clean
 
 setup: $(VENV)/.installed
 
@@ -43,6 +43,10 @@ browser:
 
 test: lint browser
 	$(BIN)/python -m pytest
+
+# The API fuzzed harder than `make test` does: 500 examples an operation (about half an hour).
+fuzz: setup
+	MUSELAB_FUZZ_EXAMPLES=500 $(BIN)/python -m pytest tests/test_fuzz.py
 
 bench: setup
 	mkdir -p bench/results

@@ -23,42 +23,51 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(scope="module")
-def studio(tiny_dir, tmp_path_factory):
+def start_studio(data: Path, cache: str | None = None) -> tuple[subprocess.Popen, str]:
+    """`muselab ui --preset tiny` on a free port, with `data` as its data folder; waits until it answers."""
     from test_server import free_port
 
-    data = tmp_path_factory.mktemp("browser-data")
-    (data / "tiny-models").symlink_to(tiny_dir / "tiny-models")
     port = free_port()
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("MUSELAB_")},
         "MUSELAB_DATA_DIR": str(data),
-        "MUSELAB_CACHE_DIR": os.environ["MUSELAB_CACHE_DIR"],
+        "MUSELAB_CACHE_DIR": cache or os.environ["MUSELAB_CACHE_DIR"],
         "HF_HUB_OFFLINE": "1",
     }
     process = subprocess.Popen(
         [sys.executable, "-m", "muselab", "ui", "--preset", "tiny", "--port", str(port)],
         env=env,
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
         try:
             if httpx.get(url + "/_stcore/health", timeout=2).status_code == 200:
-                break
+                return process, url
         except httpx.TransportError:
             time.sleep(0.3)
-    else:
-        process.kill()
-        raise AssertionError("the studio did not start")
-    yield url
+    process.kill()
+    raise AssertionError("the studio did not start")
+
+
+def stop(process: subprocess.Popen) -> None:
     process.terminate()
     try:
         process.wait(20)
     except subprocess.TimeoutExpired:
         process.kill()
+
+
+@pytest.fixture(scope="module")
+def studio(tiny_dir, tmp_path_factory):
+    data = tmp_path_factory.mktemp("browser-data")
+    (data / "tiny-models").symlink_to(tiny_dir / "tiny-models")
+    process, url = start_studio(data)
+    yield url
+    stop(process)
 
 
 @pytest.fixture(scope="module")
@@ -178,3 +187,61 @@ def test_the_studio_in_a_real_browser(studio, browser, tmp_path):
     shoot(page, "image-running")
     cancel.click()
     page.get_by_text("Cancelled. Nothing partial was saved").wait_for(timeout=120_000)
+
+
+NAVIGATION = ["Home", "Music", "Image", "Scene", "Gallery"]
+
+
+def navigation_labels(page) -> list[str]:
+    links = page.locator("[data-testid='stSidebarNav'] a")
+    links.first.wait_for(timeout=60_000)
+    return [label.strip() for label in links.all_inner_texts()]
+
+
+def test_a_link_or_a_reload_shows_the_same_navigation_as_home(studio, browser):
+    """Bookmarks and the reload button are how people come back: each page reached directly shows
+    the studio's navigation (not Streamlit's module names) and its own title."""
+    page = browser.new_page(viewport={"width": 1280, "height": 800})
+    page.set_default_timeout(60_000)
+    go(page, studio, "", "muselab")
+    assert navigation_labels(page) == NAVIGATION
+    for path, heading in (("music", "Music"), ("image", "Image"), ("gallery", "Gallery"), ("scene", "Scene")):
+        go(page, studio, path, heading)
+        assert navigation_labels(page) == NAVIGATION, path
+        page.reload()
+        page.get_by_role("heading", name=heading).first.wait_for()
+        assert navigation_labels(page) == NAVIGATION, f"{path} after a reload"
+        assert page.title() == "muselab"
+
+
+def test_sigterm_mid_job_stops_the_studio_cleanly_and_records_the_job_interrupted(tiny_dir, browser, tmp_path):
+    import signal
+    import sqlite3
+
+    (tmp_path / "tiny-models").symlink_to(tiny_dir / "tiny-models")
+    process, url = start_studio(tmp_path)
+    try:
+        page = browser.new_page(viewport={"width": 1280, "height": 800})
+        page.set_default_timeout(60_000)
+        go(page, url, "image", "Image")
+        page.get_by_label("Describe the picture").fill("a long one")
+        page.get_by_label("Images").fill("8")
+        page.keyboard.press("Tab")
+        page.get_by_text("Advanced settings").click()
+        page.get_by_label("Steps (0 = model default)").fill("150")
+        page.keyboard.press("Tab")
+        generate(page)
+        page.get_by_text("denoising steps").first.wait_for(timeout=120_000)  # running
+        stopped_at = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        process.wait(10)
+        assert time.monotonic() - stopped_at < 10
+        errors = process.stderr.read() if process.stderr else ""
+        assert process.returncode in (0, -signal.SIGTERM), errors  # not an abort (-6)
+        assert "terminate called" not in errors and "Traceback" not in errors
+        rows = sqlite3.connect(tmp_path / "history.sqlite3").execute("SELECT status FROM jobs").fetchall()
+        assert rows == [("interrupted",)]
+        assert not list((tmp_path / "outputs").glob("*.png"))
+    finally:
+        if process.poll() is None:
+            process.kill()

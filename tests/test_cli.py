@@ -131,7 +131,7 @@ def test_missing_weights_offline_is_one_clear_message(cli_env, tmp_path):
     assert done.returncode == 3
     message = done.stderr
     assert "facebook/musicgen-small" in message
-    assert str(tmp_path / "hf-home" / "hub") in message  # the cache folder
+    assert str(tmp_path / "hf-home" / "hub") in message  # the cache folder, for this machine's user
     assert "muselab models download facebook/musicgen-small" in message
     assert "--model PATH" in message and "--preset tiny" in message
     assert "Traceback" not in message and "offline" in message
@@ -241,8 +241,8 @@ def test_history_lists_rates_and_exports_cli_generations(cli_env, tmp_path):
     rated = run_cli(["history", "rate", output_id[:8], "--up", "--stars", "4", "--comment", "bright"], env)
     assert rated.returncode == 0, rated.stderr
     exported = run_cli(["history", "export", "--format", "csv"], env).stdout.splitlines()
-    assert exported[0].startswith("id,job_id,kind,filename,prompt")
-    assert ",1,4,bright," in exported[1]
+    assert exported[0].startswith('"id","job_id","kind","filename","prompt"')
+    assert '"1","4","bright",' in exported[1]
     scene = run_cli(
         ["scene", "a harbour", "--preset", "tiny", "-d", "1", "--steps", "2", "-o", "scene/"], env, tmp_path
     )

@@ -89,7 +89,7 @@ def test_one_model_never_runs_two_generations_at_once(settings):
     engine = FakeEngine("image", "m")
     service = JobService(settings, loader=lambda kind, s, model, on_progress=None: engine)
     try:
-        jobs = [service.submit(ImageRequest(prompt=f"p{i}", model="m")) for i in range(6)]
+        jobs = [service.submit(ImageRequest(prompt=f"p{i}", model="m"), source="cli") for i in range(6)]
         assert [service.wait(job.id, 20)["status"] for job in jobs] == ["succeeded"] * 6
         assert engine.most_at_once == 1
     finally:
@@ -277,7 +277,8 @@ def test_a_scene_keeps_its_picture_when_the_soundtrack_stops(tiny_dir, tmp_path)
 def test_a_low_memory_scene_whose_music_model_is_missing_keeps_its_picture(tiny_dir, tmp_path):
     service, _ = scene_service(tiny_dir, tmp_path, low_memory=True)
     try:
-        status = service.wait(service.submit(SCENE.model_copy(update={"music_model": "someone/not-here"})).id, 180)
+        scene = SCENE.model_copy(update={"music_model": "someone/not-here"})
+        status = service.wait(service.submit(scene, source="cli").id, 180)
         assert status["status"] == "failed" and status["error_kind"] == "model_unavailable"
         assert "someone/not-here" in status["error"]
         assert [o["kind"] for o in status["outputs"]] == ["image"]
@@ -331,4 +332,32 @@ def test_a_picture_that_cannot_be_kept_does_not_hide_why_the_scene_stopped(tiny_
         status = service.wait(service.submit(SCENE).id, 180)
         assert status["status"] == "cancelled" and status["outputs"] == []
     finally:
+        service.shutdown()
+
+
+def test_a_one_time_conversion_shows_seconds_that_move_and_no_folder(settings):
+    """A conversion reports a stage every minute or so: between its events the status's elapsed
+    time still moves, and its text names no folder and says "one time" once."""
+    from muselab.engines import ProgressEvent
+
+    release = threading.Event()
+
+    def loader(kind, s, model, on_progress=None):
+        on_progress(ProgressEvent("converting", 0, 4, 0.0, None, note="Converting the unet to OpenVINO (one time)"))
+        release.wait(10)
+        return FakeEngine(kind, model)
+
+    service = JobService(settings, loader=loader)
+    try:
+        job = service.submit(ImageRequest(prompt="x"))
+        deadline = time.monotonic() + 10
+        while service.status(job.id)["progress"] is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        first = service.status(job.id)["progress"]
+        time.sleep(1.2)
+        later = service.status(job.id)["progress"]
+        assert later["elapsed"] - first["elapsed"] >= 1.0 and later["step"] == first["step"]
+        assert later["note"].count("one time") == 1 and str(settings.data_dir) not in later["note"]
+    finally:
+        release.set()
         service.shutdown()

@@ -209,3 +209,19 @@ def test_fast_decoder_is_written_as_a1111_vae_and_read_back(tmp_path):
     text = Image.open(path).text["parameters"]
     assert "VAE: TAESD" in text
     assert media.parse_a1111_parameters(text)["decoder"] == "fast"
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o027, 0o640), (0o077, 0o600)])
+def test_written_files_follow_the_umask(tmp_path, umask, mode):
+    """Outputs get the mode any other program's new file gets: under 022 another account or a web
+    server can read them (mkstemp alone would leave them 0600)."""
+    previous = os.umask(umask)
+    try:
+        result = image_result()
+        written = [
+            media.write_new_file(tmp_path / "a.txt", lambda handle: handle.write(b"x")),
+            *media.save_result(result, tmp_path / "a.png", tmp_path),
+        ]
+    finally:
+        os.umask(previous)
+    assert [oct(path.stat().st_mode & 0o777) for path in written] == [oct(mode)] * 2

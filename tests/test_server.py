@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import sqlite3
 import subprocess
@@ -166,3 +167,67 @@ def test_non_loopback_bind_without_token_refuses_to_start(tmp_path, tiny_dir):
     assert done.returncode == 2
     assert "Refusing to listen on 0.0.0.0 without a token" in done.stderr
     assert "MUSELAB_API_TOKEN" in done.stderr and "--token" in done.stderr
+
+
+def _closed_within(sock: socket.socket, seconds: float, trickle: bytes = b"") -> float | None:
+    """Seconds until the server closes `sock` (sending `trickle` a byte every 0.25 s meanwhile),
+    or None if it is still open after `seconds`."""
+    started = time.monotonic()
+    sock.settimeout(0.25)
+    position = 0
+    while time.monotonic() - started < seconds:
+        try:
+            if trickle:
+                sock.sendall(trickle[position % len(trickle) : position % len(trickle) + 1])
+                position += 1
+            if sock.recv(4096) == b"":
+                return time.monotonic() - started
+        except TimeoutError:
+            continue
+        except (BrokenPipeError, ConnectionResetError):
+            return time.monotonic() - started
+    return None
+
+
+def test_slow_clients_are_dropped_and_the_server_goes_on(tmp_path, tiny_dir, servers):
+    """A slowloris holding connections with unfinished headers, or a body trickled a byte at a
+    time, is cut off after MUSELAB_CLIENT_TIMEOUT; without the limit it would hold on for ever."""
+    server = Server(tmp_path / "data", tiny_dir, MUSELAB_CLIENT_TIMEOUT="2").start()
+    servers.append(server)
+    with socket.create_connection(("127.0.0.1", server.port)) as silent:
+        assert (_closed_within(silent, 12) or 99) < 8  # connects and says nothing
+    with socket.create_connection(("127.0.0.1", server.port)) as slowloris:
+        slowloris.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        assert (_closed_within(slowloris, 12, trickle=b"X-Padding: aaaaaaaa\r\n") or 99) < 8
+    with socket.create_connection(("127.0.0.1", server.port)) as slow_body:
+        slow_body.sendall(
+            b"POST /api/jobs/image HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b'Content-Length: 200\r\n\r\n{"prompt": '
+        )
+        slow_body.settimeout(12)
+        started = time.monotonic()
+        answer = slow_body.recv(4096)
+        assert answer.startswith(b"HTTP/1.1 408") and time.monotonic() - started < 8, answer[:200]
+    with httpx.Client(base_url=server.url) as client:
+        assert client.get("/healthz").status_code == 200
+        assert client.get("/api/jobs").json()["recent"] == []  # the trickled body started no job
+
+
+def test_sigterm_mid_job_stops_the_server_cleanly_and_records_the_job_interrupted(tmp_path, tiny_dir, servers):
+    server = Server(tmp_path / "data", tiny_dir)
+    servers.append(server.start())
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        running = client.post("/api/jobs/image", json={"prompt": "long", "steps": 150, "num_images": 8}).json()
+        waiting = client.post("/api/jobs/image", json={"prompt": "queued", "steps": 2}).json()
+        wait_status(client, running["id"], {"running"})
+    assert server.process is not None
+    stopped_at = time.monotonic()
+    server.process.send_signal(signal.SIGTERM)
+    server.process.wait(10)
+    assert time.monotonic() - stopped_at < 10
+    errors = server.process.stderr.read() if server.process.stderr else ""
+    assert server.process.returncode in (0, -signal.SIGTERM), errors  # not an abort (-6)
+    assert "terminate called" not in errors and "Traceback" not in errors
+    rows = dict(sqlite3.connect(server.data_dir / "history.sqlite3").execute("SELECT id, status FROM jobs").fetchall())
+    assert rows == {running["id"]: "interrupted", waiting["id"]: "interrupted"}
+    assert not list(server.outputs.glob("*.png")) and not list(server.outputs.glob(".*.part"))

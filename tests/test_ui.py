@@ -33,7 +33,7 @@ def ui_env(tiny_dir, tmp_path_factory):
 def open_page(page: str) -> AppTest:
     at = AppTest.from_file(APP, default_timeout=60).run()
     if page != "home":
-        at.switch_page(f"pages/{page}.py").run()
+        at.switch_page(f"views/{page}.py").run()
     assert not at.exception, at.exception
     return at
 
@@ -109,7 +109,8 @@ def test_bad_input_is_explained_in_the_page(ui_env):
     assert "music.job" not in at.session_state
 
 
-def test_missing_weights_say_what_to_do(ui_env):
+def test_missing_weights_say_what_to_do(ui_env, monkeypatch):
+    monkeypatch.setenv("MUSELAB_ALLOW_ANY_MODEL", "1")  # as `muselab ui` sets it on 127.0.0.1
     at = open_page("image")
     at.text_area(key="image.prompt").input("a fox")
     at.text_input(key="image.model").input("someone/not-downloaded")
@@ -118,6 +119,15 @@ def test_missing_weights_say_what_to_do(ui_env):
     message = at.error[0].value
     assert "someone/not-downloaded" in message and "muselab models download someone/not-downloaded" in message
     assert "--preset tiny" in message and "Traceback" not in message
+
+
+def test_an_exposed_studio_takes_only_the_served_models(ui_env):
+    at = open_page("image")
+    at.text_area(key="image.prompt").input("a fox")
+    at.text_input(key="image.model").input("/root")
+    at.button(key="image.generate").click().run()
+    assert "model: must be one of the models this server offers" in at.error[0].value
+    assert "image.job" not in at.session_state
 
 
 def test_image_page_grid_downloads_and_cancel(ui_env):
@@ -153,11 +163,11 @@ def test_gallery_lists_filters_and_deletes(ui_env):
     texts = [text.value for text in at.text]
     assert "calm piano, 70 bpm" in texts and "a quiet harbour at dawn" in texts
     at.selectbox(key="gallery.kind").set_value("Scenes").run()
-    assert [text.value for text in at.text] == ["a quiet harbour at dawn"]
+    assert [text.value for text in at.text if text.value != "nice and calm"] == ["a quiet harbour at dawn"]
     assert at.get("video")
     at.selectbox(key="gallery.kind").set_value("Everything").run()
     at.text_input(key="gallery.text").input("70 bpm").run()
-    assert [text.value for text in at.text] == ["calm piano, 70 bpm"]
+    assert [text.value for text in at.text] == ["calm piano, 70 bpm", "nice and calm"]  # its comment as text
     delete = next(button for button in at.button if button.key.startswith("delete."))
     output_id = delete.key.removeprefix("delete.")
     delete.click().run()
@@ -175,6 +185,40 @@ def test_prompts_are_shown_as_text_not_html(ui_env):
     at = open_page("gallery")
     assert hostile in [text.value for text in at.text]
     assert all(hostile not in markdown.value for markdown in at.markdown)
+
+
+def test_gallery_shows_a_comment_as_text_never_as_markdown(ui_env):
+    """A comment with a link and an image would make every visitor's browser fetch its address."""
+    hostile = "**bold** ![x](http://127.0.0.1:9/pixel.png) [click](http://127.0.0.1:9/) www.example.test :red[x]"
+    output = store(ui_env).list_outputs(limit=1)[0]
+    store(ui_env).set_feedback(output.id, stars=2, comment=hostile)
+    at = open_page("gallery")
+    assert hostile in [text.value for text in at.text]
+    rendered = [
+        element.value
+        for kind in ("markdown", "caption", "toast", "error", "warning", "info")
+        for element in getattr(at, kind)
+    ]
+    assert not any("](http" in value or "**bold**" in value for value in rendered), rendered
+
+
+def test_plain_text_survives_markdown_as_written():
+    """Rendered as Markdown (CommonMark with tables and strikethrough, as Streamlit's), escaped
+    user text makes no link, image or styling, and reads exactly as it was written."""
+    import html
+
+    from markdown_it import MarkdownIt
+
+    from muselab.ui.common import plain
+
+    markdown = MarkdownIt("commonmark").enable(["table", "strikethrough"])
+    hostile = "**b** ![x](http://h/x.png) [l](https://h) <http://h> _i_ `c` # h ~~s~~ a|b"
+    made = markdown.render(hostile)
+    assert "<img" in made and "<a " in made and "<strong>" in made  # what the escaping must prevent
+    shown = markdown.render(plain(hostile))
+    for tag in ("<img", "<a ", "<strong>", "<em>", "<code>", "<s>", "<h1>", "<table>"):
+        assert tag not in shown, tag
+    assert html.unescape(shown.removeprefix("<p>").removesuffix("</p>\n")) == hostile
 
 
 def test_the_studio_can_drive_a_running_server(ui_env, tiny_dir, tmp_path, monkeypatch):

@@ -1,31 +1,28 @@
 """The HTTP API (FastAPI): jobs, progress as Server-Sent Events, files by id, history, feedback,
-and A1111 / OpenAI compatible image routes. Safe by default: see `SecurityMiddleware`.
+and A1111 / OpenAI compatible image routes. Safe by default: see `muselab.security`.
 """
 
 from __future__ import annotations
 
 import base64
-import hmac
-import ipaddress
 import json
 import logging
-import re
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
 
 from fastapi import Body, FastAPI, Query, Request
+from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from muselab import __version__
-from muselab.config import CATALOGUE, Settings
+from muselab.config import Settings, model_label
 from muselab.jobs import JobService, QueueFull, SaveOptions
 from muselab.schemas import (
     MAX_PROMPT_CHARS,
@@ -38,10 +35,14 @@ from muselab.schemas import (
     describe_errors,
     parse_request,
 )
+from muselab.security import SecurityMiddleware, error_body
 from muselab.store import FeedbackError
 
 log = logging.getLogger("muselab.api")
-_OUTPUT_ID = re.compile(r"^[0-9a-f]{32}$")
+#: Output and job ids: what `store.new_id` makes. Anything else is refused before a lookup.
+ID_PATTERN = r"^[0-9a-f]{32}$"
+OutputId = Annotated[str, PathParam(pattern=ID_PATTERN, description="An output's id: 32 lowercase hex digits.")]
+JobId = Annotated[str, PathParam(pattern=ID_PATTERN, description="A job's id: 32 lowercase hex digits.")]
 _MEDIA_TYPES = {
     ".png": "image/png",
     ".wav": "audio/wav",
@@ -49,111 +50,12 @@ _MEDIA_TYPES = {
     ".ogg": "audio/ogg",
     ".mp4": "video/mp4",
 }
-LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
 
 
 class ApiError(Exception):
     def __init__(self, status: int, message: str, kind: str = "invalid_request", headers: dict | None = None):
         super().__init__(message)
         self.status, self.message, self.kind, self.headers = status, message, kind, headers
-
-
-def error_body(message: str, kind: str, param: str | None = None) -> dict[str, Any]:
-    """One error shape for every route (it is also OpenAI's): {"error": {"message", "type", ...}}."""
-    return {"error": {"message": message, "type": kind, "param": param, "code": None}}
-
-
-def is_loopback(host: str) -> bool:
-    if host in LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
-# ---------------------------------------------------------------- security
-
-
-class SecurityMiddleware:
-    """Stops other web pages and other machines from driving a local server.
-
-    - A loopback-bound server answers only requests whose Host is loopback (stops DNS rebinding).
-    - With a token configured, every route but /healthz needs `Authorization: Bearer <token>`.
-    - State-changing requests must send JSON (a cross-site form cannot) and, when the browser
-      sends an Origin, it must be this server's own or a configured CORS origin.
-    - Request bodies are capped in size.
-    """
-
-    def __init__(self, app: ASGIApp, settings: Settings):
-        self.app, self.settings = app, settings
-        self.loopback_only = is_loopback(settings.host)
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        refusal = self._refuse(scope, headers)
-        if refusal is not None:
-            status, message, kind = refusal
-            await JSONResponse(error_body(message, kind), status_code=status)(scope, receive, send)
-            return
-        await self.app(scope, self._limited(receive, send, scope), send)
-
-    def _refuse(self, scope: Scope, headers: dict[str, str]) -> tuple[int, str, str] | None:
-        host = urlsplit("//" + headers.get("host", "")).hostname or ""
-        if self.loopback_only and not is_loopback(host):
-            return 421, "This server only answers requests addressed to localhost.", "forbidden_host"
-        token = self.settings.api_token
-        if token and scope["path"] != "/healthz":
-            given = headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
-                return 401, "Missing or wrong token: send 'Authorization: Bearer <token>'.", "unauthorized"
-        if scope["method"] in ("POST", "PUT", "PATCH", "DELETE"):
-            origin = headers.get("origin")
-            if origin and not self._origin_allowed(origin, headers.get("host", "")):
-                return 403, f"Requests from the web origin {origin} are not allowed.", "forbidden_origin"
-            has_body = headers.get("content-length", "0") != "0" or "transfer-encoding" in headers
-            content_type = headers.get("content-type", "").split(";")[0].strip().lower()
-            if scope["method"] != "DELETE" and (has_body or content_type) and content_type != "application/json":
-                return (
-                    415,
-                    "Send the request body as JSON (Content-Type: application/json).",
-                    "unsupported_media",
-                )
-            try:
-                length = int(headers.get("content-length", "0"))
-            except ValueError:
-                return 400, "Invalid Content-Length header.", "invalid_request"
-            if length > self.settings.max_body_bytes:
-                return (
-                    413,
-                    f"Request body too large (limit {self.settings.max_body_bytes} bytes).",
-                    "too_large",
-                )
-        return None
-
-    def _origin_allowed(self, origin: str, host_header: str) -> bool:
-        if origin in self.settings.cors_origins:
-            return True
-        parsed = urlsplit(origin)
-        return parsed.scheme in ("http", "https") and parsed.netloc == host_header
-
-    def _limited(self, receive: Receive, send: Send, scope: Scope) -> Receive:
-        """Also cap bodies sent without a Content-Length (chunked)."""
-        limit, seen = self.settings.max_body_bytes, 0
-
-        async def limited_receive() -> Message:
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > limit:
-                    raise ApiError(413, f"Request body too large (limit {limit} bytes).", "too_large")
-            return message
-
-        return limited_receive
 
 
 # ---------------------------------------------------------------- API models
@@ -213,7 +115,9 @@ def create_app(settings: Settings, service: JobService | None = None) -> FastAPI
         if own_service:
             await run_in_threadpool(app.state.service.shutdown, 10)
 
-    app = FastAPI(
+    # Swagger UI and ReDoc served from the package, not a CDN: /docs works offline and loads no
+    # third-party script into a page that can call this API.
+    app = FastAPIOffline(
         title="muselab",
         version=__version__,
         description="Text to music and text to image on your own machine.",
@@ -273,11 +177,7 @@ def _model_for_path(path: str) -> type[BaseModel] | None:
 
 
 def _plain_errors(errors: Any) -> str:
-    lines = []
-    for error in errors:
-        location = ".".join(str(part) for part in error.get("loc", ()) if part != "body")
-        lines.append(f"  - {location or 'request'}: {error.get('msg')}")
-    return "Invalid request:\n" + "\n".join(lines)
+    return describe_errors(BaseModel, errors)
 
 
 def _service(request: Request) -> JobService:
@@ -299,6 +199,8 @@ def _submit(service: JobService, request: Any, source: str = "api") -> Any:
         return service.submit(request, source=source, save=SaveOptions())
     except QueueFull as exc:
         raise ApiError(429, str(exc), "busy", headers={"Retry-After": "5"}) from None
+    except RequestError as exc:
+        raise ApiError(422, str(exc)) from None
 
 
 async def _submit_and_maybe_wait(service: JobService, request: Any, wait: bool) -> JSONResponse:
@@ -311,19 +213,11 @@ async def _submit_and_maybe_wait(service: JobService, request: Any, wait: bool) 
 
 def _output_file(service: JobService, output_id: str) -> Path:
     """The file of an output, found by id only; anything that resolves outside the folder is 404."""
-    if not _OUTPUT_ID.match(output_id):
-        raise ApiError(404, "No such output.", "not_found")
     record = service.store.get_output(output_id)
-    if record is None:
+    owned = None if record is None else service.store.owned_file(record)
+    if owned is None:
         raise ApiError(404, "No such output.", "not_found")
-    root = service.settings.outputs.resolve()
-    try:
-        real = record.path.resolve(strict=True)
-    except OSError:
-        raise ApiError(404, "The output's file is gone.", "not_found") from None
-    if not real.is_relative_to(root) or not real.is_file():
-        raise ApiError(404, "No such output.", "not_found")
-    return real
+    return owned
 
 
 WaitQuery = Annotated[bool, Query(description="Wait for the job to finish and return its result.")]
@@ -348,11 +242,11 @@ def _add_routes(app: FastAPI) -> None:
         settings = service.settings
         return {
             "version": __version__,
-            "models": {"music": settings.model_for("music"), "image": settings.model_for("image")},
+            "models": {kind: model_label(settings.model_for(kind)) for kind in ("music", "image")},
             "loaded": service.models.loaded(),
             "preset": settings.preset,
             "max_queue": settings.max_queue,
-            "runtime": describe_runtime(settings, with_paths=False),
+            "runtime": describe_runtime(settings, public=True),
         }
 
     @app.post("/api/jobs/music", status_code=202, tags=["jobs"], response_model=None)
@@ -390,17 +284,17 @@ def _add_routes(app: FastAPI) -> None:
         offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
     ) -> dict[str, Any]:
         service = _service(request)
-        return {"active": service.active(), "recent": service.store.list_jobs(status, limit, offset)}
+        return {"active": service.active(), "recent": service.recent(status, limit, offset)}
 
     @app.get("/api/jobs/{job_id}", tags=["jobs"])
-    async def job_status(request: Request, job_id: str) -> dict[str, Any]:
+    async def job_status(request: Request, job_id: JobId) -> dict[str, Any]:
         status = _service(request).status(job_id, with_preview=True)
         if status is None:
             raise ApiError(404, "No such job.", "not_found")
         return status
 
     @app.post("/api/jobs/{job_id}/cancel", tags=["jobs"])
-    async def cancel_job(request: Request, job_id: str) -> dict[str, Any]:
+    async def cancel_job(request: Request, job_id: JobId) -> dict[str, Any]:
         service = _service(request)
         if service.status(job_id) is None:
             raise ApiError(404, "No such job.", "not_found")
@@ -408,7 +302,7 @@ def _add_routes(app: FastAPI) -> None:
         return {"id": job_id, "cancelled": cancelled, "status": service.status(job_id)["status"]}  # type: ignore[index]
 
     @app.get("/api/jobs/{job_id}/events", tags=["jobs"], response_class=StreamingResponse)
-    async def job_events(request: Request, job_id: str) -> StreamingResponse:
+    async def job_events(request: Request, job_id: JobId) -> StreamingResponse:
         """Server-Sent Events: `progress` events (with a preview for images), then one `done`."""
         service = _service(request)
         job = service.job(job_id)
@@ -427,7 +321,7 @@ def _add_routes(app: FastAPI) -> None:
                     return
                 if job.done.is_set():
                     continue
-                snapshot = job.snapshot(service.position(job), with_preview=job.preview_png is not last_preview)
+                snapshot = service.snapshot(job, with_preview=job.preview_png is not last_preview)
                 last_preview = job.preview_png
                 yield _sse("progress", snapshot)
 
@@ -448,14 +342,14 @@ def _add_routes(app: FastAPI) -> None:
         return {"outputs": [r.public() for r in records], "limit": limit, "offset": offset}
 
     @app.get("/api/outputs/{output_id}", tags=["history"])
-    async def get_output(request: Request, output_id: str) -> dict[str, Any]:
-        record = _service(request).store.get_output(output_id) if _OUTPUT_ID.match(output_id) else None
+    async def get_output(request: Request, output_id: OutputId) -> dict[str, Any]:
+        record = _service(request).store.get_output(output_id)
         if record is None:
             raise ApiError(404, "No such output.", "not_found")
         return record.public()
 
     @app.get("/api/outputs/{output_id}/file", tags=["history"], response_class=FileResponse)
-    async def output_file(request: Request, output_id: str) -> FileResponse:
+    async def output_file(request: Request, output_id: OutputId) -> FileResponse:
         path = _output_file(_service(request), output_id)
         return FileResponse(
             path,
@@ -465,15 +359,16 @@ def _add_routes(app: FastAPI) -> None:
         )
 
     @app.delete("/api/outputs/{output_id}", tags=["history"])
-    async def delete_output(request: Request, output_id: str) -> dict[str, Any]:
-        if not _OUTPUT_ID.match(output_id) or not _service(request).store.delete_output(output_id):
+    async def delete_output(request: Request, output_id: OutputId) -> dict[str, Any]:
+        """Forget an output; its file is deleted only if it lies inside the outputs folder
+        (`file_deleted` and `message` say which)."""
+        deletion = _service(request).store.delete_output(output_id)
+        if deletion is None:
             raise ApiError(404, "No such output.", "not_found")
-        return {"id": output_id, "deleted": True}
+        return deletion.public()
 
     @app.post("/api/outputs/{output_id}/feedback", tags=["history"])
-    async def feedback(request: Request, output_id: str, body: Feedback) -> dict[str, Any]:
-        if not _OUTPUT_ID.match(output_id):
-            raise ApiError(404, "No such output.", "not_found")
+    async def feedback(request: Request, output_id: OutputId, body: Feedback) -> dict[str, Any]:
         try:
             record = _service(request).store.set_feedback(output_id, body.thumb, body.stars, body.comment)
         except FeedbackError as exc:
@@ -528,15 +423,24 @@ def _read_b64(service: JobService, output: dict[str, Any]) -> str:
     return base64.b64encode(_output_file(service, output["id"]).read_bytes()).decode()
 
 
+#: How a synchronous route answers a job that did not succeed, by `Job.error_kind`: a time limit is
+#: the request asking for more than this server allows (not a server fault); a model that cannot
+#: be loaded or memory that runs out leave the server able to serve other requests.
+_FAILURE_ANSWERS = {
+    "timeout": (422, "time_limit"),
+    "model_unavailable": (503, "model_unavailable"),
+    "out_of_memory": (503, "out_of_memory"),
+}
+
+
 def _finished_or_error(status: dict[str, Any] | None) -> dict[str, Any]:
-    if status is None or status["status"] != "succeeded":
-        message = (status or {}).get("error") or "the job did not finish"
-        raise ApiError(
-            500 if status and status["status"] == "failed" else 503,
-            f"Generation failed: {message}",
-            "server_error",
-        )
-    return status
+    if status is not None and status["status"] == "succeeded":
+        return status
+    message = (status or {}).get("error") or "the job did not finish"
+    if status is None or status["status"] != "failed":
+        raise ApiError(503, f"Generation stopped: {message}", "cancelled")
+    code, kind = _FAILURE_ANSWERS.get(status.get("error_kind") or "", (500, "server_error"))
+    raise ApiError(code, f"Generation failed: {message}", kind)
 
 
 def _add_compat_routes(app: FastAPI) -> None:
@@ -634,11 +538,12 @@ def _add_compat_routes(app: FastAPI) -> None:
 
     @app.get("/sdapi/v1/sd-models", tags=["compatibility"])
     async def a1111_models(request: Request) -> list[dict[str, Any]]:
-        current = _service(request).settings.model_for("image")
-        ids = [current] + [entry.id for entry in CATALOGUE if entry.kind == "image" and entry.id != current]
+        """The image models a client may name: the configured one first (a folder by its name)."""
+        settings = _service(request).settings
+        current = model_label(settings.model_for("image"))
+        labels = [current] + [label for label in settings.served_models("image") if label != current]
         return [
-            {"title": model_id, "model_name": Path(model_id).name, "hash": None, "filename": model_id}
-            for model_id in ids
+            {"title": label, "model_name": label.split("/")[-1], "hash": None, "filename": label} for label in labels
         ]
 
     @app.post("/v1/images/generations", tags=["compatibility"])
@@ -649,7 +554,7 @@ def _add_compat_routes(app: FastAPI) -> None:
         if body.size:
             width, height = (int(part) for part in body.size.split("x"))
         model = body.model if body.model and not body.model.startswith(("dall-e", "gpt-image")) else None
-        if model is not None and not any(entry.id == model for entry in CATALOGUE):
+        if model is not None and model not in service.settings.served_models("image"):
             raise ApiError(404, f"The model '{model}' is not served here.", "invalid_request")
         try:
             image_request = parse_request(

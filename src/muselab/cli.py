@@ -309,6 +309,8 @@ def _generate(
     if job.status != "succeeded":
         code = EXIT_MODEL if job.error_kind == "model_unavailable" else 1
         message = job.error or "the job failed"
+        if "local Hugging Face cache" in message:  # the folder, for this machine's user only
+            message += f"\n(The Hugging Face cache is {hf_cache_dir()}; `muselab doctor` lists what it holds.)"
         raise CliError(f"{message}\n{kept.strip()}" if kept else message, code)
     status = service.store.get_job(job.id)
     assert status is not None
@@ -411,6 +413,19 @@ def _report(status: dict[str, Any], paths: list[Path], as_json: bool) -> None:
     )
 
 
+def _stopping_server(config: Any, service: Any) -> Any:
+    """uvicorn's server, whose SIGTERM or Ctrl-C first stops every job (recorded as interrupted):
+    otherwise the graceful shutdown would wait for requests that wait for jobs of many minutes."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            service.stop_accepting()
+            super().handle_exit(sig, frame)
+
+    return Server(config)
+
+
 @app.command()
 def serve(
     host: Annotated[
@@ -427,11 +442,23 @@ def serve(
     quantize: QuantizeOpt = None,
     backend: BackendOpt = None,
     low_memory: LowMemoryOpt = None,
+    job_timeout: Annotated[
+        float | None, typer.Option(help="Seconds a job may run before it is stopped (default 1800).", min=0.1)
+    ] = None,
+    allow_any_model: Annotated[
+        bool | None,
+        typer.Option(
+            "--allow-any-model",
+            help="Let clients name any hub id or a folder on this machine as a model (default: the catalogue's "
+            "and the configured ones only).",
+        ),
+    ] = None,
 ) -> None:
     """Serve the HTTP API (OpenAPI docs at /docs), plus A1111 and OpenAI compatible image routes."""
     import uvicorn
 
-    from muselab.api import create_app, is_loopback
+    from muselab.api import create_app
+    from muselab.security import is_loopback, protocol_with_timeout
 
     settings = _settings(
         preset,
@@ -444,6 +471,8 @@ def serve(
         quantize=quantize,
         backend=backend,
         low_memory=low_memory,
+        job_timeout=job_timeout,
+        allow_any_model=allow_any_model,
     )
     if not is_loopback(settings.host) and not settings.api_token:
         raise CliError(
@@ -460,7 +489,15 @@ def serve(
     if interrupted:
         err.print(f"{len(interrupted)} job(s) left unfinished by the last run were marked interrupted.")
     err.print(f"muselab API on http://{settings.host}:{settings.port} (docs at /docs)", highlight=False)
-    uvicorn.run(app_, host=settings.host, port=settings.port, log_level="warning", timeout_graceful_shutdown=10)
+    config = uvicorn.Config(
+        app_,
+        host=settings.host,
+        port=settings.port,
+        http=protocol_with_timeout(settings.client_timeout),
+        log_level="warning",
+        timeout_graceful_shutdown=5,
+    )
+    _stopping_server(config, app_.state.service).run()
 
 
 @app.command()
@@ -480,7 +517,7 @@ def ui(
     low_memory: LowMemoryOpt = None,
 ) -> None:
     """Start the Streamlit studio (Home, Music, Image, Scene, Gallery) in your browser."""
-    from muselab.api import is_loopback
+    from muselab.security import is_loopback
 
     if not is_loopback(host) and api_url is None and not os.environ.get("MUSELAB_ALLOW_REMOTE_UI"):
         raise CliError(
@@ -489,6 +526,9 @@ def ui(
             EXIT_BAD_INPUT,
         )
     env = dict(os.environ)
+    if is_loopback(host):
+        # This machine's own user, as with the CLI: the model field takes folders and any hub id.
+        env.setdefault("MUSELAB_ALLOW_ANY_MODEL", "1")
     for name, value in {
         "MUSELAB_PRESET": preset,
         "MUSELAB_DEVICE": device,
@@ -589,15 +629,24 @@ def history_rate(
     from muselab.store import FeedbackError
 
     store = _store()
-    matches = [r for r in store.list_outputs(limit=100_000) if r.id.startswith(output_id)] if output_id else []
-    if len(matches) != 1:
-        raise CliError(f"No single output matches '{output_id}'; see `muselab history`.", EXIT_BAD_INPUT)
+    record = _one_output(store, output_id)
     thumb = 1 if up else -1 if down else None
     try:
-        store.set_feedback(matches[0].id, thumb, stars, comment)
+        store.set_feedback(record.id, thumb, stars, comment)
     except FeedbackError as exc:
         raise CliError(str(exc), EXIT_BAD_INPUT) from None
-    out.print(f"Rated {matches[0].id[:8]} ({matches[0].path.name})")
+    out.print(f"Rated {record.id[:8]} ({record.path.name})")
+
+
+@history_app.command("delete")
+def history_delete(
+    output_id: Annotated[str, typer.Argument(help="Output id (or its first 8 characters, as listed).")],
+) -> None:
+    """Forget an output; its file is deleted only if it lies inside the outputs folder (a file written
+    elsewhere with -o is kept)."""
+    store = _store()
+    deletion = store.delete_output(_one_output(store, output_id).id)
+    out.print(deletion.message if deletion else "Already deleted.", highlight=False)
 
 
 @app.command()
@@ -627,6 +676,14 @@ def jobs(
             error,
         )
     out.print(table)
+
+
+def _one_output(store: Any, output_id: str) -> Any:
+    """The output whose id is or starts with `output_id`."""
+    matches = [r for r in store.list_outputs(limit=100_000) if r.id.startswith(output_id)] if output_id else []
+    if len(matches) != 1:
+        raise CliError(f"No single output matches '{output_id}'; see `muselab history`.", EXIT_BAD_INPUT)
+    return matches[0]
 
 
 def _store() -> Any:

@@ -151,13 +151,30 @@ class Settings(BaseSettings):
     # Job service
     max_queue: int = Field(default=16, ge=1, le=10_000, description="Jobs waiting or running at once.")
     max_models: int = Field(default=2, ge=1, le=16, description="Models kept loaded (least recently used go).")
-    job_timeout: float = Field(default=1800.0, gt=0, description="Seconds a job may run before it is stopped.")
+    job_timeout: float = Field(
+        default=1800.0,
+        gt=0,
+        description="Seconds a job may run, once its model is loaded, before it is stopped (a one-time conversion "
+        "while loading is not counted).",
+    )
     # HTTP API
     host: str = "127.0.0.1"
     port: int = Field(default=7860, ge=1, le=65535)
     api_token: str | None = Field(default=None, description="Required as 'Authorization: Bearer ...' when set.")
     cors_origins: list[str] = Field(default_factory=list, description="Web origins allowed to call the API.")
     max_body_bytes: int = Field(default=64 * 1024, ge=1024)
+    client_timeout: float = Field(
+        default=30.0,
+        gt=0,
+        le=3600,
+        description="Seconds an HTTP client may take to send a request's headers or its body; slower ones are dropped.",
+    )
+    allow_any_model: bool = Field(
+        default=False,
+        description="Let API and studio clients name any hub id or a folder on this machine as a model. Off, they "
+        "may name the catalogue's models and the configured ones (a folder by its name), and a path never "
+        "reaches the file system. The CLI, run by this machine's user, may always name folders.",
+    )
     # Streamlit UI: in-process job service unless a running `muselab serve` is named here.
     ui_api_url: str | None = Field(default=None, description="URL of a muselab server for the UI to use.")
 
@@ -184,6 +201,18 @@ class Settings(BaseSettings):
 
             return str(self.tiny_models_dir / TINY_FOLDERS[kind])
         return default_model(kind)
+
+    def served_models(self, kind: str) -> dict[str, str]:
+        """The models a client may name for `kind` ("music", "image" or "decoder"), by label, with
+        the id or folder each label stands for: the catalogue's and the configured one."""
+        if kind == "decoder":
+            configured = self.fast_decoder()
+            served = {FAST_DECODER: FAST_DECODER}
+        else:
+            configured = self.model_for(kind)  # type: ignore[arg-type]
+            served = {entry.id: entry.id for entry in CATALOGUE if entry.kind == kind}
+        served[model_label(configured)] = configured
+        return served
 
     def fast_decoder(self) -> str:
         """The tiny autoencoder used when a request asks for the fast decoder."""
@@ -222,6 +251,20 @@ class Settings(BaseSettings):
         from huggingface_hub import constants
 
         return bool(constants.HF_HUB_OFFLINE)
+
+
+def looks_like_path(model: str) -> bool:
+    return model.startswith((".", "/", "~")) or model.count("/") > 1 or "\\" in model
+
+
+def model_label(model: str) -> str:
+    """How a model is named to clients and in the files it makes: a hub id as it is, a folder on
+    this machine by its own name (never the folders above it, which name the user and the machine)."""
+    if not model:
+        return model
+    if looks_like_path(model) or Path(model).expanduser().is_dir():
+        return Path(model.rstrip("/\\")).name
+    return model
 
 
 def hf_cache_dir() -> Path:

@@ -15,18 +15,18 @@ import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from muselab import media
-from muselab.config import Settings
+from muselab.config import Settings, hf_cache_dir, looks_like_path, model_label
 from muselab.devices import DeviceError, flush_denormals
 from muselab.engines import Cancelled, CancelToken, Engine, ModelUnavailable, ProgressEvent, load_engine
 from muselab.engines.base import engine_result
-from muselab.schemas import ImageRequest, Request, SceneRequest
-from muselab.store import HistoryStore, OutputRecord
+from muselab.schemas import ImageRequest, Request, RequestError, SceneRequest
+from muselab.store import INTERRUPTED, HistoryStore, OutputRecord
 
 log = logging.getLogger("muselab.jobs")
 
@@ -65,10 +65,14 @@ class SaveOptions:
 @dataclass
 class Job:
     id: str
-    request: Request
-    model: str
+    request: Request  # as clients see it: models by label (`model_label`), never by folder
+    model: str  # the id or folder the engine loads (a scene's two, joined by " + ")
     source: str
     save: SaveOptions = field(default_factory=SaveOptions)
+    # A scene's models by kind, as loaded (its request names them by label).
+    models: dict[str, str] = field(default_factory=dict)
+    # The fast decoder's label in `request`, and the id or folder it stands for.
+    sources: dict[str, str] = field(default_factory=dict)
     status: str = "queued"
     created: float = field(default_factory=time.time)
     cancel: CancelToken = field(default_factory=CancelToken)
@@ -82,22 +86,37 @@ class Job:
     outputs: list[OutputRecord] = field(default_factory=list)
     done: threading.Event = field(default_factory=threading.Event)
     version: int = 0
+    progress_at: float = field(default_factory=time.monotonic)  # when `progress` last changed
+    # The time limit: started once the job's model is loaded (see `JobService._start_running`).
+    time_limit: threading.Timer | None = None
+    timed_out: threading.Event = field(default_factory=threading.Event)
 
     @property
     def kind(self) -> str:
         return self.request.kind
 
-    def snapshot(self, position: int | None = None, with_preview: bool = False) -> dict[str, Any]:
+    @property
+    def label(self) -> str:
+        """The model as clients see it."""
+        return " + ".join(model_label(model) for model in self.model.split(" + "))
+
+    def snapshot(
+        self, position: int | None = None, with_preview: bool = False, redact: Callable[[str], str] = str
+    ) -> dict[str, Any]:
+        """The job as clients see it; `redact` takes the machine's folders out of error messages."""
         progress = self.progress
+        # Times as of now, not as of the last event: a one-time conversion reports a stage every
+        # minute or so, and a bar whose seconds stand still for that long looks frozen.
+        since = time.monotonic() - self.progress_at
         data: dict[str, Any] = {
             "id": self.id,
             "kind": self.kind,
             "status": self.status,
-            "model": self.model,
+            "model": self.label,
             "source": self.source,
             "queue_position": position,
             "request": self.resolved or self.request.model_dump(mode="json"),
-            "error": self.error,
+            "error": None if self.error is None else redact(self.error),
             "error_kind": self.error_kind,
             "progress": None
             if progress is None
@@ -106,8 +125,8 @@ class Job:
                 "step": progress.step,
                 "total": progress.total,
                 "fraction": round(progress.fraction, 4),
-                "elapsed": round(progress.elapsed, 3),
-                "eta": None if progress.eta is None else round(progress.eta, 3),
+                "elapsed": round(progress.elapsed + since, 3),
+                "eta": None if progress.eta is None else round(max(progress.eta - since, 0.0), 3),
                 "item": progress.item,
                 "items": progress.items,
                 "note": progress.note,
@@ -171,7 +190,7 @@ class ModelManager:
             return [
                 {
                     "kind": kind,
-                    "model": model,
+                    "model": model_label(model),
                     "device": engine.placement.device,
                     "dtype": engine.placement.dtype_name,
                 }
@@ -232,16 +251,41 @@ class JobService:
     # ------------------------------------------------------------ submitting and watching
 
     def submit(self, request: Request, source: str = "api", save: SaveOptions | None = None) -> Job:
+        """Queue a request. Clients other than the CLI (this machine's own user) may name only the
+        served models, unless the settings allow any (`check_client_models`)."""
         from muselab.store import new_id
 
+        trusted = source == "cli"
+        if not trusted:
+            self.check_client_models(request)
+        models: dict[str, str] = {}
+        sources: dict[str, str] = {}
         if isinstance(request, SceneRequest):
-            image = request.image_model or self.settings.model_for("image")
-            music = request.music_model or self.settings.model_for("music")
-            request = request.model_copy(update={"image_model": image, "music_model": music})
-            model = f"{image} + {music}"
+            models = {
+                kind: self._model_source(kind, getattr(request, f"{kind}_model"), trusted)
+                for kind in ("image", "music")
+            }
+            request = request.model_copy(
+                update={"image_model": model_label(models["image"]), "music_model": model_label(models["music"])}
+            )
+            model = f"{models['image']} + {models['music']}"
         else:
-            model = request.model or self.settings.model_for(request.kind)
-        job = Job(id=new_id(), request=request, model=model, source=source, save=save or SaveOptions())
+            model = self._model_source(request.kind, request.model, trusted)
+            if request.model:
+                request = request.model_copy(update={"model": model_label(model)})
+            if isinstance(request, ImageRequest) and request.decoder_model:
+                decoder = self._model_source("decoder", request.decoder_model, trusted)
+                request = request.model_copy(update={"decoder_model": model_label(decoder)})
+                sources[model_label(decoder)] = decoder
+        job = Job(
+            id=new_id(),
+            request=request,
+            model=model,
+            source=source,
+            save=save or SaveOptions(),
+            models=models,
+            sources=sources,
+        )
         key = (request.kind, model)
         with self._lock:
             if self._closed:
@@ -262,6 +306,67 @@ class JobService:
             self._lock.notify_all()
         return job
 
+    def _model_source(self, kind: str, name: str | None, trusted: bool = False) -> str:
+        """The id or folder a request's model name stands for: a served model's label maps to what
+        it labels; for this machine's own user (the CLI), so does the label of a folder used here
+        before (a recipe names it so: `--from FILE` re-runs it); anything else is taken as it is."""
+        if not name:
+            source = self.settings.model_for(kind)  # type: ignore[arg-type]
+        else:
+            source = (
+                self.settings.served_models(kind).get(name)
+                or (trusted and not looks_like_path(name) and self.store.model_folder(name))
+                or name
+            )
+        if looks_like_path(source) or Path(source).expanduser().is_dir():
+            self.store.remember_model_folder(model_label(source), str(Path(source).expanduser().resolve()))
+        return source
+
+    def check_client_models(self, request: Request) -> None:
+        """Refuse a model a client may not name (see `Settings.allow_any_model`) before anything
+        touches the file system, so a client cannot learn which folders exist."""
+        if self.settings.allow_any_model:
+            return
+        fields = {
+            "music": {"model": "music"},
+            "image": {"model": "image", "decoder_model": "decoder"},
+            "scene": {"image_model": "image", "music_model": "music"},
+        }[request.kind]
+        problems = []
+        for name, kind in fields.items():
+            value = getattr(request, name)
+            served = self.settings.served_models(kind)
+            if value and value not in served:
+                problems.append(
+                    f"  - {name}: must be one of the models this server offers: {', '.join(served)} (got {value!r}); "
+                    "other hub ids and folders only where the server allows them (MUSELAB_ALLOW_ANY_MODEL=1)"
+                )
+        if problems:
+            raise RequestError("Invalid request:\n" + "\n".join(problems))
+
+    def redact(self, text: str) -> str:
+        """`text` without this machine's folders (they name its user), and the configured models by
+        their labels: error messages reach clients."""
+        folders = {
+            str(self.settings.outputs): "<outputs>",
+            str(self.settings.data_dir): "<data folder>",
+            str(self.settings.cache_dir): "<cache folder>",
+            str(hf_cache_dir()): "<Hugging Face cache>",
+            str(Path.home()): "~",
+        }
+        for kind in ("music", "image", "decoder"):
+            folders.update({source: label for label, source in self.settings.served_models(kind).items()})
+        for folder in list(folders):
+            with suppress(OSError):
+                folders.setdefault(str(Path(folder).resolve()), folders[folder])
+        for folder in sorted(folders, key=len, reverse=True):
+            if len(folder) > 1:
+                text = text.replace(folder, folders[folder])
+        return text
+
+    def snapshot(self, job: Job, with_preview: bool = False) -> dict[str, Any]:
+        return job.snapshot(self.position(job), with_preview, self.redact)
+
     def job(self, job_id: str) -> Job | None:
         with self._lock:
             return self._jobs.get(job_id)
@@ -270,7 +375,7 @@ class JobService:
         """The job as clients see it: live while it is known in memory, else from history."""
         job = self.job(job_id)
         if job is not None:
-            return job.snapshot(self.position(job), with_preview)
+            return self.snapshot(job, with_preview)
         stored = self.store.get_job(job_id)
         if stored is None:
             return None
@@ -282,11 +387,19 @@ class JobService:
             "source": stored["source"],
             "queue_position": None,
             "request": stored["request"],
-            "error": stored["error"],
+            "error": None if stored["error"] is None else self.redact(stored["error"]),
             "error_kind": None,
             "progress": None,
             "outputs": stored["outputs"],
         }
+
+    def recent(self, status: str | None = None, limit: int = 50, offset: int = 0) -> list[dict[str, Any]]:
+        """Jobs from history, newest first, as clients may see them (errors redacted, no process ids)."""
+        rows = self.store.list_jobs(status, limit, offset)
+        return [
+            {**{k: v for k, v in row.items() if k != "pid"}, "error": row["error"] and self.redact(row["error"])}
+            for row in rows
+        ]
 
     def position(self, job: Job) -> int | None:
         """1 for the next job to run on its model, 0 when running or loading its model, None when
@@ -328,23 +441,33 @@ class JobService:
             queue = self._queues.get((job.kind, job.model))
             if job.status == "queued" and queue is not None and job in queue:
                 queue.remove(job)
-                self._finish(job, "cancelled", error="cancelled before it started")
+                if self._closed:
+                    self._finish(job, "interrupted", error=INTERRUPTED)
+                else:
+                    self._finish(job, "cancelled", error="cancelled before it started")
         return True
 
     def active(self) -> list[dict[str, Any]]:
         with self._lock:
             jobs = [job for job in self._jobs.values() if not job.done.is_set()]
-        return [job.snapshot(self.position(job)) for job in jobs]
+        return [self.snapshot(job) for job in jobs]
 
-    def shutdown(self, timeout: float = 30) -> None:
+    def stop_accepting(self) -> None:
+        """The first half of `shutdown`, which returns at once: no new jobs, and every queued or
+        running one stops (within a step) and is recorded as interrupted, with what it finished."""
         with self._lock:
             self._closed = True
             jobs = list(self._jobs.values())
             self._lock.notify_all()
         for job in jobs:
             self.cancel(job.id)
+
+    def shutdown(self, timeout: float = 30) -> None:
+        """Stop every job (see `stop_accepting`) and wait up to `timeout` seconds for the workers."""
+        self.stop_accepting()
+        deadline = time.monotonic() + timeout
         for worker in list(self._workers.values()):
-            worker.join(timeout)
+            worker.join(max(0.0, deadline - time.monotonic()))
 
     # ------------------------------------------------------------ running
 
@@ -361,16 +484,14 @@ class JobService:
 
     def _run(self, job: Job) -> None:
         if job.cancel.cancelled:
-            self._finish(job, "cancelled", error="cancelled before it started")
+            if self._closed:
+                self._finish(job, "interrupted", error=INTERRUPTED)
+            else:
+                self._finish(job, "cancelled", error="cancelled before it started")
             return
-        deadline = time.monotonic() + self.settings.job_timeout
-        timed_out = threading.Event()
         started = time.perf_counter()
 
         def on_progress(event: ProgressEvent) -> None:
-            if time.monotonic() > deadline:
-                timed_out.set()
-                job.cancel.cancel()
             preview = None
             if event.preview is not None:
                 buffer = io.BytesIO()
@@ -380,11 +501,11 @@ class JobService:
 
         try:
             if isinstance(job.request, SceneRequest):
-                self._run_scene(job, on_progress, timed_out, started)
+                self._run_scene(job, on_progress, started)
             else:
-                self._run_single(job, on_progress, timed_out, started)
+                self._run_single(job, on_progress, started)
         except Cancelled:  # while loading (a one-time conversion stops between its stages), or a scene's music
-            self._stopped(job, timed_out, job.kept, started)
+            self._stopped(job, job.kept, started)
         except (ModelUnavailable, DeviceError) as exc:
             job.error_kind = "model_unavailable"
             self._finish(job, "failed", error=str(exc), outputs=job.kept, started=started)
@@ -412,12 +533,30 @@ class JobService:
 
         return forward
 
-    def _run_single(self, job: Job, on_progress: Any, timed_out: threading.Event, started: float) -> None:
+    def _start_running(self, job: Job, engine: Engine) -> None:
+        """The model is loaded: the job runs, and its time limit starts. Loading is not counted: a
+        one-time conversion (minutes for a real model) stopped by a job's limit would never finish,
+        and every later job would start it again."""
+        self.store.mark_running(job.id, job.label, engine.placement.device, engine.placement.dtype_name)
+        # A timer, not a check between steps: on OpenVINO the cancel stops even a step in progress.
+        job.time_limit = threading.Timer(self.settings.job_timeout, self._expire, (job,))
+        job.time_limit.daemon = True
+        job.time_limit.start()
+        self._update(job, status="running", progress=None)  # loading progress ends here
+
+    @staticmethod
+    def _expire(job: Job) -> None:
+        job.timed_out.set()
+        job.cancel.cancel()
+
+    def _run_single(self, job: Job, on_progress: Any, started: float) -> None:
         with self.models.use(job.kind, job.model, self._loading_progress(job, on_progress)) as engine:
-            resolved_request = engine.resolve(job.request)
+            request = job.request
+            if isinstance(request, ImageRequest) and request.decoder_model in job.sources:
+                request = request.model_copy(update={"decoder_model": job.sources[request.decoder_model]})
+            resolved_request = engine.resolve(request)
             job.resolved = resolved_request.model_dump(mode="json")
-            self.store.mark_running(job.id, job.model, engine.placement.device, engine.placement.dtype_name)
-            self._update(job, status="running", progress=None)  # loading progress ends here
+            self._start_running(job, engine)
             options: dict[str, Any] = {}
             if isinstance(resolved_request, ImageRequest):
                 options["preview_every"] = max(1, (resolved_request.steps or 1) // 8)
@@ -425,12 +564,12 @@ class JobService:
                 result = engine.generate(resolved_request, on_progress, job.cancel, **options)
             except Cancelled as stop:
                 kept = self._save_partial(job, engine, resolved_request, stop.completed)
-                self._stopped(job, timed_out, kept, started)
+                self._stopped(job, kept, started)
                 return
             paths = media.save_result(result, job.save.output, self.settings.outputs, **self._save_args(job))
             self._finish(job, "succeeded", outputs=self._describe(result, paths), started=started)
 
-    def _run_scene(self, job: Job, on_progress: Any, timed_out: threading.Event, started: float) -> None:
+    def _run_scene(self, job: Job, on_progress: Any, started: float) -> None:
         """A picture, then its soundtrack, then the MP4 of both: one job, one progress bar. With
         --low-memory the two models are never loaded together: the picture's model is let go (and,
         the manager holding one model then, unloaded) before the music model loads."""
@@ -439,9 +578,9 @@ class JobService:
         loading = self._loading_progress(job, on_progress)
         sequential = self.settings.low_memory
         with ExitStack() as held:
-            image_engine = held.enter_context(self.models.use("image", scene.image_model or "", loading))
+            image_engine = held.enter_context(self.models.use("image", job.models["image"], loading))
             music_engine = (
-                None if sequential else held.enter_context(self.models.use("music", scene.music_model or "", loading))
+                None if sequential else held.enter_context(self.models.use("music", job.models["music"], loading))
             )
             image_request = image_engine.resolve(scene.image_request())
             scene = scene.model_copy(
@@ -453,9 +592,7 @@ class JobService:
                 }
             )
             job.resolved = scene.model_dump(mode="json")
-            placement = image_engine.placement
-            self.store.mark_running(job.id, job.model, placement.device, placement.dtype_name)
-            self._update(job, status="running", progress=None)  # loading progress ends here
+            self._start_running(job, image_engine)
             image_steps = image_request.steps
             total = image_steps + scene_tokens(music_engine, scene.duration)
 
@@ -479,14 +616,14 @@ class JobService:
                     image_request, scene_progress(0, "image"), job.cancel, preview_every=max(1, image_steps // 8)
                 )
             except Cancelled:
-                self._stopped(job, timed_out, [], started)
+                self._stopped(job, [], started)
                 return
             try:
                 if music_engine is None:
                     # Let the image model go (and the manager unload it) before the music model loads.
                     del image_engine
                     held.close()
-                    music_engine = held.enter_context(self.models.use("music", scene.music_model or "", loading))
+                    music_engine = held.enter_context(self.models.use("music", job.models["music"], loading))
                     total = image_steps + scene_tokens(music_engine, scene.duration)
                 sound = music_engine.generate(
                     music_engine.resolve(scene.music_request()), scene_progress(image_steps, "music"), job.cancel
@@ -538,11 +675,17 @@ class JobService:
         )
         return described
 
-    def _stopped(self, job: Job, timed_out: threading.Event, kept: list[dict[str, Any]], started: float) -> None:
-        if timed_out.is_set():
+    def _stopped(self, job: Job, kept: list[dict[str, Any]], started: float) -> None:
+        if job.timed_out.is_set():
             job.error_kind = "timeout"
-            message = f"time limit of {self.settings.job_timeout:g} s reached"
+            message = (
+                f"time limit of {self.settings.job_timeout:g} s reached before the job finished; ask for less "
+                "(fewer steps or images, a smaller size, a shorter clip) or raise the limit "
+                "(MUSELAB_JOB_TIMEOUT=SECONDS, or --job-timeout on muselab serve)"
+            )
             self._finish(job, "failed", error=message, outputs=kept, started=started)
+        elif self._closed:
+            self._finish(job, "interrupted", error=INTERRUPTED, outputs=kept, started=started)
         else:
             self._finish(job, "cancelled", error="cancelled", outputs=kept, started=started)
 
@@ -579,6 +722,8 @@ class JobService:
                 if name == "preview_png" and value is None:
                     continue
                 setattr(job, name, value)
+            if "progress" in changes:
+                job.progress_at = time.monotonic()
             job.version += 1
             self._lock.notify_all()
 
@@ -591,6 +736,8 @@ class JobService:
         outputs: list[dict[str, Any]] = (),  # type: ignore[assignment]
         started: float | None = None,
     ) -> None:
+        if job.time_limit is not None:
+            job.time_limit.cancel()
         seconds = time.perf_counter() - started if started is not None else None
         records = self.store.finish_job(
             job.id, status, request=job.resolved, outputs=list(outputs), error=error, seconds=seconds

@@ -149,6 +149,19 @@ def output_name(prompt: str, seed: int, extension: str) -> str:
     return f"{slugify(prompt)}-{seed}.{extension}"
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it (Linux); elsewhere set and restored at once."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def write_new_file(target: Path, write: Callable[[io.BufferedWriter], None]) -> Path:
     """Write via a temporary file and link it in under `target`, or `stem-2`, `stem-3`... if taken.
 
@@ -159,6 +172,10 @@ def write_new_file(target: Path, write: Callable[[io.BufferedWriter], None]) -> 
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.stem}-", suffix=".part", dir=target.parent)
     tmp = Path(tmp_name)
     try:
+        # mkstemp makes the file 0600, and the link keeps that mode: give it the one any other
+        # program's new file gets (0644 under the usual umask), so a web server, another account or
+        # a container sharing the folder can read the user's outputs.
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as handle:
             write(handle)
             handle.flush()

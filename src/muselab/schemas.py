@@ -131,6 +131,9 @@ def describe_errors(cls: type[BaseModel], errors: Any) -> str:
         if error["type"] in ("missing", "model_attributes_type", "dict_type", "json_invalid"):
             lines.append(f"{field}: {error['msg'].lower()}")
             continue
+        if error["type"] == "string_pattern_mismatch" and field.endswith("_id"):
+            lines.append(f"{field}: must be an id the API gave, 32 lowercase hex digits (got {_short(got)})")
+            continue
         info = cls.model_fields.get(field)
         rule = _describe_field(info) if info else error["msg"]
         lines.append(f"{field}: {rule} (got {_short(got)})")

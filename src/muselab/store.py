@@ -58,9 +58,15 @@ CREATE TABLE IF NOT EXISTS outputs (
 );
 CREATE INDEX IF NOT EXISTS outputs_created ON outputs(created_at);
 CREATE INDEX IF NOT EXISTS outputs_job ON outputs(job_id);
+CREATE TABLE IF NOT EXISTS model_folders (
+    label TEXT PRIMARY KEY,
+    path TEXT NOT NULL,
+    used_at TEXT NOT NULL
+);
 """
 
 ACTIVE = ("queued", "running")
+INTERRUPTED = "muselab stopped before this job finished; submit it again to retry"
 FINAL = ("succeeded", "failed", "cancelled", "interrupted")
 
 
@@ -123,8 +129,32 @@ class OutputRecord:
         }
 
 
+#: What makes a spreadsheet read a cell as a formula (OWASP's CSV injection list).
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(value: Any) -> Any:
+    """A text cell that would start a formula, with a leading apostrophe (as OWASP recommends), so
+    Excel, LibreOffice and Google Sheets show it as the text it is; numbers are left alone."""
+    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
+        return "'" + value
+    return value
+
+
 class FeedbackError(ValueError):
     pass
+
+
+@dataclass(frozen=True)
+class Deletion:
+    """What deleting an output did: its history row always goes; its file only if the history owns it."""
+
+    id: str
+    file_deleted: bool
+    message: str
+
+    def public(self) -> dict[str, Any]:
+        return {"id": self.id, "deleted": True, "file_deleted": self.file_deleted, "message": self.message}
 
 
 class HistoryStore:
@@ -254,14 +284,29 @@ class HistoryStore:
             rows = db.execute("SELECT id, pid FROM jobs WHERE status IN ('queued', 'running')").fetchall()
             lost = [row["id"] for row in rows if not _process_alive(row["pid"])]
             db.executemany(
-                "UPDATE jobs SET status='interrupted', finished_at=?, "
-                "error='muselab stopped before this job finished; submit it again to retry' WHERE id=?",
-                [(now(), job_id) for job_id in lost],
+                "UPDATE jobs SET status='interrupted', finished_at=?, error=? WHERE id=?",
+                [(now(), INTERRUPTED, job_id) for job_id in lost],
             )
         if not any(_process_alive(row["pid"]) for row in rows):
             for stray in self.outputs_dir.rglob(".*.part"):
                 stray.unlink(missing_ok=True)  # temporary files of writes that never completed
         return lost
+
+    # ------------------------------------------------------------ local model folders
+
+    def remember_model_folder(self, label: str, path: str) -> None:
+        """Files and answers name a local model by its folder's name (its label); this machine's
+        history keeps where that folder is, so `--from FILE` re-runs it here."""
+        with self._connect() as db:
+            db.execute(
+                "INSERT INTO model_folders (label, path, used_at) VALUES (?, ?, ?) "
+                "ON CONFLICT(label) DO UPDATE SET path=excluded.path, used_at=excluded.used_at",
+                (label, path, now()),
+            )
+
+    def model_folder(self, label: str) -> str | None:
+        row = self._connection().execute("SELECT path FROM model_folders WHERE label=?", (label,)).fetchone()
+        return row["path"] if row else None
 
     # ------------------------------------------------------------ outputs
 
@@ -339,15 +384,36 @@ class HistoryStore:
     def count_outputs(self) -> int:
         return self._connection().execute("SELECT COUNT(*) FROM outputs").fetchone()[0]
 
-    def delete_output(self, output_id: str) -> bool:
-        """Remove an output's row and its file. Returns False if there was no such output."""
+    def owned_file(self, record: OutputRecord) -> Path | None:
+        """The output's file if it is one inside this history's outputs folder, links resolved; else
+        None. The one rule for what the history may read out to clients and may delete: a file the
+        CLI wrote elsewhere (`-o`), or a link out of the folder, is not the history's."""
+        root = self.outputs_dir.resolve()
+        try:
+            real = record.path.resolve(strict=True)
+        except OSError:
+            return None
+        return real if real.is_relative_to(root) and real.is_file() else None
+
+    def delete_output(self, output_id: str) -> Deletion | None:
+        """Forget an output, and delete its file if the history owns it (`owned_file`). None if
+        there was no such output."""
         record = self.get_output(output_id)
         if record is None:
-            return False
+            return None
+        owned = self.owned_file(record)
         with self._connect() as db:
             db.execute("DELETE FROM outputs WHERE id=?", (output_id,))
-        record.path.unlink(missing_ok=True)
-        return True
+        if owned is not None:
+            owned.unlink(missing_ok=True)
+            return Deletion(output_id, True, f"Deleted {record.path.name}.")
+        if record.path.is_symlink() or record.path.exists():
+            message = (
+                f"Removed {record.path.name} from the history; the file is outside the outputs folder, so it was kept."
+            )
+        else:
+            message = f"Removed {record.path.name} from the history; its file was already gone."
+        return Deletion(output_id, False, message)
 
     def set_feedback(
         self, output_id: str, thumb: int | None = None, stars: int | None = None, comment: str | None = None
@@ -408,9 +474,10 @@ class HistoryStore:
             return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in flat)
         if fmt == "csv":
             buffer = io.StringIO()
-            writer = csv.DictWriter(buffer, fieldnames=self.EXPORT_COLUMNS)
+            writer = csv.DictWriter(buffer, fieldnames=self.EXPORT_COLUMNS, quoting=csv.QUOTE_ALL)
             writer.writeheader()
             for row in flat:
-                writer.writerow({**row, "recipe": json.dumps(row["recipe"], ensure_ascii=False)})
+                cells = {**row, "recipe": json.dumps(row["recipe"], ensure_ascii=False)}
+                writer.writerow({key: spreadsheet_safe(value) for key, value in cells.items()})
             return buffer.getvalue()
         raise ValueError("export format must be jsonl or csv")

@@ -79,15 +79,19 @@ def load_engine(
     )
 
 
-def describe_runtime(settings: Settings, with_paths: bool = True) -> dict[str, str]:
+def describe_runtime(settings: Settings, public: bool = False) -> dict[str, str]:
     """Where and how the engines will run with `settings`, and why: what `muselab doctor`, the API's
     /api/info and the UI's front page show, so a user can see why generation is as fast as it is.
-    `*_engine` is `torch`, `openvino` or `unavailable`; `*_backend` says more. Without `with_paths`
-    no folder of the machine is named (the API may be exposed)."""
+    `*_engine` is `torch`, `openvino` or `unavailable`; `*_backend` says more. `public` names no
+    folder of the machine and no library version (the API may be exposed, and versions tell an
+    attacker which known holes to try)."""
+    from muselab.engines.openvino import openvino_version
+
     placement = choose_placement(settings.device, settings.dtype)
-    cached = f", cached in {settings.openvino_cache}" if with_paths else ""
-    image_engine, image_backend = _image_backend(settings, placement.device, cached)
-    music_engine, music_backend = _music_backend(settings, placement.device, cached)
+    where = "" if public else f" {openvino_version()}"
+    cached = "" if public else f", cached in {settings.openvino_cache}"
+    image_engine, image_backend = _image_backend(settings, placement.device, where, cached)
+    music_engine, music_backend = _music_backend(settings, placement.device, where, cached)
     return {
         "device": placement.device,
         "dtype": placement.dtype_name,
@@ -101,9 +105,9 @@ def describe_runtime(settings: Settings, with_paths: bool = True) -> dict[str, s
     }
 
 
-def _image_backend(settings: Settings, device: str, cached: str) -> tuple[str, str]:
+def _image_backend(settings: Settings, device: str, version: str, cached: str) -> tuple[str, str]:
     from muselab.engines.image import auto_uses_openvino
-    from muselab.engines.openvino import openvino_available, openvino_version
+    from muselab.engines.openvino import openvino_available
 
     quantize = settings.image_quantize()
     usable = auto_uses_openvino(device, quantize, settings.low_memory, settings.compile)
@@ -119,12 +123,12 @@ def _image_backend(settings: Settings, device: str, cached: str) -> tuple[str, s
             return "torch", "torch" if openvino_available() else "torch (openvino is not installed)"
     elif not openvino_available():
         return "unavailable", "openvino (NOT INSTALLED: pip install openvino)"
-    return "openvino", f"openvino {openvino_version()} (models converted once{cached})"
+    return "openvino", f"openvino{version} (models converted once{cached})"
 
 
-def _music_backend(settings: Settings, device: str, cached: str) -> tuple[str, str]:
+def _music_backend(settings: Settings, device: str, version: str, cached: str) -> tuple[str, str]:
     from muselab.engines.music import music_backend
-    from muselab.engines.openvino import OpenVinoUnavailable, openvino_available, openvino_version
+    from muselab.engines.openvino import OpenVinoUnavailable, openvino_available
 
     try:
         backend = music_backend(settings.backend, "the music model", device, settings.music_quantize(device))
@@ -132,4 +136,4 @@ def _music_backend(settings: Settings, device: str, cached: str) -> tuple[str, s
         return "unavailable", f"openvino (UNAVAILABLE: {str(exc).splitlines()[0]})"
     if backend == "torch":
         return "torch", "torch" if openvino_available() else "torch (openvino is not installed)"
-    return "openvino", f"openvino {openvino_version()} (decoder converted once{cached})"
+    return "openvino", f"openvino{version} (decoder converted once{cached})"

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import contextvars
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from muselab.config import hf_cache_dir
+from muselab.config import looks_like_path
 from muselab.devices import Placement
 from muselab.schemas import Request
 
@@ -61,6 +63,25 @@ class CancelToken:
     def raise_if_cancelled(self) -> None:
         if self._event.is_set():
             raise Cancelled()
+
+
+_CURRENT_CANCEL: contextvars.ContextVar[CancelToken | None] = contextvars.ContextVar("muselab_cancel", default=None)
+
+
+@contextmanager
+def cancellable(cancel: CancelToken) -> Iterator[None]:
+    """Within this block, a long call that can be stopped midway (one OpenVINO inference: a UNet
+    step of a large picture can take minutes on a CPU) checks `cancel` while it runs, not only
+    between steps: see `current_cancel`."""
+    token = _CURRENT_CANCEL.set(cancel)
+    try:
+        yield
+    finally:
+        _CURRENT_CANCEL.reset(token)
+
+
+def current_cancel() -> CancelToken | None:
+    return _CURRENT_CANCEL.get()
 
 
 class ProgressClock:
@@ -176,8 +197,7 @@ def locate_model(model: str, offline: bool, kind: str) -> str:
     path = Path(model).expanduser()
     if path.is_dir():
         return str(path)
-    looks_like_path = model.startswith((".", "/", "~")) or model.count("/") > 1 or "\\" in model
-    if looks_like_path or path.exists():
+    if looks_like_path(model) or path.exists():
         raise ModelUnavailable(
             f"The {kind} model folder '{model}' does not exist (or is not a folder).\n"
             f"Fix: pass --model with a folder that holds a saved {kind} model, or a hub id."
@@ -246,8 +266,8 @@ def _hub_failure(exc: BaseException) -> str:
 
 def missing_weights_message(model: str, kind: str, why: str) -> str:
     return (
-        f"The {kind} model '{model}' is not available: it is not in the local cache ({hf_cache_dir()}) "
-        f"and {why}.\n"
+        # No folder here: the message reaches API clients; `muselab doctor` names the cache folder.
+        f"The {kind} model '{model}' is not available: it is not in the local Hugging Face cache and {why}.\n"
         "Fix it with one of:\n"
         f"  - download it while online:   muselab models download {model}\n"
         "  - use a saved copy:           --model PATH (a folder)\n"

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from muselab.config import FAST_DECODER, GENERIC_IMAGE_DEFAULTS, catalogue_entry
+from muselab.config import FAST_DECODER, GENERIC_IMAGE_DEFAULTS, catalogue_entry, model_label
 from muselab.devices import Placement, choose_placement, physical_memory_gib
 from muselab.engines.base import (
     Cancelled,
@@ -21,6 +21,7 @@ from muselab.engines.base import (
     ModelUnavailable,
     ProgressCallback,
     ProgressClock,
+    cancellable,
     engine_result,
     load_or_explain,
     locate_model,
@@ -181,6 +182,7 @@ class ImageEngine:
         self.low_memory = low_memory
         self._full_vae = pipe.vae
         self._fast_vaes: dict[str, Any] = {}
+        self._decoder_sources: dict[str, str] = {}
         self._preview_vae: Any = None  # TAESD for previews once found; False if it cannot be had
         self.fast_decoder, self.offline = fast_decoder, offline
         self._scheduler_config = dict(pipe.scheduler.config)
@@ -259,6 +261,13 @@ class ImageEngine:
             self._fast_vaes[source] = vae.to(self.placement.device).eval()
         return self._fast_vaes[source]
 
+    def _decoder_label(self, source: str) -> str:
+        """How a fast decoder is named in a resolved request (a folder by its name, see
+        `model_label`), remembering which id or folder the name stands for."""
+        label = model_label(source)
+        self._decoder_sources[label] = source
+        return label
+
     def preview_decoder(self) -> Any:
         """The tiny autoencoder for live previews, or None where it cannot be had (then previews
         fall back to a linear latent-to-RGB projection). Never downloads while offline."""
@@ -277,14 +286,16 @@ class ImageEngine:
         """Fill every unset field from the model's defaults, so the recipe is complete."""
         return request.model_copy(
             update={
-                "model": self.model,
+                "model": model_label(self.model),
                 "seed": request.seed if request.seed is not None else secrets.randbelow(MAX_SEED + 1),
                 "width": request.width or self.native_size,
                 "height": request.height or self.native_size,
                 "steps": request.steps or self.defaults.steps,
                 "guidance": request.guidance if request.guidance is not None else self.defaults.guidance,
                 "scheduler": request.scheduler or self.defaults.scheduler,
-                "decoder_model": (request.decoder_model or self.fast_decoder) if request.decoder == "fast" else None,
+                "decoder_model": self._decoder_label(request.decoder_model or self.fast_decoder)
+                if request.decoder == "fast"
+                else None,
             }
         )
 
@@ -301,7 +312,11 @@ class ImageEngine:
         self.pipe.scheduler = steps_in_float32(make_scheduler(request.scheduler, self._scheduler_config))
         # One engine runs one generation at a time (the job service's run lock), so the decoder
         # can be chosen per request.
-        self.pipe.vae = self.fast_vae(request.decoder_model) if request.decoder == "fast" else self._full_vae
+        if request.decoder == "fast":
+            assert request.decoder_model is not None
+            self.pipe.vae = self.fast_vae(self._decoder_sources.get(request.decoder_model, request.decoder_model))
+        else:
+            self.pipe.vae = self._full_vae
         if self.low_memory or request.width * request.height > TILED_DECODE_PIXELS:
             self.pipe.vae.enable_tiling()
         else:
@@ -325,20 +340,21 @@ class ImageEngine:
                 return tensors
 
             try:
-                result = self.pipe(
-                    prompt=request.prompt,
-                    negative_prompt=request.negative_prompt or None,
-                    width=request.width,
-                    height=request.height,
-                    num_inference_steps=request.steps,
-                    guidance_scale=request.guidance,
-                    latents=self.initial_noise(request, generator),
-                    # The same generator, past the starting noise: a sampler's own draws continue
-                    # the seed's sequence, as when the pipeline draws the starting noise itself.
-                    generator=generator,
-                    callback_on_step_end=on_step_end,
-                    callback_on_step_end_tensor_inputs=["latents"],
-                )
+                with cancellable(cancel):
+                    result = self.pipe(
+                        prompt=request.prompt,
+                        negative_prompt=request.negative_prompt or None,
+                        width=request.width,
+                        height=request.height,
+                        num_inference_steps=request.steps,
+                        guidance_scale=request.guidance,
+                        latents=self.initial_noise(request, generator),
+                        # The same generator, past the starting noise: a sampler's own draws continue
+                        # the seed's sequence, as when the pipeline draws the starting noise itself.
+                        generator=generator,
+                        callback_on_step_end=on_step_end,
+                        callback_on_step_end_tensor_inputs=["latents"],
+                    )
             except Cancelled:
                 raise Cancelled(completed=outputs) from None
             flagged = bool(result.nsfw_content_detected and result.nsfw_content_detected[0])

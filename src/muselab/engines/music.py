@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from muselab.config import model_label
 from muselab.devices import Placement, choose_placement
 from muselab.engines.base import (
     Cancelled,
@@ -162,7 +163,7 @@ class MusicEngine:
 
     def resolve(self, request: MusicRequest) -> MusicRequest:
         seed = request.seed if request.seed is not None else secrets.randbelow(MAX_SEED + 1)
-        return request.model_copy(update={"model": self.model, "seed": seed})
+        return request.model_copy(update={"model": model_label(self.model), "seed": seed})
 
     def tokens_for(self, duration: float) -> int:
         """New decoder steps for `duration` seconds: one per frame, the codebook delay pattern, and

@@ -19,6 +19,7 @@ an AVX-512 Xeon, at a visible but small cost in fidelity (docs/PERFORMANCE.md).
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.util
 import json
@@ -30,13 +31,14 @@ import threading
 import time
 import uuid
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from muselab.engines.base import ModelUnavailable, ProgressCallback, ProgressEvent
+from muselab.engines.base import Cancelled, ModelUnavailable, ProgressCallback, ProgressEvent, current_cancel
 
 #: Bump when the conversion below changes, so stale cached IR is never used.
 CONVERSION_VERSION = 2  # 2: float32 inputs and outputs whatever the weights (bfloat16 IR could not be fed)
@@ -225,11 +227,11 @@ def convert(
 
     name = target.name.split("-")[0]
     if converted is not None:
-        say(f"Reading the converted {name} (cached in {target.parent})")
+        say(f"Reading the converted {name}")
         model = ov.Core().read_model(converted / "model.xml")
     else:
         assert module is not None
-        say(f"Converting the {name} to OpenVINO (one time; cached in {target.parent})")
+        say(f"Converting the {name} to OpenVINO (one time)")
         with TRACING_LOCK, torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # tracer warnings about shape checks baked in as constants
             model = ov.convert_model(module, example_input=example)
@@ -350,15 +352,23 @@ def _remove_stale_partials(folder: Path, older_than_s: float = 6 * 3600) -> None
                 shutil.rmtree(path, ignore_errors=True)
 
 
+#: How often a running inference looks at its job's cancel token.
+CANCEL_POLL_MS = 50
+
+
 class _CompiledModule(torch.nn.Module):
     """Calls one compiled OpenVINO model; it has no parameters, only the `dtype` and `device`
     diffusers reads from every pipeline component."""
 
-    def __init__(self, compiled: Any, dtype: torch.dtype):
+    def __init__(self, compiled: Any, dtype: torch.dtype, recompile: Callable[[], Any] | None = None):
+        """`recompile` makes the compiled model anew: with it, a run stops midway when its job is
+        cancelled (see `run`); without it, a run always finishes."""
         super().__init__()
         self.compiled = compiled
         self.request = compiled.create_infer_request()
         self._dtype = dtype
+        self._recompile = recompile
+        self._stale = False
 
     @property
     def dtype(self) -> torch.dtype:
@@ -369,16 +379,38 @@ class _CompiledModule(torch.nn.Module):
         return torch.device("cpu")
 
     def run(self, *inputs: np.ndarray) -> torch.Tensor:
-        result = self.request.infer(list(inputs), share_inputs=True)
+        cancel = current_cancel() if self._recompile is not None else None
+        if self._stale:
+            # OpenVINO's CPU graph is left in a broken state by a cancelled inference (its next
+            # one at another size fails shape inference, even in a new request): compile again.
+            assert self._recompile is not None
+            self.compiled = self._recompile()
+            self.request = self.compiled.create_infer_request()
+            self._stale = False
+        if cancel is None:
+            self.request.infer(list(inputs), share_inputs=True)
+        elif cancel.cancelled:  # before it starts: nothing to stop, the graph stays sound
+            raise Cancelled()
+        else:
+            # Run it asynchronously and watch the job's cancel token (a Cancel button, the time
+            # limit, a shutdown): one step of a large picture takes minutes on a CPU.
+            self.request.start_async(list(inputs), share_inputs=True)
+            while not self.request.wait_for(CANCEL_POLL_MS):
+                if cancel.cancelled:
+                    self.request.cancel()
+                    with contextlib.suppress(RuntimeError):
+                        self.request.wait()  # raises at once: cancelled
+                    self._stale = True
+                    raise Cancelled()
         # The request reuses its output buffer on the next call: copy before handing it out.
-        return torch.from_numpy(np.array(result[0], copy=True)).to(self._dtype)
+        return torch.from_numpy(np.array(self.request.get_output_tensor(0).data, copy=True)).to(self._dtype)
 
 
 class OpenVinoUNet(_CompiledModule):
     """A stand-in for diffusers' UNet2DConditionModel (SD 1.x/2.x), backed by OpenVINO."""
 
-    def __init__(self, compiled: Any, config: Any, dtype: torch.dtype):
-        super().__init__(compiled, dtype)
+    def __init__(self, compiled: Any, config: Any, dtype: torch.dtype, recompile: Callable[[], Any] | None = None):
+        super().__init__(compiled, dtype, recompile)
         self.config = config
 
     def forward(
@@ -524,8 +556,12 @@ def use_openvino(
     timings["convert_s"] = time.perf_counter() - started
     say("Compiling the OpenVINO models")
     started = time.perf_counter()
-    unet = OpenVinoUNet(compile_ir(unet_dir, dtype), unet_config, dtype)
-    decoder = OpenVinoDecoder(compile_ir(decoder_dir, dtype), dtype)
+    unet = OpenVinoUNet(
+        compile_ir(unet_dir, dtype), unet_config, dtype, recompile=functools.partial(compile_ir, unet_dir, dtype)
+    )
+    decoder = OpenVinoDecoder(
+        compile_ir(decoder_dir, dtype), dtype, recompile=functools.partial(compile_ir, decoder_dir, dtype)
+    )
     pipe.unet = unet
     pipe.vae.decoder = decoder
     if hasattr(pipe, "_is_unet_config_sample_size_int"):  # set from the UNet in the pipeline's __init__

@@ -221,9 +221,9 @@ def load_music_decoder(
     if folder is not None and (folder / "model.xml").exists():
         model: Any = folder
     else:
-        where = f"cached in {cache_dir}" if folder is not None else "not cached: the model was built in memory"
+        where = "one time" if folder is not None else "not cached: the model was built in memory"
         say = ConversionProgress(4, on_progress)
-        say(f"Converting the music decoder to OpenVINO (one time; {where})")
+        say(f"Converting the music decoder to OpenVINO ({where})")
         # Converted without copying the weights when it is saved and read back (the compiled model
         # then owns its weights, so the PyTorch ones can go); copied when it stays in memory.
         model = convert_decoder(sampler, weights, share_weights=folder is not None)

@@ -24,7 +24,7 @@ class Backend(Protocol):
     def outputs(self, **filters: Any) -> list[dict[str, Any]]: ...
     def output_bytes(self, output_id: str) -> bytes: ...
     def feedback(self, output_id: str, thumb: int | None, stars: int | None, comment: str | None) -> None: ...
-    def delete(self, output_id: str) -> None: ...
+    def delete(self, output_id: str) -> str: ...
     def info(self) -> dict[str, Any]: ...
 
 
@@ -35,9 +35,15 @@ def validate(kind: str, data: dict[str, Any]) -> Any:
 
 class LocalBackend:
     def __init__(self, settings: Settings):
+        import atexit
+
         from muselab.jobs import JobService
 
         self.service = JobService(settings)
+        # When the studio stops (SIGTERM, Ctrl-C), its running jobs stop within a step and are
+        # recorded as interrupted before the interpreter exits: left running in their daemon
+        # threads, OpenVINO's threads were killed mid-call (an abort, not a clean exit).
+        atexit.register(self.service.shutdown, 8)
 
     def submit(self, kind: str, data: dict[str, Any]) -> str:
         from muselab.jobs import QueueFull
@@ -61,26 +67,30 @@ class LocalBackend:
         return [record.public() for record in self.service.store.list_outputs(**filters)]
 
     def output_bytes(self, output_id: str) -> bytes:
-        record = self.service.store.get_output(output_id)
-        if record is None or not record.path.is_file():
+        store = self.service.store
+        record = store.get_output(output_id)
+        path = None if record is None else store.owned_file(record)  # the API's rule, see owned_file
+        if path is None:
             raise BackendError("That file is gone.")
-        return record.path.read_bytes()
+        return path.read_bytes()
 
     def feedback(self, output_id: str, thumb: int | None, stars: int | None, comment: str | None) -> None:
         self.service.store.set_feedback(output_id, thumb, stars, comment)
 
-    def delete(self, output_id: str) -> None:
-        self.service.store.delete_output(output_id)
+    def delete(self, output_id: str) -> str:
+        deletion = self.service.store.delete_output(output_id)
+        return deletion.message if deletion else "Already deleted."
 
     def info(self) -> dict[str, Any]:
+        from muselab.config import model_label
         from muselab.engines import describe_runtime
 
         settings = self.service.settings
         return {
-            "models": {"music": settings.model_for("music"), "image": settings.model_for("image")},
+            "models": {kind: model_label(settings.model_for(kind)) for kind in ("music", "image")},
             "loaded": self.service.models.loaded(),
             "preset": settings.preset,
-            "runtime": describe_runtime(settings, with_paths=False),
+            "runtime": describe_runtime(settings, public=True),
         }
 
 
@@ -132,8 +142,8 @@ class RemoteBackend:
         body = {k: v for k, v in {"thumb": thumb, "stars": stars, "comment": comment}.items() if v is not None}
         self._call("POST", f"/api/outputs/{output_id}/feedback", json=body)
 
-    def delete(self, output_id: str) -> None:
-        self._call("DELETE", f"/api/outputs/{output_id}")
+    def delete(self, output_id: str) -> str:
+        return self._call("DELETE", f"/api/outputs/{output_id}").json().get("message", "Deleted.")
 
     def info(self) -> dict[str, Any]:
         return {**self._call("GET", "/api/info").json(), "served_by": str(self.client.base_url)}

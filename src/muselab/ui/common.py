@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -19,16 +20,16 @@ from muselab.ui.backend import ACTIVE, Backend, BackendError, LocalBackend, Remo
 
 STYLE = Path(__file__).with_name("style.css")
 PAGES = {
-    "home": "pages/home.py",
-    "music": "pages/music.py",
-    "image": "pages/image.py",
-    "scene": "pages/scene.py",
-    "gallery": "pages/gallery.py",
+    "home": "views/home.py",
+    "music": "views/music.py",
+    "image": "views/image.py",
+    "scene": "views/scene.py",
+    "gallery": "views/gallery.py",
 }
 
 
 @st.cache_resource(show_spinner=False)
-def _backend(data_dir: str, preset: str, api_url: str | None, token: str | None) -> Backend:
+def _backend(data_dir: str, preset: str, api_url: str | None, token: str | None, any_model: bool) -> Backend:
     if api_url:
         return RemoteBackend(api_url, token)
     from muselab.quiet import quiet_libraries
@@ -39,7 +40,24 @@ def _backend(data_dir: str, preset: str, api_url: str | None, token: str | None)
 
 def backend() -> Backend:
     settings = Settings()
-    return _backend(str(settings.data_dir), settings.preset, settings.ui_api_url, settings.api_token)
+    return _backend(
+        str(settings.data_dir), settings.preset, settings.ui_api_url, settings.api_token, settings.allow_any_model
+    )
+
+
+# What Markdown (with Streamlit's extensions) could turn into a link, an image, a directive such as
+# :red[...], emphasis, a heading, a table or math; then the openings of a bare link (`http://`,
+# `www.`), broken by escaping their punctuation.
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]()#!|<>~$&])")
+_BARE_LINK = re.compile(r"(?i)://|\bwww\.")
+
+
+def plain(text: str) -> str:
+    """`text` for a Markdown-rendering element (errors, warnings, captions, toasts), shown as
+    written: user-written text (prompts, comments, file and model names, and error messages that
+    quote them) cannot become a link, an image the browser fetches, or styling."""
+    text = _MARKDOWN_SPECIAL.sub(r"\\\1", text)
+    return _BARE_LINK.sub(lambda match: match.group(0).replace(":", "\\:").replace(".", "\\."), text)
 
 
 def apply_style() -> None:
@@ -52,9 +70,9 @@ def submit(kind: str, data: dict[str, Any]) -> None:
         st.session_state[f"{kind}.job"] = backend().submit(kind, data)
         st.session_state[f"{kind}.submitted_at"] = time.time()
     except RequestError as exc:
-        st.error(str(exc).replace("Invalid request:", "Please change:"), icon=":material/edit:")
+        st.error(plain(str(exc).replace("Invalid request:", "Please change:")), icon=":material/edit:")
     except BackendError as exc:
-        st.warning(str(exc), icon=":material/hourglass_top:")
+        st.warning(plain(str(exc)), icon=":material/hourglass_top:")
 
 
 def job_panel(kind: str) -> dict[str, Any] | None:
@@ -65,7 +83,7 @@ def job_panel(kind: str) -> dict[str, Any] | None:
     try:
         status = backend().status(job_id)
     except BackendError as exc:
-        st.warning(str(exc))
+        st.warning(plain(str(exc)))
         return None
     if status["status"] in ACTIVE:
         _live_progress(kind, job_id)
@@ -73,7 +91,7 @@ def job_panel(kind: str) -> dict[str, Any] | None:
     kept = len(status["outputs"])
     if status["status"] == "failed":
         message = status["error"] or "The job failed."
-        st.error(message + (f" {kept} finished file(s) kept." if kept else ""), icon=":material/error:")
+        st.error(plain(message + (f" {kept} finished file(s) kept." if kept else "")), icon=":material/error:")
     elif status["status"] == "cancelled":
         st.warning("Cancelled. Nothing partial was saved" + (f"; {kept} finished file(s) kept." if kept else "."))
     elif status["status"] == "interrupted":
@@ -89,7 +107,7 @@ def _live_progress(kind: str, job_id: str) -> None:
     progress = status["progress"]
     if progress is not None and progress["stage"] == "converting":
         note = progress.get("note") or "Converting the model"
-        st.progress(min(progress["fraction"], 1.0), text=f"{note} (one time), {progress['elapsed']:0.0f} s")
+        st.progress(min(progress["fraction"], 1.0), text=f"{note}, {progress['elapsed']:0.0f} s")
     elif status["status"] == "queued" or progress is None:
         position = status.get("queue_position")
         waited = time.time() - st.session_state.get(f"{kind}.submitted_at", time.time())
@@ -115,7 +133,7 @@ def file_bytes(output: dict[str, Any]) -> bytes | None:
     try:
         return backend().output_bytes(output["id"])
     except BackendError:
-        st.warning(f"{output['filename']} is gone from disk.")
+        st.warning(plain(f"{output['filename']} is gone from disk."))
         return None
 
 
@@ -154,6 +172,35 @@ def show_output(output: dict[str, Any], *, compact: bool = False) -> None:
         st.download_button(
             "MP4", data, file_name=name, mime="video/mp4", key=f"dl.{output['id']}", icon=":material/download:"
         )
+
+
+def thumbnail(output: dict[str, Any]) -> bytes | None:
+    """A small PNG for the Gallery's grid: the picture, a clip's waveform, a scene's frame."""
+    try:
+        return _thumbnail(output["id"], output["kind"])
+    except (BackendError, ValueError, OSError):
+        return None
+
+
+@st.cache_data(max_entries=1000, show_spinner=False)
+def _thumbnail(output_id: str, kind: str, side: int = 256) -> bytes:
+    from PIL import Image
+
+    data = backend().output_bytes(output_id)
+    if kind == "music":
+        return waveform_png(data, width=side, height=side * 2 // 3)
+    if kind == "scene":
+        import av
+
+        with av.open(io.BytesIO(data)) as container:
+            picture = next(container.decode(video=0)).to_image()
+    else:
+        picture = Image.open(io.BytesIO(data))
+    picture = picture.convert("RGB")
+    picture.thumbnail((side, side))
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def waveform_png(wav: bytes, width: int = 800, height: int = 120) -> bytes:

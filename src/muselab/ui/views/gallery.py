@@ -1,7 +1,7 @@
 import streamlit as st
 
 from muselab.ui.backend import BackendError
-from muselab.ui.common import PAGES, backend, show_output, show_recipe
+from muselab.ui.common import PAGES, backend, plain, show_output, show_recipe
 
 st.title("Gallery")
 kinds = {"Everything": None, "Music": "music", "Images": "image", "Scenes": "scene"}
@@ -20,10 +20,14 @@ for output in outputs:
     with st.container(border=True):
         st.text(output["prompt"])
         st.caption(f"{output['kind']} · seed {output['seed']} · {output['created_at'][:19].replace('T', ' ')}")
+        # User-written text is shown with st.text only: as Markdown a comment could carry links and
+        # images whose addresses every visitor's browser would then call.
         show_output(output, compact=True)
         feedback = output.get("feedback") or {}
         if feedback.get("stars") or feedback.get("thumb") or feedback.get("comment"):
-            st.caption(f"Rating: {feedback.get('stars') or '-'} stars; {feedback.get('comment') or ''}")
+            st.caption(f"Rating: {feedback.get('stars') or '-'} stars")
+            if feedback.get("comment"):
+                st.text(feedback["comment"])
         show_recipe(output)
         rerun_col, delete_col = st.columns(2)
         if rerun_col.button("Re-run", key=f"rerun.{output['id']}", icon=":material/replay:"):
@@ -32,12 +36,11 @@ for output in outputs:
             try:
                 st.session_state[f"{job_kind}.job"] = backend().submit(job_kind, request)
             except (BackendError, ValueError) as exc:
-                st.error(str(exc))
+                st.error(plain(str(exc)))
             else:
                 st.switch_page(PAGES[job_kind])
         if delete_col.button("Delete", key=f"delete.{output['id']}", icon=":material/delete:"):
-            backend().delete(output["id"])
-            st.toast("Deleted")
+            st.toast(plain(backend().delete(output["id"])))
             st.rerun()
 if len(outputs) == st.session_state["gallery.limit"] and st.button("Show more"):
     st.session_state["gallery.limit"] += 12

@@ -1,6 +1,6 @@
 import streamlit as st
 
-from muselab.ui.common import PAGES, backend, device_line, show_output
+from muselab.ui.common import PAGES, backend, device_line, plain, show_output
 
 st.title("muselab")
 st.write("Make music or a picture from a few words, on your own machine.")
@@ -15,8 +15,8 @@ if scene.button("Scene", key="home-scene", icon=":material/movie:", width="stret
 with st.spinner("Starting muselab..."):
     info = backend().info()
 st.caption(device_line(info))
-st.caption(f"Music model: {info['models']['music']}")
-st.caption(f"Image model: {info['models']['image']}")
+st.caption(plain(f"Music model: {info['models']['music']}"))
+st.caption(plain(f"Image model: {info['models']['image']}"))
 
 recent = backend().outputs(limit=4)
 if recent:
