@@ -5,6 +5,7 @@ It saves a screenshot of every page, at 1280x800 and 400x800, under test-output/
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -112,6 +113,17 @@ def generate(page) -> None:
     page.get_by_role("button", name="Generate").click()
 
 
+def start_a_long_image_job(page) -> None:
+    """On the Image page: 8 images of 150 steps, minutes of work on the tiny models."""
+    page.get_by_label("Describe the picture").fill("a long one")
+    page.get_by_label("Images").fill("8")
+    page.keyboard.press("Tab")
+    page.get_by_text("Advanced settings").click()
+    page.get_by_label("Steps (0 = model default)").fill("150")
+    page.keyboard.press("Tab")
+    generate(page)
+
+
 def assert_audio_plays(page) -> None:
     audio = page.locator("audio").first
     audio.wait_for(state="attached", timeout=120_000)
@@ -173,13 +185,7 @@ def test_the_studio_in_a_real_browser(studio, browser, tmp_path):
     shoot(page, "gallery")
 
     go(page, studio, "image", "Image")
-    page.get_by_label("Describe the picture").fill("a long one")
-    page.get_by_label("Images").fill("8")
-    page.keyboard.press("Tab")
-    page.get_by_text("Advanced settings").click()
-    page.get_by_label("Steps (0 = model default)").fill("150")
-    page.keyboard.press("Tab")
-    generate(page)
+    start_a_long_image_job(page)
     cancel = page.get_by_role("button", name="Cancel")
     cancel.wait_for(timeout=120_000)
     cancel.scroll_into_view_if_needed()
@@ -224,13 +230,7 @@ def test_sigterm_mid_job_stops_the_studio_cleanly_and_records_the_job_interrupte
         page = browser.new_page(viewport={"width": 1280, "height": 800})
         page.set_default_timeout(60_000)
         go(page, url, "image", "Image")
-        page.get_by_label("Describe the picture").fill("a long one")
-        page.get_by_label("Images").fill("8")
-        page.keyboard.press("Tab")
-        page.get_by_text("Advanced settings").click()
-        page.get_by_label("Steps (0 = model default)").fill("150")
-        page.keyboard.press("Tab")
-        generate(page)
+        start_a_long_image_job(page)
         page.get_by_text("denoising steps").first.wait_for(timeout=120_000)  # running
         stopped_at = time.monotonic()
         process.send_signal(signal.SIGTERM)
@@ -245,3 +245,91 @@ def test_sigterm_mid_job_stops_the_studio_cleanly_and_records_the_job_interrupte
     finally:
         if process.poll() is None:
             process.kill()
+
+
+def fill_history(data: Path, count: int) -> None:
+    """`count` small pictures in the history of a studio's data folder, as finished jobs leave them."""
+    from PIL import Image
+
+    from muselab.media import save_image
+    from muselab.store import HistoryStore, new_id
+
+    store = HistoryStore(data / "history.sqlite3", data / "outputs")
+    for number in range(count):
+        request = {"prompt": f"picture {number}", "seed": number, "steps": 1, "guidance": 7.5}
+        request.update(width=64, height=64, scheduler="Euler", kind="image")
+        recipe = {"software": "muselab", "model_name": "m", "device": "cpu", "dtype": "float32", "request": request}
+        picture = Image.new("RGB", (64, 64), ((number * 37) % 256, (number * 91) % 256, 120))
+        path = save_image(picture, recipe, data / "outputs" / f"picture-{number}.png")
+        job = new_id()
+        store.add_job(job, "image", request, "cli")
+        store.finish_job(
+            job,
+            "succeeded",
+            outputs=[{"path": path, "kind": "image", "prompt": request["prompt"], "seed": number, "recipe": recipe}],
+        )
+
+
+def test_the_gallery_is_a_grid_whose_first_screen_holds_a_dozen_outputs(tiny_dir, browser, tmp_path):
+    (tmp_path / "tiny-models").symlink_to(tiny_dir / "tiny-models")
+    fill_history(tmp_path, 30)
+    process, url = start_studio(tmp_path)
+    try:
+        page = browser.new_page(viewport={"width": 1280, "height": 800})
+        page.set_default_timeout(60_000)
+        go(page, url, "gallery", "Gallery")
+        tiles = page.locator("[class*='st-key-tile-']")
+        tiles.nth(11).locator("img").wait_for()
+        boxes = [tiles.nth(index).bounding_box() for index in range(tiles.count())]
+        on_first_screen = [box for box in boxes if box and box["y"] >= 0 and box["y"] + box["height"] <= 800]
+        assert len(on_first_screen) >= 12, f"{len(on_first_screen)} tiles on the first screen"
+        assert tiles.count() == 24 and page.get_by_role("button", name="Show more").count() == 1  # paged
+        shoot(page, "gallery-grid")
+        tiles.first.get_by_role("button", name="Open").click()
+        dialog = page.get_by_role("dialog")
+        dialog.get_by_text("picture 29", exact=True).wait_for()
+        assert dialog.get_by_role("button", name="PNG").count() == 1 and dialog.locator("img").count() >= 1
+        assert dialog.get_by_role("button", name="Re-run").count() == 1
+        assert dialog.get_by_role("button", name="Delete").count() == 1
+        shoot(page, "gallery-detail")
+    finally:
+        stop(process)
+
+
+def test_a_new_user_from_empty_caches_gets_an_image_and_a_clip_with_moving_progress(browser, tmp_path):
+    """The path `make run` takes: an empty data folder (the tiny models are built) and an empty
+    conversion cache (each model is converted for OpenVINO once, while the first page is open)."""
+    data, cache = tmp_path / "data", tmp_path / "cache"
+    data.mkdir()
+    process, url = start_studio(data, cache=str(cache))
+    try:
+        page = browser.new_page(viewport={"width": 1280, "height": 800})
+        page.set_default_timeout(120_000)
+        go(page, url, "", "muselab")
+        go(page, url, "image", "Image")
+        page.get_by_label("Describe the picture").fill("a first fox")
+        page.keyboard.press("Tab")
+        generate(page)
+        seen: list[str] = []
+        deadline = time.monotonic() + 600
+        while not page.get_by_role("button", name="PNG").count():
+            assert time.monotonic() < deadline, seen[-5:]
+            bar = page.locator("[data-testid='stProgress']")
+            if bar.count():
+                with contextlib.suppress(Exception):  # the bar went between count() and reading it
+                    seen.append(bar.first.inner_text(timeout=1000))
+            page.wait_for_timeout(500)
+        assert page.locator("[data-testid='stImage'] img").count() >= 1
+        texts = [text for text in dict.fromkeys(seen) if text.strip()]
+        assert len(texts) >= 3, texts  # the progress text changed while the first image was made
+        assert not any("cached in" in text or str(cache) in text or "(one time) (one time)" in text for text in texts)
+        go(page, url, "music", "Music")
+        page.get_by_label("Describe the music").fill("a first tune")
+        page.keyboard.press("Tab")
+        generate(page)
+        assert_audio_plays(page)
+        go(page, url, "gallery", "Gallery")
+        for prompt in ("a first fox", "a first tune"):
+            page.get_by_text(prompt, exact=True).first.wait_for()
+    finally:
+        stop(process)

@@ -361,3 +361,52 @@ def test_a_one_time_conversion_shows_seconds_that_move_and_no_folder(settings):
     finally:
         release.set()
         service.shutdown()
+
+
+def test_prepare_makes_the_configured_models_ready_before_the_first_job(tmp_path):
+    """The studio and the server load (and convert, once) the configured models when they start:
+    their progress moves, and the first job then finds its model loaded."""
+    from muselab.engines import ProgressEvent
+
+    loads: list[str] = []
+    release = threading.Event()
+
+    def loader(kind, s, model, on_progress=None):
+        loads.append(kind)
+        on_progress(ProgressEvent("converting", 1, 4, 0.0, None, note=f"Converting the {kind} model (one time)"))
+        release.wait(10)
+        return FakeEngine(kind, model)
+
+    service = JobService(Settings(data_dir=tmp_path, preset="tiny", offline=True, max_models=2), loader=loader)
+    try:
+        service.prepare()
+        deadline = time.monotonic() + 10
+        while service.preparation()["image"]["fraction"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        first = service.preparation()["image"]
+        time.sleep(1.1)
+        later = service.preparation()["image"]
+        assert first["fraction"] == 0.25 and "Converting the image model" in first["note"]
+        assert later["elapsed"] - first["elapsed"] >= 1.0  # seconds that move between stages
+        release.set()
+        while service.preparation()["music"]["state"] != "ready" and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert {state["state"] for state in service.preparation().values()} == {"ready"}
+        assert service.wait(service.submit(ImageRequest(prompt="x")).id, 10)["status"] == "succeeded"
+        assert loads == ["image", "music"]  # the job loaded nothing more
+    finally:
+        release.set()
+        service.shutdown()
+
+
+def test_prepare_skips_models_whose_weights_are_not_here_and_stops_with_the_service(tmp_path):
+    service = JobService(Settings(data_dir=tmp_path, offline=True, image_model="someone/absent", music_model="x/y"))
+    try:
+        service.prepare()
+        deadline = time.monotonic() + 10
+        while {s["state"] for s in service.preparation().values()} != {"skipped"} and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert all(state["note"] == "weights not downloaded" for state in service.preparation().values())
+        assert service.models.loaded() == []
+    finally:
+        service.shutdown()

@@ -138,6 +138,12 @@ def test_no_answer_names_a_folder_of_the_machine_or_a_library_version(tiny_dir, 
         rerun = client.post("/api/jobs/image?wait=true", json={**recipe["request"], "kind": "image"})
         assert rerun.status_code == 200 and rerun.json()["status"] == "succeeded"
         assert client.get(f"/api/outputs/{rerun.json()['outputs'][0]['id']}/file").content == png
+    from muselab.engines import describe_runtime
+
+    on_openvino = describe_runtime(Settings(data_dir=tmp_path, backend="openvino"), public=True)
+    assert on_openvino["image_backend"].startswith("openvino") and not any(
+        char.isdigit() for char in on_openvino["image_backend"] + on_openvino["music_backend"]
+    ), on_openvino  # no library version, whatever backend this machine's settings pick
 
 
 def test_errors_of_a_configured_model_name_no_folder(tiny_dir, tmp_path):

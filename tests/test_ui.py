@@ -158,19 +158,31 @@ def test_scene_shows_picture_player_and_video(ui_env):
     assert sorted(button.label for button in at.get("download_button")) == ["MP4", "PNG", "WAV"]
 
 
-def test_gallery_lists_filters_and_deletes(ui_env):
+def open_output(at: AppTest, output_id: str) -> AppTest:
+    """Click a tile's Open button: the output's detail view (a dialog) is drawn."""
+    at.button(key=f"open.{output_id}").click().run()
+    assert not at.exception, at.exception
+    return at
+
+
+def test_gallery_lists_filters_opens_and_deletes(ui_env):
     at = open_page("gallery")
     texts = [text.value for text in at.text]
     assert "calm piano, 70 bpm" in texts and "a quiet harbour at dawn" in texts
+    assert len(at.get("imgs") or at.get("image")) >= 3  # a thumbnail on every tile: pictures, waveforms, frames
     at.selectbox(key="gallery.kind").set_value("Scenes").run()
-    assert [text.value for text in at.text if text.value != "nice and calm"] == ["a quiet harbour at dawn"]
-    assert at.get("video")
-    at.selectbox(key="gallery.kind").set_value("Everything").run()
+    assert [text.value for text in at.text] == ["a quiet harbour at dawn"]
+    assert not at.get("video")  # a tile shows the scene's frame; its detail plays it
+    scene = next(button for button in at.button if button.key.startswith("open.")).key.removeprefix("open.")
+    assert open_output(at, scene).get("video")
+    at = open_page("gallery")
     at.text_input(key="gallery.text").input("70 bpm").run()
-    assert [text.value for text in at.text] == ["calm piano, 70 bpm", "nice and calm"]  # its comment as text
-    delete = next(button for button in at.button if button.key.startswith("delete."))
-    output_id = delete.key.removeprefix("delete.")
-    delete.click().run()
+    assert [text.value for text in at.text] == ["calm piano, 70 bpm"]
+    output_id = next(button for button in at.button if button.key.startswith("open.")).key.removeprefix("open.")
+    open_output(at, output_id)
+    assert "nice and calm" in [text.value for text in at.text]  # its comment, as text
+    assert [button.label for button in at.get("download_button")] == ["WAV", "FLAC"] and at.get("audio")
+    at.button(key=f"delete.{output_id}").click().run()
     assert store(ui_env).get_output(output_id) is None
     assert [text.value for text in at.text] == []
 
@@ -190,9 +202,21 @@ def test_prompts_are_shown_as_text_not_html(ui_env):
 def test_gallery_shows_a_comment_as_text_never_as_markdown(ui_env):
     """A comment with a link and an image would make every visitor's browser fetch its address."""
     hostile = "**bold** ![x](http://127.0.0.1:9/pixel.png) [click](http://127.0.0.1:9/) www.example.test :red[x]"
-    output = store(ui_env).list_outputs(limit=1)[0]
-    store(ui_env).set_feedback(output.id, stars=2, comment=hostile)
-    at = open_page("gallery")
+    from PIL import Image
+
+    history = store(ui_env)
+    recipe = {"request": {"prompt": "commented"}, "model_name": "m"}
+    picture = ui_env / "outputs" / "commented.png"
+    picture.parent.mkdir(exist_ok=True)
+    Image.new("RGB", (8, 8)).save(picture)
+    history.add_job("d" * 32, "image", {"prompt": "commented"}, "cli")
+    output = history.finish_job(
+        "d" * 32,
+        "succeeded",
+        outputs=[{"path": picture, "kind": "image", "prompt": "commented", "seed": 1, "recipe": recipe}],
+    )[0]
+    history.set_feedback(output.id, stars=2, comment=hostile)
+    at = open_output(open_page("gallery"), output.id)
     assert hostile in [text.value for text in at.text]
     rendered = [
         element.value

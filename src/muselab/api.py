@@ -111,6 +111,8 @@ def create_app(settings: Settings, service: JobService | None = None) -> FastAPI
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        if own_service and settings.prepare_models:
+            app.state.service.prepare()
         yield
         if own_service:
             await run_in_threadpool(app.state.service.shutdown, 10)
@@ -247,6 +249,7 @@ def _add_routes(app: FastAPI) -> None:
             "preset": settings.preset,
             "max_queue": settings.max_queue,
             "runtime": describe_runtime(settings, public=True),
+            "preparing": service.preparation(),
         }
 
     @app.post("/api/jobs/music", status_code=202, tags=["jobs"], response_model=None)

@@ -550,8 +550,12 @@ def ui(
         sys.executable, "-m", "streamlit", "run", str(folder / "app.py"),
         "--server.address", host, "--server.port", str(port), "--server.headless", "true",
         "--server.enableXsrfProtection", "true", "--server.fileWatcherType", "none",
+        "--runner.postScriptGC", "false",
         "--browser.gatherUsageStats", "false",
     ]  # fmt: skip
+    # runner.postScriptGC off: Streamlit's full garbage collection after every run, twice a second
+    # while progress shows, holds the GIL for most of the time once the models' libraries are
+    # loaded, and starved the first model's one-time conversion.
     err.print(f"muselab studio on http://{host}:{port}", highlight=False)
     # Become Streamlit (no child process left behind when this one is stopped), started from the
     # ui folder so it finds its .streamlit/config.toml (theme, server defaults).

@@ -148,6 +148,12 @@ class Settings(BaseSettings):
     safety_checker: bool = True
     offline: bool | None = Field(default=None, description="Never reach the hub; default follows HF_HUB_OFFLINE.")
 
+    prepare_models: bool = Field(
+        default=True,
+        description="When the studio or the server starts, load the configured models in the background "
+        "(converting them first for OpenVINO, once), so the first Generate does not wait for it. Only models "
+        "whose weights are on this machine; not with --low-memory.",
+    )
     # Job service
     max_queue: int = Field(default=16, ge=1, le=10_000, description="Jobs waiting or running at once.")
     max_models: int = Field(default=2, ge=1, le=16, description="Models kept loaded (least recently used go).")

@@ -247,6 +247,9 @@ class JobService:
         self._workers: dict[tuple[str, str], threading.Thread] = {}
         self._pending = 0
         self._closed = False
+        # How far `prepare` is with each configured model: state waiting, preparing, ready,
+        # skipped, failed or stopped; fraction, note and elapsed while preparing.
+        self.preparing: dict[str, dict[str, Any]] = {}
 
     # ------------------------------------------------------------ submitting and watching
 
@@ -273,10 +276,11 @@ class JobService:
             model = self._model_source(request.kind, request.model, trusted)
             if request.model:
                 request = request.model_copy(update={"model": model_label(model)})
-            if isinstance(request, ImageRequest) and request.decoder_model:
+            if isinstance(request, ImageRequest) and request.decoder == "fast":
                 decoder = self._model_source("decoder", request.decoder_model, trusted)
-                request = request.model_copy(update={"decoder_model": model_label(decoder)})
-                sources[model_label(decoder)] = decoder
+                if request.decoder_model:
+                    request = request.model_copy(update={"decoder_model": model_label(decoder)})
+                    sources[model_label(decoder)] = decoder
         job = Job(
             id=new_id(),
             request=request,
@@ -311,7 +315,7 @@ class JobService:
         it labels; for this machine's own user (the CLI), so does the label of a folder used here
         before (a recipe names it so: `--from FILE` re-runs it); anything else is taken as it is."""
         if not name:
-            source = self.settings.model_for(kind)  # type: ignore[arg-type]
+            source = self.settings.fast_decoder() if kind == "decoder" else self.settings.model_for(kind)  # type: ignore[arg-type]
         else:
             source = (
                 self.settings.served_models(kind).get(name)
@@ -451,6 +455,66 @@ class JobService:
         with self._lock:
             jobs = [job for job in self._jobs.values() if not job.done.is_set()]
         return [self.snapshot(job) for job in jobs]
+
+    def prepare(self, kinds: tuple[str, ...] = ("image", "music")) -> None:
+        """Load the configured models in the background, converting them first where that is
+        needed (once, minutes for a real model), so the first Generate does not wait for it.
+        Models whose weights are not on this machine are skipped (loading would download them), and
+        only as many as stay loaded together are prepared, images first (their conversion is the long one).
+        `preparing` says how far each one is; stopping the service stops it between stages."""
+        if self.settings.low_memory:
+            return  # one model at a time: the first job loads its own
+        kinds = kinds[: self.models.capacity]  # no more than stay loaded together (MUSELAB_MAX_MODELS)
+        for kind in kinds:
+            self.preparing[kind] = {"state": "waiting", "fraction": 0.0, "note": ""}
+        threading.Thread(target=self._prepare, args=(kinds,), name="muselab-prepare", daemon=True).start()
+
+    def _prepare(self, kinds: tuple[str, ...]) -> None:
+        from muselab.engines.base import cached_snapshot
+
+        flush_denormals()
+        for kind in kinds:
+            model = self.settings.model_for(kind)  # type: ignore[arg-type]
+            tiny = self.settings.preset == "tiny" and model == self.settings.model_for(kind)  # type: ignore[arg-type]
+            if not (tiny or Path(model).expanduser().is_dir() or cached_snapshot(model) is not None):
+                self.preparing[kind] = {"state": "skipped", "fraction": 0.0, "note": "weights not downloaded"}
+                continue
+            started = time.monotonic()
+
+            def on_progress(event: ProgressEvent, kind: str = kind, started: float = started) -> None:
+                if self._closed:
+                    raise Cancelled()
+                self.preparing[kind] = {
+                    "state": "preparing",
+                    "fraction": round(event.fraction, 4),
+                    "note": event.note,
+                    "started": started,
+                }
+
+            self.preparing[kind] = {"state": "preparing", "fraction": 0.0, "note": "Loading", "started": started}
+            try:
+                with self.models.use(kind, model, on_progress):
+                    pass
+            except Cancelled:
+                self.preparing[kind] = {"state": "stopped", "fraction": 0.0, "note": ""}
+                return
+            except Exception as exc:  # the first job will meet it again, and say so
+                log.warning("preparing the %s model failed: %s", kind, exc)
+                self.preparing[kind] = {"state": "failed", "fraction": 0.0, "note": self.redact(str(exc))[:300]}
+                continue
+            self.preparing[kind] = {"state": "ready", "fraction": 1.0, "note": ""}
+
+    def preparation(self) -> dict[str, dict[str, Any]]:
+        """`prepare`'s progress for each model, with the seconds spent so far (they move between
+        a conversion's stages, which come minutes apart)."""
+        now = time.monotonic()
+        return {
+            kind: {
+                **{key: value for key, value in state.items() if key != "started"},
+                "elapsed": round(now - state["started"], 1) if "started" in state else None,
+            }
+            for kind, state in list(self.preparing.items())
+        }
 
     def stop_accepting(self) -> None:
         """The first half of `shutdown`, which returns at once: no new jobs, and every queued or

@@ -264,6 +264,8 @@ class ImageEngine:
     def _decoder_label(self, source: str) -> str:
         """How a fast decoder is named in a resolved request (a folder by its name, see
         `model_label`), remembering which id or folder the name stands for."""
+        if source in self._decoder_sources:  # a label already (`generate` resolves a resolved request)
+            return source
         label = model_label(source)
         self._decoder_sources[label] = source
         return label

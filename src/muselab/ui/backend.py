@@ -44,6 +44,8 @@ class LocalBackend:
         # recorded as interrupted before the interpreter exits: left running in their daemon
         # threads, OpenVINO's threads were killed mid-call (an abort, not a clean exit).
         atexit.register(self.service.shutdown, 8)
+        if settings.prepare_models:
+            self.service.prepare()
 
     def submit(self, kind: str, data: dict[str, Any]) -> str:
         from muselab.jobs import QueueFull
@@ -91,6 +93,7 @@ class LocalBackend:
             "loaded": self.service.models.loaded(),
             "preset": settings.preset,
             "runtime": describe_runtime(settings, public=True),
+            "preparing": self.service.preparation(),
         }
 
 

@@ -112,7 +112,16 @@ def _live_progress(kind: str, job_id: str) -> None:
         position = status.get("queue_position")
         waited = time.time() - st.session_state.get(f"{kind}.submitted_at", time.time())
         text = f"Waiting in the queue (position {position})" if position and position > 1 else "Loading the model"
-        st.progress(0.0, text=f"{text}... {waited:0.0f} s")
+        model_kind = "image" if kind == "scene" else kind
+        preparing = (backend().info().get("preparing") or {}).get(model_kind) or {}
+        if preparing.get("state") == "preparing":  # the job waits for the model the studio is preparing
+            note = f" ({plain(preparing['note'])})" if preparing.get("note") else ""
+            st.progress(
+                min(preparing["fraction"], 1.0),
+                text=f"Preparing the {model_kind} model: {preparing['fraction']:.0%}{note}, {waited:0.0f} s",
+            )
+        else:
+            st.progress(0.0, text=f"{text}... {waited:0.0f} s")
     else:
         eta = progress["eta"]
         left = f", about {eta:0.0f} s left" if eta is not None else ""
@@ -127,6 +136,18 @@ def _live_progress(kind: str, job_id: str) -> None:
     if st.button("Cancel", key=f"{kind}.cancel", icon=":material/stop:"):
         backend().cancel(job_id)
         st.toast("Cancelling...")
+
+
+@st.fragment(run_every=1.0)
+def preparing_panel() -> None:
+    """The configured models being made ready in the background (see `JobService.prepare`):
+    "Preparing the image model: 40%", with its seconds moving, until each is ready."""
+    preparing = backend().info().get("preparing") or {}
+    for kind, state in preparing.items():
+        if state["state"] in ("waiting", "preparing"):
+            note = f" ({plain(state['note'])})" if state.get("note") else ""
+            text = f"Preparing the {kind} model: {state['fraction']:.0%}{note}, {state.get('elapsed') or 0:0.0f} s"
+            st.progress(min(state["fraction"], 1.0), text=text)
 
 
 def file_bytes(output: dict[str, Any]) -> bytes | None:

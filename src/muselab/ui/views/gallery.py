@@ -1,9 +1,12 @@
 import streamlit as st
 
 from muselab.ui.backend import BackendError
-from muselab.ui.common import PAGES, backend, plain, show_output, show_recipe
+from muselab.ui.common import PAGES, backend, plain, rating, show_output, show_recipe, thumbnail
 
+# A grid of thumbnails wants the page's whole width (the other pages read better centred).
+st.set_page_config(layout="wide")
 st.title("Gallery")
+COLUMNS, PAGE = 6, 24
 kinds = {"Everything": None, "Music": "music", "Images": "image", "Scenes": "scene"}
 left, middle, right = st.columns([1, 2, 1])
 kind = kinds[left.selectbox("Show", list(kinds), key="gallery.kind")]
@@ -11,37 +14,52 @@ text = middle.text_input("Prompt contains", key="gallery.text", max_chars=200)
 min_stars = right.selectbox(
     "Rating", [None, 1, 2, 3, 4, 5], key="gallery.stars", format_func=lambda v: "Any" if v is None else f"{v}+ stars"
 )
-st.session_state.setdefault("gallery.limit", 12)
+st.session_state.setdefault("gallery.limit", PAGE)
 
+
+@st.dialog("Output", width="large")
+def detail(output: dict) -> None:
+    """One output opened from the grid: its picture or player, downloads, rating, recipe, re-run
+    and delete. User-written text (prompt, comment) is shown as text, never as Markdown."""
+    st.text(output["prompt"])
+    st.caption(f"{output['kind']} · seed {output['seed']} · {output['created_at'][:19].replace('T', ' ')}")
+    show_output(output)
+    comment = (output.get("feedback") or {}).get("comment")
+    if comment:
+        st.text(comment)
+    rating(output)
+    show_recipe(output)
+    rerun_col, delete_col = st.columns(2)
+    if rerun_col.button("Re-run", key=f"rerun.{output['id']}", icon=":material/replay:"):
+        request = dict(output["recipe"]["request"])
+        job_kind = request.pop("kind", output["kind"])
+        try:
+            st.session_state[f"{job_kind}.job"] = backend().submit(job_kind, request)
+        except (BackendError, ValueError) as exc:
+            st.error(plain(str(exc)))
+        else:
+            st.switch_page(PAGES[job_kind])
+    if delete_col.button("Delete", key=f"delete.{output['id']}", icon=":material/delete:"):
+        st.session_state["gallery.deleted"] = backend().delete(output["id"])
+        st.rerun()
+
+
+if deleted := st.session_state.pop("gallery.deleted", None):
+    st.toast(plain(deleted))
 outputs = backend().outputs(kind=kind, text=text or None, min_stars=min_stars, limit=st.session_state["gallery.limit"])
 if not outputs:
     st.info("Nothing here yet. Make something on the Music, Image or Scene page.")
-for output in outputs:
-    with st.container(border=True):
-        st.text(output["prompt"])
-        st.caption(f"{output['kind']} · seed {output['seed']} · {output['created_at'][:19].replace('T', ' ')}")
-        # User-written text is shown with st.text only: as Markdown a comment could carry links and
-        # images whose addresses every visitor's browser would then call.
-        show_output(output, compact=True)
-        feedback = output.get("feedback") or {}
-        if feedback.get("stars") or feedback.get("thumb") or feedback.get("comment"):
-            st.caption(f"Rating: {feedback.get('stars') or '-'} stars")
-            if feedback.get("comment"):
-                st.text(feedback["comment"])
-        show_recipe(output)
-        rerun_col, delete_col = st.columns(2)
-        if rerun_col.button("Re-run", key=f"rerun.{output['id']}", icon=":material/replay:"):
-            request = dict(output["recipe"]["request"])
-            job_kind = request.pop("kind", output["kind"])
-            try:
-                st.session_state[f"{job_kind}.job"] = backend().submit(job_kind, request)
-            except (BackendError, ValueError) as exc:
-                st.error(plain(str(exc)))
-            else:
-                st.switch_page(PAGES[job_kind])
-        if delete_col.button("Delete", key=f"delete.{output['id']}", icon=":material/delete:"):
-            st.toast(plain(backend().delete(output["id"])))
-            st.rerun()
+for start in range(0, len(outputs), COLUMNS):
+    for column, output in zip(st.columns(COLUMNS), outputs[start : start + COLUMNS], strict=False):
+        with column.container(border=True, key=f"tile-{output['id']}"):
+            picture = thumbnail(output)
+            if picture is not None:
+                st.image(picture, width="stretch")
+            st.text(output["prompt"][:60] + ("..." if len(output["prompt"]) > 60 else ""))
+            stars = (output.get("feedback") or {}).get("stars")
+            st.caption(f"{output['kind']} · seed {output['seed']}" + (f" · {'*' * stars}" if stars else ""))
+            if st.button("Open", key=f"open.{output['id']}", icon=":material/open_in_full:", width="stretch"):
+                detail(output)
 if len(outputs) == st.session_state["gallery.limit"] and st.button("Show more"):
-    st.session_state["gallery.limit"] += 12
+    st.session_state["gallery.limit"] += PAGE
     st.rerun()

@@ -1,6 +1,6 @@
 import streamlit as st
 
-from muselab.ui.common import PAGES, backend, device_line, plain, show_output
+from muselab.ui.common import PAGES, backend, device_line, plain, preparing_panel, show_output
 
 st.title("muselab")
 st.write("Make music or a picture from a few words, on your own machine.")
@@ -17,6 +17,7 @@ with st.spinner("Starting muselab..."):
 st.caption(device_line(info))
 st.caption(plain(f"Music model: {info['models']['music']}"))
 st.caption(plain(f"Image model: {info['models']['image']}"))
+preparing_panel()
 
 recent = backend().outputs(limit=4)
 if recent:
