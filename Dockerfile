@@ -19,4 +19,6 @@ RUN pip install --no-cache-dir --user .
 EXPOSE 7860
 # The UI binds all interfaces inside the container only because the Space's proxy is in front of it.
 ENV MUSELAB_ALLOW_REMOTE_UI=1
-CMD ["muselab", "ui", "--host", "0.0.0.0", "--port", "7860"]
+# The one-time OpenVINO conversions (and the weights' download) before the port opens, so the
+# Space's first visitor does not wait for them; the studio starts even if they fail (offline).
+CMD ["sh", "-c", "muselab models convert; muselab models convert --kind music; exec muselab ui --host 0.0.0.0 --port 7860"]
