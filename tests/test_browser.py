@@ -201,7 +201,8 @@ NAVIGATION = ["Home", "Music", "Image", "Scene", "Gallery"]
 def navigation_labels(page) -> list[str]:
     links = page.locator("[data-testid='stSidebarNav'] a")
     links.first.wait_for(timeout=60_000)
-    return [label.strip() for label in links.all_inner_texts()]
+    # Each link's text is its icon's ligature name, then its label.
+    return [label.strip().splitlines()[-1] for label in links.all_inner_texts()]
 
 
 def test_a_link_or_a_reload_shows_the_same_navigation_as_home(studio, browser):
@@ -288,6 +289,7 @@ def test_the_gallery_is_a_grid_whose_first_screen_holds_a_dozen_outputs(tiny_dir
         tiles.first.get_by_role("button", name="Open").click()
         dialog = page.get_by_role("dialog")
         dialog.get_by_text("picture 29", exact=True).wait_for()
+        dialog.get_by_role("button", name="PNG").wait_for()
         assert dialog.get_by_role("button", name="PNG").count() == 1 and dialog.locator("img").count() >= 1
         assert dialog.get_by_role("button", name="Re-run").count() == 1
         assert dialog.get_by_role("button", name="Delete").count() == 1

@@ -111,8 +111,6 @@ def create_app(settings: Settings, service: JobService | None = None) -> FastAPI
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        if own_service and settings.prepare_models:
-            app.state.service.prepare()
         yield
         if own_service:
             await run_in_threadpool(app.state.service.shutdown, 10)

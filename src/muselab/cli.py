@@ -485,6 +485,8 @@ def serve(
 
     quiet_libraries()
     app_ = create_app(settings)
+    if settings.prepare_models:
+        app_.state.service.prepare()  # the first request then finds its model loaded and converted
     interrupted = app_.state.service.interrupted
     if interrupted:
         err.print(f"{len(interrupted)} job(s) left unfinished by the last run were marked interrupted.")
@@ -525,7 +527,7 @@ def ui(
             "Put it behind an authenticating proxy and set MUSELAB_ALLOW_REMOTE_UI=1, or keep 127.0.0.1.",
             EXIT_BAD_INPUT,
         )
-    env = dict(os.environ)
+    env = {**os.environ, "MUSELAB_UI_PROCESS": "1"}  # see ui.backend.LocalBackend._stop
     if is_loopback(host):
         # This machine's own user, as with the CLI: the model field takes folders and any hub id.
         env.setdefault("MUSELAB_ALLOW_ANY_MODEL", "1")

@@ -5,6 +5,8 @@ Both give plain dicts shaped like the HTTP API's answers, so the pages do not ca
 
 from __future__ import annotations
 
+import os
+import sys
 from typing import Any, Protocol
 
 from muselab.config import Settings
@@ -40,12 +42,24 @@ class LocalBackend:
         from muselab.jobs import JobService
 
         self.service = JobService(settings)
-        # When the studio stops (SIGTERM, Ctrl-C), its running jobs stop within a step and are
-        # recorded as interrupted before the interpreter exits: left running in their daemon
-        # threads, OpenVINO's threads were killed mid-call (an abort, not a clean exit).
-        atexit.register(self.service.shutdown, 8)
+        # In the studio's own process (`muselab ui` marks it) the end skips the interpreter's
+        # teardown; anywhere else (tests, a library caller) that would hide the exit status.
+        atexit.register(self._stop if os.environ.get("MUSELAB_UI_PROCESS") else self.service.shutdown)
         if settings.prepare_models:
             self.service.prepare()
+
+    def _stop(self) -> None:
+        """When the studio stops (SIGTERM, Ctrl-C): its jobs stop within a step (on OpenVINO, at
+        once) and are recorded as interrupted, then the process ends without the interpreter's
+        final teardown, where the native libraries' threads aborted it ("terminate called without
+        an active exception")."""
+        import logging
+
+        self.service.shutdown(8)
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
     def submit(self, kind: str, data: dict[str, Any]) -> str:
         from muselab.jobs import QueueFull

@@ -17,7 +17,12 @@ min_stars = right.selectbox(
 st.session_state.setdefault("gallery.limit", PAGE)
 
 
-@st.dialog("Output", width="large")
+def close_detail() -> None:
+    st.session_state.pop("gallery.open", None)
+
+
+# The open output is kept in the session, so the dialog stays open over reruns until it is closed.
+@st.dialog("Output", width="large", on_dismiss=close_detail)
 def detail(output: dict) -> None:
     """One output opened from the grid: its picture or player, downloads, rating, recipe, re-run
     and delete. User-written text (prompt, comment) is shown as text, never as Markdown."""
@@ -38,9 +43,11 @@ def detail(output: dict) -> None:
         except (BackendError, ValueError) as exc:
             st.error(plain(str(exc)))
         else:
+            close_detail()
             st.switch_page(PAGES[job_kind])
     if delete_col.button("Delete", key=f"delete.{output['id']}", icon=":material/delete:"):
         st.session_state["gallery.deleted"] = backend().delete(output["id"])
+        close_detail()
         st.rerun()
 
 
@@ -59,7 +66,10 @@ for start in range(0, len(outputs), COLUMNS):
             stars = (output.get("feedback") or {}).get("stars")
             st.caption(f"{output['kind']} · seed {output['seed']}" + (f" · {'*' * stars}" if stars else ""))
             if st.button("Open", key=f"open.{output['id']}", icon=":material/open_in_full:", width="stretch"):
-                detail(output)
+                st.session_state["gallery.open"] = output["id"]
+opened = next((output for output in outputs if output["id"] == st.session_state.get("gallery.open")), None)
+if opened is not None:
+    detail(opened)
 if len(outputs) == st.session_state["gallery.limit"] and st.button("Show more"):
     st.session_state["gallery.limit"] += PAGE
     st.rerun()
