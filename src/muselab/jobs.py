@@ -8,6 +8,7 @@ through the engine -> files saved atomically -> outputs recorded -> `done`.
 from __future__ import annotations
 
 import base64
+import functools
 import io
 import logging
 import math
@@ -351,6 +352,13 @@ class JobService:
     def redact(self, text: str) -> str:
         """`text` without this machine's folders (they name its user), and the configured models by
         their labels: error messages reach clients."""
+        for folder, name in self._private_folders:
+            text = text.replace(folder, name)
+        return text
+
+    @functools.cached_property
+    def _private_folders(self) -> list[tuple[str, str]]:
+        """What `redact` replaces, longest first; the settings do not change, so worked out once."""
         folders = {
             str(self.settings.outputs): "<outputs>",
             str(self.settings.data_dir): "<data folder>",
@@ -363,10 +371,7 @@ class JobService:
         for folder in list(folders):
             with suppress(OSError):
                 folders.setdefault(str(Path(folder).resolve()), folders[folder])
-        for folder in sorted(folders, key=len, reverse=True):
-            if len(folder) > 1:
-                text = text.replace(folder, folders[folder])
-        return text
+        return [(folder, folders[folder]) for folder in sorted(folders, key=len, reverse=True) if len(folder) > 1]
 
     def snapshot(self, job: Job, with_preview: bool = False) -> dict[str, Any]:
         return job.snapshot(self.position(job), with_preview, self.redact)
@@ -445,10 +450,7 @@ class JobService:
             queue = self._queues.get((job.kind, job.model))
             if job.status == "queued" and queue is not None and job in queue:
                 queue.remove(job)
-                if self._closed:
-                    self._finish(job, "interrupted", error=INTERRUPTED)
-                else:
-                    self._finish(job, "cancelled", error="cancelled before it started")
+                self._finish_unstarted(job)
         return True
 
     def active(self) -> list[dict[str, Any]]:
@@ -548,10 +550,7 @@ class JobService:
 
     def _run(self, job: Job) -> None:
         if job.cancel.cancelled:
-            if self._closed:
-                self._finish(job, "interrupted", error=INTERRUPTED)
-            else:
-                self._finish(job, "cancelled", error="cancelled before it started")
+            self._finish_unstarted(job)
             return
         started = time.perf_counter()
 
@@ -596,6 +595,13 @@ class JobService:
             on_progress(event)
 
         return forward
+
+    def _finish_unstarted(self, job: Job) -> None:
+        """A job stopped before it ran: interrupted by a shutdown, else cancelled by its user."""
+        if self._closed:
+            self._finish(job, "interrupted", error=INTERRUPTED)
+        else:
+            self._finish(job, "cancelled", error="cancelled before it started")
 
     def _start_running(self, job: Job, engine: Engine) -> None:
         """The model is loaded: the job runs, and its time limit starts. Loading is not counted: a
