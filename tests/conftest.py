@@ -43,14 +43,14 @@ def tiny_settings(tiny_dir: Path) -> Settings:
 
 @pytest.fixture(scope="session")
 def image_engine(tiny_settings: Settings):
-    from muselab.engines.image import ImageEngine
+    from muselab.engines.image.engine import ImageEngine
 
     return ImageEngine.load(tiny_settings.model_for("image"), choose_placement(), offline=True)
 
 
 @pytest.fixture(scope="session")
 def music_engine(tiny_settings: Settings):
-    from muselab.engines.music import MusicEngine
+    from muselab.engines.music.engine import MusicEngine
 
     return MusicEngine.load(tiny_settings.model_for("music"), choose_placement(), offline=True)
 

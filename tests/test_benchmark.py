@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from muselab import benchmark
+from muselab.engines.image.openvino import nncf_available
 from muselab.testing import full
 from muselab.testing.tiny import TINY_FOLDERS
 
@@ -222,7 +223,7 @@ def test_the_unet_step_flop_count_includes_attention(tiny_dir):
     assert fused == on_meta == flop(unet)
 
 
-@pytest.mark.skipif(not __import__("muselab.engines.openvino", fromlist=["x"]).nncf_available(), reason="needs nncf")
+@pytest.mark.skipif(not nncf_available(), reason="needs nncf")
 def test_the_int8_full_part_compares_with_the_same_baseline_in_a_section_of_its_own(tiny_architectures, tmp_path):
     report = benchmark.run(quick=True, parts=("int8-full", "fast-int8-full"), say=lambda line: None, isolate=False)
     image = report["image"]

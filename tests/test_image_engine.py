@@ -126,7 +126,7 @@ def test_flagged_image_is_reported_and_blanked(image_engine):
 
 
 def test_safety_checker_can_be_turned_off(tiny_settings):
-    from muselab.engines.image import ImageEngine
+    from muselab.engines.image.engine import ImageEngine
 
     engine = ImageEngine.load(tiny_settings.model_for("image"), safety_checker=False, offline=True)
     assert not engine.has_safety_checker
@@ -150,7 +150,7 @@ def test_fast_decoder_is_deterministic_and_recorded(image_engine, tiny_dir):
 
 def test_missing_fast_decoder_is_explained(tiny_settings):
     from muselab.engines import ModelUnavailable
-    from muselab.engines.image import ImageEngine
+    from muselab.engines.image.engine import ImageEngine
 
     engine = ImageEngine.load(tiny_settings.model_for("image"), offline=True)
     assert engine.fast_decoder == "madebyollin/taesd"
@@ -161,7 +161,7 @@ def test_missing_fast_decoder_is_explained(tiny_settings):
 def test_int8_weights_draw_nearly_the_same_image_and_say_so(tiny_settings, image_engine):
     import torch
 
-    from muselab.engines.image import ImageEngine, load_dtype
+    from muselab.engines.image.engine import ImageEngine, load_dtype
     from muselab.quantize import Int8Linear
 
     engine = ImageEngine.load(tiny_settings.model_for("image"), offline=True, quantize="int8")
@@ -181,7 +181,7 @@ def test_int8_weights_draw_nearly_the_same_image_and_say_so(tiny_settings, image
 
 
 def test_previews_use_the_tiny_autoencoder_when_there_is_one(tiny_settings, tiny_dir):
-    from muselab.engines.image import ImageEngine
+    from muselab.engines.image.engine import ImageEngine
 
     engine = ImageEngine.load(
         tiny_settings.model_for("image"), offline=True, fast_decoder=str(tiny_dir / "tiny-models" / "tiny-taesd")
@@ -211,7 +211,7 @@ def test_previews_use_the_tiny_autoencoder_when_there_is_one(tiny_settings, tiny
 
 
 def test_low_memory_slices_attention_and_tiles_the_decode(tiny_settings, image_engine):
-    from muselab.engines.image import ImageEngine
+    from muselab.engines.image.engine import ImageEngine
 
     engine = ImageEngine.load(tiny_settings.model_for("image"), offline=True, low_memory=True)
     processors = {type(p).__name__ for p in engine.pipe.unet.attn_processors.values()}
@@ -233,7 +233,7 @@ def test_a_float32_picture_is_the_librarys_own_for_the_seed(tiny_settings, sched
     import torch
 
     from muselab.devices import choose_placement
-    from muselab.engines.image import ImageEngine, make_scheduler
+    from muselab.engines.image.engine import ImageEngine, make_scheduler
 
     engine = ImageEngine.load(tiny_settings.model_for("image"), choose_placement(dtype="float32"), offline=True)
     request = ImageRequest(prompt="a red fox", seed=5, steps=4, scheduler=scheduler)
@@ -263,7 +263,7 @@ def test_a_seed_draws_the_same_noise_in_every_dtype(tiny_settings, image_engine,
     import torch
 
     from muselab.devices import choose_placement
-    from muselab.engines.image import ImageEngine
+    from muselab.engines.image.engine import ImageEngine
 
     draw = sd_pipeline.randn_tensor
 

@@ -239,7 +239,7 @@ def test_a_scene_guesses_at_least_the_decoder_steps_of_any_musicgen_before_it_lo
     a guess until then; a guess below the real count would move the bar back (stereo's delay
     pattern takes 8 extra steps, mono's 4)."""
     from muselab.devices import choose_placement
-    from muselab.engines.music import MusicEngine
+    from muselab.engines.music.engine import MusicEngine
     from muselab.testing.tiny import build_musicgen_processor, tiny_musicgen_network
 
     for stereo in (False, True):

@@ -79,7 +79,7 @@ def test_a_cancel_before_start_does_no_work(music_engine):
 
 def test_off_values_really_turn_sampling_filters_off(music_engine, monkeypatch):
     """0 for top-k/top-p and guidance <= 1 must build no filter at all (not the checkpoint's defaults)."""
-    from muselab.engines import musicgen_sampler
+    from muselab.engines.music import sampler as musicgen_sampler
 
     built = []
     original = musicgen_sampler._logits_processors
@@ -113,7 +113,7 @@ def test_the_lean_sampler_draws_the_same_audio_as_transformers_generate(music_en
 
     import torch
 
-    from muselab.engines.musicgen_sampler import MusicgenSampler
+    from muselab.engines.music.sampler import MusicgenSampler
 
     network, processor = music_engine.network, music_engine.processor
     if music_engine.placement.device != "cpu":  # bit-equal logits need the same kernels on both sides
@@ -132,7 +132,7 @@ def test_the_lean_sampler_draws_the_same_audio_as_transformers_generate(music_en
 def test_int8_weights_make_a_clip_of_the_same_length_and_say_so(tiny_settings, quantize):
     import torch
 
-    from muselab.engines.music import MusicEngine
+    from muselab.engines.music.engine import MusicEngine
     from muselab.quantize import Int8Linear
 
     engine = MusicEngine.load(tiny_settings.model_for("music"), offline=True, quantize=quantize)
@@ -147,7 +147,7 @@ def test_the_lean_sampler_matches_generate_for_a_stereo_model_too():
     """Stereo MusicGen interleaves left and right codebooks (8 of them) in its delay pattern."""
     import torch
 
-    from muselab.engines.musicgen_sampler import MusicgenSampler
+    from muselab.engines.music.sampler import MusicgenSampler
     from muselab.testing.tiny import build_musicgen_processor, tiny_musicgen_network
 
     network = tiny_musicgen_network(stereo=True)
@@ -192,7 +192,7 @@ def test_on_a_cuda_gpu_tokens_replay_a_captured_graph_with_the_eager_logits(musi
 
     import torch
 
-    from muselab.engines.musicgen_sampler import CudaGraphStep, MusicgenSampler
+    from muselab.engines.music.sampler import CudaGraphStep, MusicgenSampler
 
     sampler = MusicgenSampler(copy.deepcopy(music_engine.network).cuda().float())  # float32: tight comparison
     inputs = music_engine.processor(text=["calm piano"], padding=True, return_tensors="pt").to("cuda")
@@ -232,7 +232,7 @@ def test_nan_scores_refuse_the_clip_with_a_way_out_instead_of_crashing(music_eng
     job fails); the sampler must refuse that clip with a clear error and stay usable."""
     import torch
 
-    from muselab.engines.musicgen_sampler import NonFiniteScores
+    from muselab.engines.music.sampler import NonFiniteScores
 
     sampler = music_engine.sampler
     real_logits = sampler.logits

@@ -10,8 +10,8 @@ import pytest
 
 from muselab.config import Settings
 from muselab.engines import ModelUnavailable, load_engine
-from muselab.engines.image import ImageEngine
-from muselab.engines.openvino import OpenVinoUnavailable, OpenVinoUNet, openvino_available
+from muselab.engines.image.engine import ImageEngine
+from muselab.engines.image.openvino import OpenVinoUnavailable, OpenVinoUNet, openvino_available
 from muselab.schemas import ImageRequest
 
 pytestmark = pytest.mark.skipif(not openvino_available(), reason="openvino is a dependency; installed by make setup")
@@ -122,7 +122,7 @@ def test_auto_means_openvino_on_a_cpu_but_pytorch_with_compile(ov_settings, monk
     assert not isinstance(compiled.pipe.unet, OpenVinoUNet)
     assert not compiled.placement.dtype_name.endswith("(openvino)")
     # Where memory matters more than OpenVINO's few percent, auto keeps PyTorch.
-    from muselab.engines import image
+    from muselab.engines.image import engine as image
 
     assert image.auto_uses_openvino("cpu", "none") and not image.auto_uses_openvino("cuda", "none")
     assert not image.auto_uses_openvino("cpu", "none", low_memory=True)
@@ -184,7 +184,7 @@ def runtime_precisions(unet: OpenVinoUNet) -> set[str]:
 
 
 def test_int8_full_calibrates_once_on_the_float_unet_and_computes_in_int8(converted, ov_settings, image_engine):
-    from muselab.engines.openvino import CALIBRATION_PROMPTS, CALIBRATION_STEPS
+    from muselab.engines.image.openvino import CALIBRATION_PROMPTS, CALIBRATION_STEPS
 
     events: list = []
     settings = ov_settings.model_copy(update={"quantize": "int8-full"})
@@ -215,7 +215,7 @@ def test_int8_full_without_openvino_says_what_to_use_instead(ov_settings):
     with pytest.raises(OpenVinoUnavailable, match=r"--compile"):  # auto cannot use OpenVINO here
         load_engine("image", settings.model_copy(update={"backend": "auto", "compile": True}))
     # A model the OpenVINO path cannot convert is named with the reason, not swapped silently for PyTorch.
-    from muselab.engines import openvino
+    from muselab.engines.image import openvino
 
     original = openvino.unsupported_reason
     openvino.unsupported_reason = lambda config: "the UNet takes extra conditioning (SDXL-style)"
@@ -258,7 +258,7 @@ def test_cli_converts_int8_full_ahead_of_time_and_refuses_it_on_pytorch(cli_env,
 
 
 def test_calibration_stopped_at_its_first_notice_leaves_the_pipeline_as_it_was(converted):
-    from muselab.engines.openvino import ConversionProgress, record_unet_inputs
+    from muselab.engines.image.openvino import ConversionProgress, record_unet_inputs
 
     pipe = converted[0].pipe
     unet, scheduler = pipe.unet, pipe.scheduler

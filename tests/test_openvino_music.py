@@ -13,9 +13,9 @@ import torch
 from muselab.config import Settings
 from muselab.devices import choose_placement, cpu_has_native_bf16
 from muselab.engines import Cancelled, load_engine
-from muselab.engines.music import MusicEngine, music_backend
-from muselab.engines.openvino import OpenVinoUnavailable, nncf_available, openvino_available
-from muselab.engines.openvino_music import OpenVinoMusicDecoder
+from muselab.engines.image.openvino import OpenVinoUnavailable, nncf_available, openvino_available
+from muselab.engines.music.engine import MusicEngine, music_backend
+from muselab.engines.music.openvino import OpenVinoMusicDecoder
 from muselab.schemas import MusicRequest
 from muselab.testing.tiny import build_musicgen_processor, tiny_musicgen_network
 
@@ -140,7 +140,7 @@ def test_bfloat16_models_run_on_openvino_too():
 
 
 def test_auto_falls_back_to_pytorch_when_conversion_fails(monkeypatch):
-    from muselab.engines import openvino_music
+    from muselab.engines.music import openvino as openvino_music
     from muselab.quantize import Int8Linear
 
     def broken(*args, **kwargs):

@@ -321,7 +321,7 @@ def test_the_last_image_of_a_wrapped_batch_re_runs_from_its_file(cli_env, tmp_pa
 def test_sampler_names_map_as_a1111_means_them(client):
     import diffusers
 
-    from muselab.engines.image import make_scheduler
+    from muselab.engines.image.engine import make_scheduler
     from muselab.media import a1111_parameters, parse_a1111_parameters
 
     config = diffusers.DDIMScheduler().config
@@ -368,11 +368,11 @@ def test_a_pickled_bin_in_a_model_folder_is_refused_and_never_unpickled(tiny_dir
         pickled = "pytorch_model.bin" if weights.name == "model.safetensors" else weights.stem + ".bin"
         weights.with_name(pickled).write_bytes(pickle_bomb(marker))
     if kind == "music":
-        from muselab.engines.music import MusicEngine
+        from muselab.engines.music.engine import MusicEngine
 
         load = lambda: MusicEngine.load(str(folder), choose_placement(), offline=True)  # noqa: E731
     else:
-        from muselab.engines.image import ImageEngine
+        from muselab.engines.image.engine import ImageEngine
 
         load = lambda: ImageEngine.load(str(folder), choose_placement(), offline=True)  # noqa: E731
     with pytest.raises(ModelUnavailable, match="safetensors weights are required"):

@@ -457,7 +457,7 @@ def bench_compiled(steps: int | None, scratch: Path, isolate: bool, say: Say) ->
 
 def default_image_backend(placement: Placement, quantize: str) -> str:
     """The backend `--backend auto` gives an SD 1.x model on this machine (as `ImageEngine.load`)."""
-    from muselab.engines.image import auto_uses_openvino
+    from muselab.engines.image.engine import auto_uses_openvino
 
     return "openvino" if auto_uses_openvino(placement.device, quantize) else "torch"
 
@@ -468,7 +468,7 @@ def image_baseline(
     """A plain script: float32 StableDiffusionPipeline, the checkpoint's PNDM, 50 steps, VAE decode.
     Then, on the same pipeline, muselab's defaults on PyTorch (`torch_*` figures; the picture to
     `save_image`), and the pipeline saved to `save_model` for the parts that load it."""
-    from muselab.engines.image import ImageEngine
+    from muselab.engines.image.engine import ImageEngine
     from muselab.testing import full
 
     device = choose_placement().device
@@ -525,7 +525,7 @@ def image_convert(folder: str, cache: str, quantize: str, say: Say) -> dict[str,
 
 def load_saved(folder: str, cache: str, backend: str, quantize: str, on_progress: Any = None) -> Any:
     """The saved benchmark pipeline, loaded the way `muselab image` loads a model folder."""
-    from muselab.engines.image import ImageEngine
+    from muselab.engines.image.engine import ImageEngine
 
     return ImageEngine.load(
         folder,
@@ -554,7 +554,7 @@ def image_engine_run(
     cache), or with no `folder` build it in memory as loading would (dtype, int8, `compile`), then
     one image with muselab's defaults; the picture is saved to `save_to` (.npy). A compiled UNet
     is compiled by a short image first, timed apart (`compile_s`): that cost is paid once per process."""
-    from muselab.engines.image import ImageEngine, load_dtype
+    from muselab.engines.image.engine import ImageEngine, load_dtype
     from muselab.testing import full
 
     placement = choose_placement()
@@ -745,7 +745,7 @@ def _time_fast(engine: Any, rounds: int = 3) -> tuple[list[float], np.ndarray]:
 
 def _fast_engine(placement: Placement) -> Any:
     """The sd-turbo architecture with random weights in an engine whose fast decoder is TAESD's."""
-    from muselab.engines.image import ImageEngine
+    from muselab.engines.image.engine import ImageEngine
     from muselab.testing import full
 
     engine = ImageEngine(full.build_sd_turbo_random(placement.dtype, verbose=False), "sd-turbo-random", placement)
@@ -769,7 +769,7 @@ def bench_fast(say: Say) -> dict[str, Any]:
 def bench_fast_int8_full(scratch: str, say: Say) -> dict[str, Any]:
     """The fast path at its fastest: sd-turbo with int8 activations on OpenVINO (converted and
     calibrated once, timed apart), against the same path on PyTorch float in the same process."""
-    from muselab.engines.image import ImageEngine
+    from muselab.engines.image.engine import ImageEngine
 
     placement = choose_placement()
     engine = _fast_engine(placement)
@@ -868,7 +868,7 @@ def bench_music(seconds: float, say: Say) -> dict[str, Any]:
 
 
 def _bench_music(seconds: float, say: Say, scratch: Path) -> dict[str, Any]:
-    from muselab.engines.music import MusicEngine
+    from muselab.engines.music.engine import MusicEngine
     from muselab.testing import full
 
     placement = choose_placement()

@@ -45,7 +45,7 @@ def load_engine(
         ensure_tiny_model(settings.tiny_models_dir, kind)
     placement = choose_placement(settings.device, settings.dtype)
     if kind == "music":
-        from muselab.engines.music import MusicEngine
+        from muselab.engines.music.engine import MusicEngine
 
         return MusicEngine.load(
             model,
@@ -57,7 +57,7 @@ def load_engine(
             cuda_graphs=settings.cuda_graphs,
             on_progress=on_progress,
         )
-    from muselab.engines.image import ImageEngine
+    from muselab.engines.image.engine import ImageEngine
 
     fast_decoder = settings.fast_decoder()
     if settings.preset == "tiny" and not settings.fast_decoder_model:
@@ -85,7 +85,7 @@ def describe_runtime(settings: Settings, public: bool = False) -> dict[str, str]
     `*_engine` is `torch`, `openvino` or `unavailable`; `*_backend` says more. `public` names no
     folder of the machine and no library version (the API may be exposed, and versions tell an
     attacker which known holes to try)."""
-    from muselab.engines.openvino import openvino_version
+    from muselab.engines.image.openvino import openvino_version
 
     placement = choose_placement(settings.device, settings.dtype)
     where = "" if public else f" {openvino_version()}"
@@ -106,8 +106,8 @@ def describe_runtime(settings: Settings, public: bool = False) -> dict[str, str]
 
 
 def _image_backend(settings: Settings, device: str, version: str, cached: str) -> tuple[str, str]:
-    from muselab.engines.image import auto_uses_openvino
-    from muselab.engines.openvino import openvino_available
+    from muselab.engines.image.engine import auto_uses_openvino
+    from muselab.engines.image.openvino import openvino_available
 
     quantize = settings.image_quantize()
     usable = auto_uses_openvino(device, quantize, settings.low_memory, settings.compile)
@@ -127,8 +127,8 @@ def _image_backend(settings: Settings, device: str, version: str, cached: str) -
 
 
 def _music_backend(settings: Settings, device: str, version: str, cached: str) -> tuple[str, str]:
-    from muselab.engines.music import music_backend
-    from muselab.engines.openvino import OpenVinoUnavailable, openvino_available
+    from muselab.engines.image.openvino import OpenVinoUnavailable, openvino_available
+    from muselab.engines.music.engine import music_backend
 
     try:
         backend = music_backend(settings.backend, "the music model", device, settings.music_quantize(device))

@@ -25,7 +25,7 @@ from muselab.engines.base import (
     load_or_explain,
     locate_model,
 )
-from muselab.engines.musicgen_sampler import MusicgenSampler
+from muselab.engines.music.sampler import MusicgenSampler
 from muselab.schemas import MAX_SEED, MusicRequest
 
 
@@ -94,8 +94,8 @@ class MusicEngine:
     ) -> str:
         """Move the decoder steps to OpenVINO; "openvino", or "torch" where `auto` chose it and the
         conversion failed (a warning says why; music keeps working on PyTorch)."""
-        from muselab.engines.openvino import OpenVinoUnavailable
-        from muselab.engines.openvino_music import load_music_decoder
+        from muselab.engines.image.openvino import OpenVinoUnavailable
+        from muselab.engines.music.openvino import load_music_decoder
 
         try:
             self.load_timings = load_music_decoder(
@@ -229,7 +229,7 @@ def music_backend(backend: str, model: str, device: str, quantize: str) -> str:
     for int8 weights (the CPU default), where it is installed: faster tokens at the same error. With
     float32 weights it keeps PyTorch, which would otherwise hold a second float32 copy while
     converting. An explicit "openvino" that cannot work here is an error that says why."""
-    from muselab.engines import openvino as ov
+    from muselab.engines.image import openvino as ov
 
     if backend == "torch":
         return "torch"

@@ -145,7 +145,7 @@ class ImageEngine:
         pipe.set_progress_bar_config(disable=True)
         self.load_timings: dict[str, float] = {}
         if openvino is not None:
-            from muselab.engines.openvino import use_openvino
+            from muselab.engines.image.openvino import use_openvino
             from muselab.quantize import quantize_linears
 
             self.load_timings = use_openvino(
@@ -405,7 +405,7 @@ def auto_openvino_obstacle(device: str, quantize: str, low_memory: bool = False,
     weight copies would undo; `--low-memory`; a machine with less than
     OPENVINO_AUTO_MIN_MEMORY_GIB, which the one-time conversion needs), or `--compile` (a PyTorch
     feature) is on. `--quantize int8-full` exists only on OpenVINO (and needs NNCF)."""
-    from muselab.engines.openvino import nncf_available, openvino_available
+    from muselab.engines.image.openvino import nncf_available, openvino_available
 
     if device != "cpu":
         return f"it runs on CPUs, and this engine is placed on {device} (use --device cpu)"
@@ -427,7 +427,7 @@ def auto_openvino_obstacle(device: str, quantize: str, low_memory: bool = False,
 
 @dataclasses.dataclass
 class OpenVinoSetup:
-    """Where a pipeline's OpenVINO models come from (see `muselab.engines.openvino`)."""
+    """Where a pipeline's OpenVINO models come from (see `muselab.engines.image.openvino`)."""
 
     source: Path
     cache_dir: Path
@@ -449,7 +449,7 @@ def _openvino_setup(
 ) -> OpenVinoSetup | None:
     """None for PyTorch; else how to set up OpenVINO. An explicit "openvino" that cannot work here
     is an error that says why; "auto" quietly keeps PyTorch then."""
-    from muselab.engines import openvino as ov
+    from muselab.engines.image import openvino as ov
 
     explicit = backend == "openvino"
     if backend == "torch":

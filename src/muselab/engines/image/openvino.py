@@ -274,7 +274,7 @@ def record_unet_inputs(pipe: Any, unet: OpenVinoUNet, say: ConversionProgress) -
     with muselab's default sampler at the model's native size: calibration data from this model's
     own text encoder and noise levels, with no dataset to download."""
     from muselab.config import GENERIC_IMAGE_DEFAULTS
-    from muselab.engines.image import make_scheduler
+    from muselab.engines.image.engine import make_scheduler
 
     samples: list[list[np.ndarray]] = []
     original_run = unet.run

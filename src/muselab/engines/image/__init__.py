@@ -1,0 +1,1 @@
+"""Stable Diffusion (diffusers): the image family."""

@@ -1,0 +1,1 @@
+"""MusicGen (transformers): the music family."""
