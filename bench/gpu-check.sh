@@ -13,7 +13,7 @@ if compgen -G ".whl/*.whl" >/dev/null; then
   export PYTHONPATH=/tmp/site:$PYTHONPATH
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-python3 -c "import torch, diffusers, transformers, muselab.cli, muselab.benchmark
+python3 -c "import torch, diffusers, transformers, muselab.cli, muselab.bench
 print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'diffusers', diffusers.__version__,
       'transformers', transformers.__version__)" 2>&1 | tee -a "$OUT/gpu.txt" || exit 1
 # The engine tests place their tiny models on the GPU there (float16), the CUDA graph test included;

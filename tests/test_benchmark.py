@@ -12,10 +12,12 @@ import math
 import pytest
 import torch
 
-from muselab import benchmark
-from muselab.engines.image.openvino import nncf_available
-from muselab.testing import full
-from muselab.testing.tiny import TINY_FOLDERS
+from muselab import bench, devices
+from muselab.bench import architectures, measure, quality
+from muselab.bench import image as image_parts
+from muselab.bench import report as table
+from muselab.engines.openvino_runtime import nncf_available
+from muselab.families import tiny_models
 
 
 @pytest.fixture
@@ -28,30 +30,35 @@ def tiny_architectures(monkeypatch, tiny_dir):
 
     def sd(dtype=torch.float32, verbose=True):
         return StableDiffusionPipeline.from_pretrained(
-            models / TINY_FOLDERS["image"], dtype=dtype, safety_checker=None, requires_safety_checker=False
+            models / tiny_models()["image"].folder, dtype=dtype, safety_checker=None, requires_safety_checker=False
         )
 
     def musicgen(dtype=torch.float32, verbose=True):
-        folder = models / TINY_FOLDERS["music"]
+        folder = models / tiny_models()["music"].folder
         return MusicgenForConditionalGeneration.from_pretrained(folder, dtype=dtype), AutoProcessor.from_pretrained(
             folder
         )
 
     def taesd(dtype=torch.float32):
-        return AutoencoderTiny.from_pretrained(models / TINY_FOLDERS["decoder"], dtype=dtype)
+        return AutoencoderTiny.from_pretrained(models / tiny_models()["decoder"].folder, dtype=dtype)
 
-    monkeypatch.setattr(full, "build_sd1_random", sd)
-    monkeypatch.setattr(full, "build_sd_turbo_random", sd)
-    monkeypatch.setattr(full, "build_musicgen_small_random", musicgen)
-    monkeypatch.setattr(full, "build_taesd_random", taesd)
-    monkeypatch.setattr(benchmark, "matmul_gflops", lambda dtype, device="cpu", **size: 100.0)
-    monkeypatch.setattr(benchmark, "IMAGE_SIZE", 64)
+    real_probe = devices.matmul_gflops
+
+    def matmul_gflops(dtype, *args, now=False, **kwargs):  # the bench's (now) read 100; the dtype probe is real
+        return 100.0 if now else real_probe(dtype, *args, **kwargs)
+
+    monkeypatch.setattr(architectures, "build_sd1_random", sd)
+    monkeypatch.setattr(architectures, "build_sd_turbo_random", sd)
+    monkeypatch.setattr(architectures, "build_musicgen_small_random", musicgen)
+    monkeypatch.setattr(architectures, "build_taesd_random", taesd)
+    monkeypatch.setattr(devices, "matmul_gflops", matmul_gflops)
+    monkeypatch.setattr(image_parts, "IMAGE_SIZE", 64)
 
 
 def test_quick_bench_writes_every_documented_key(tiny_architectures, tmp_path):
     path = tmp_path / "bench.json"
     lines: list[str] = []
-    report = benchmark.run(quick=True, json_path=path, music_seconds=1.0, say=lines.append, isolate=False)
+    report = bench.run(quick=True, json_path=path, music_seconds=1.0, say=lines.append, isolate=False)
     saved = json.loads(path.read_text())
     assert saved["quick"] is True and saved["image"]["extrapolated"] is True
     for key in ("cpu", "cores", "gpu", "torch"):
@@ -85,20 +92,20 @@ def test_quick_bench_writes_every_documented_key(tiny_architectures, tmp_path):
     assert music["torch_backend"] == "torch" and isinstance(music["torch_rtf"], float)
     if music["default_backend"] == "openvino":
         assert music["default_weights"].endswith("(openvino)") and music["default_convert_s"] > 0
-        assert "one-time OpenVINO conversion of the decoder" in benchmark.markdown_table(report)
+        assert "one-time OpenVINO conversion of the decoder" in bench.markdown_table(report)
         assert len(music["openvino_token_speedups"]) == 2 and music["openvino_token_speedup"] > 0
     # Where OpenVINO is the default, its step is also timed against PyTorch's in one process.
     if image["default_backend"] == "openvino":
         assert len(image["openvino_step_speedups"]) == 2 and image["openvino_step_speedup"] > 0
-        assert "alternated in one process" in benchmark.markdown_table(report)
+        assert "alternated in one process" in bench.markdown_table(report)
         # Each alternated step's share of the peak is taken beside it (the probe reads 100 here).
         assert (
             len(image["unet_step_peak_fractions_beside"]) == 2
             and len(image["torch_unet_step_peak_fractions_beside"]) == 3
         )
-        step_s = benchmark.unet_step_flop() / 1e9 / 100 / image["unet_step_peak_fraction_beside"]
+        step_s = image_parts.unet_step_flop() / 1e9 / 100 / image["unet_step_peak_fraction_beside"]
         assert 0 < step_s < 60
-        assert "measured beside it" in benchmark.markdown_table(report)
+        assert "measured beside it" in bench.markdown_table(report)
         # The drift-free ratio puts the baseline's step time, over the alternated speed-up, in the default's image.
         steps = image["default_steps"]
         default_s = image["default_s"] + steps * (
@@ -112,28 +119,28 @@ def test_quick_bench_writes_every_documented_key(tiny_architectures, tmp_path):
 
 
 def test_the_table_lands_between_the_markers_of_the_docs(tiny_architectures, tmp_path):
-    report = benchmark.run(quick=True, parts=("fast", "music"), music_seconds=1.0, say=lambda line: None, isolate=False)
+    report = bench.run(quick=True, parts=("fast", "music"), music_seconds=1.0, say=lambda line: None, isolate=False)
     docs = tmp_path / "PERFORMANCE.md"
-    docs.write_text(f"# Title\n\nbefore\n{benchmark.DOCS_START}\nold table\n{benchmark.DOCS_END}\nafter\n")
-    benchmark.update_docs(docs, report, "muselab bench --quick")
+    docs.write_text(f"# Title\n\nbefore\n{bench.DOCS_START}\nold table\n{bench.DOCS_END}\nafter\n")
+    bench.update_docs(docs, report, "muselab bench --quick")
     text = docs.read_text()
     assert "old table" not in text and text.startswith("# Title\n\nbefore\n") and text.endswith("after\n")
     assert "muselab bench --quick" in text and "real-time factor" in text and "sd-turbo" in text
     docs.write_text("no markers")
     with pytest.raises(ValueError, match="markers"):
-        benchmark.update_docs(docs, report, "x")
+        bench.update_docs(docs, report, "x")
 
 
 def test_a_gpu_run_has_a_section_of_its_own_with_its_cuda_graph_row(tiny_architectures, tmp_path):
     """A GPU's table must never overwrite the CPU run's, and it says what the CUDA graph buys."""
-    report = benchmark.run(quick=True, parts=("music",), music_seconds=1.0, say=lambda line: None, isolate=False)
+    report = bench.run(quick=True, parts=("music",), music_seconds=1.0, say=lambda line: None, isolate=False)
     report["machine"]["gpu"] = "NVIDIA H100 80GB HBM3"
     music = report["music"]
     music.update(eager_rtf=4 * music["default_rtf"], eager_ms_per_token=4 * music["default_ms_per_token"])
     docs = tmp_path / "PERFORMANCE.md"
-    main = f"{benchmark.DOCS_START}\nCPU table\n{benchmark.DOCS_END}"
+    main = f"{bench.DOCS_START}\nCPU table\n{bench.DOCS_END}"
     docs.write_text(f"{main}\n<!-- bench-gpu:start -->\nstale GPU table\n<!-- bench-gpu:end -->\n")
-    benchmark.update_docs(docs, report, "muselab bench --quick")
+    bench.update_docs(docs, report, "muselab bench --quick")
     text = docs.read_text()
     assert text.startswith(main) and "stale GPU table" not in text
     assert "GPU NVIDIA H100" in text and "the graph: 4.0x faster" in text
@@ -146,29 +153,29 @@ def test_a_failed_compiled_part_keeps_the_rest_of_the_report(tiny_architectures,
     def fails(**arguments):
         raise RuntimeError("inductor: no working C++ compiler")
 
-    monkeypatch.setattr(benchmark, "image_engine_run", fails)
+    monkeypatch.setattr(image_parts, "image_engine_run", fails)
     lines: list[str] = []
-    report = benchmark.run(quick=True, parts=("music", "compiled"), music_seconds=1.0, say=lines.append, isolate=False)
+    report = bench.run(quick=True, parts=("music", "compiled"), music_seconds=1.0, say=lines.append, isolate=False)
     assert "no working C++ compiler" in report["image"]["compiled_error"]
     assert report["music"]["default_rtf"] > 0 and "total_seconds" in report
-    assert "real-time factor" in benchmark.markdown_table(report)
+    assert "real-time factor" in bench.markdown_table(report)
     assert any("image compiled: failed" in line for line in lines)
 
 
 def test_durations_keep_their_digits_from_minutes_down_to_milliseconds():
-    durations = [benchmark._seconds(value) for value in (512.3, 3.14159, 0.0336, 0.00451)]
+    durations = [table._seconds(value) for value in (512.3, 3.14159, 0.0336, 0.00451)]
     assert durations == ["512.3 s", "3.14 s", "34 ms", "4.5 ms"]
-    assert benchmark._rtf(2.261) == "2.26" and benchmark._rtf(0.0472) == "0.047"
+    assert table._rtf(2.261) == "2.26" and table._rtf(0.0472) == "0.047"
 
 
 def test_psnr_and_snr_measure_the_difference():
     import numpy as np
 
     image = np.full((4, 4, 3), 100.0)
-    assert benchmark.psnr(image, image) == math.inf
-    assert math.isclose(benchmark.psnr(image, image + 1), 20 * math.log10(255))
+    assert quality.psnr(image, image) == math.inf
+    assert math.isclose(quality.psnr(image, image + 1), 20 * math.log10(255))
     signal = np.sin(np.linspace(0, 20, 1000))
-    assert math.isclose(benchmark.snr(signal, signal * 1.1), 20.0, abs_tol=1e-9)
+    assert math.isclose(quality.snr(signal, signal * 1.1), 20.0, abs_tol=1e-9)
 
 
 def test_alternated_speedups_cancel_a_steady_drift():
@@ -182,7 +189,7 @@ def test_alternated_speedups_cancel_a_steady_drift():
     def ours() -> float:
         return (10.0 + next(clock)) / 2
 
-    assert benchmark.alternated_speedups(reference, ours, rounds=2) == [2.0, 2.0]
+    assert measure.alternated_speedups(reference, ours, rounds=2) == [2.0, 2.0]
 
 
 def test_a_step_slowed_by_the_machine_keeps_its_share_of_the_peak():
@@ -194,7 +201,7 @@ def test_a_step_slowed_by_the_machine_keeps_its_share_of_the_peak():
     def step(seconds: float):
         return lambda: seconds
 
-    probed = benchmark.ProbedSteps(lambda: next(speeds), flop=1e12)
+    probed = measure.ProbedSteps(lambda: next(speeds), flop=1e12)
     fast, slowed = probed.timed("a", step(10.0)), probed.timed("b", step(20.0))
     assert [fast(), slowed(), slowed(), fast()] == [10.0, 20.0, 20.0, 10.0]
     # 100 GFLOP/s of work: 50% of 200 beside the first step; the slowed ones ran beside 150 and 100.
@@ -208,13 +215,15 @@ def test_the_unet_step_flop_count_includes_attention(tiny_dir):
     from diffusers import UNet2DConditionModel
     from diffusers.models.attention_processor import AttnProcessor
 
-    assert benchmark.unet_step_flop() == 1_606_546_882_560
+    assert image_parts.unet_step_flop() == 1_606_546_882_560
     # The tiny UNet's CPU flash-attention kernel counts what the explicit attention (baddbmm and
     # bmm, which torch's counter knows) computes, as the meta device does.
-    unet = UNet2DConditionModel.from_pretrained(tiny_dir / "tiny-models" / TINY_FOLDERS["image"] / "unet").eval()
+    unet = UNet2DConditionModel.from_pretrained(
+        tiny_dir / "tiny-models" / tiny_models()["image"].folder / "unet"
+    ).eval()
 
     def flop(model):
-        return benchmark.unet_call_flop(model, batch=2, latent_side=16, text_tokens=7)
+        return image_parts.unet_call_flop(model, batch=2, latent_side=16, text_tokens=7)
 
     fused = flop(unet)
     with torch.device("meta"):
@@ -225,7 +234,7 @@ def test_the_unet_step_flop_count_includes_attention(tiny_dir):
 
 @pytest.mark.skipif(not nncf_available(), reason="needs nncf")
 def test_the_int8_full_part_compares_with_the_same_baseline_in_a_section_of_its_own(tiny_architectures, tmp_path):
-    report = benchmark.run(quick=True, parts=("int8-full", "fast-int8-full"), say=lambda line: None, isolate=False)
+    report = bench.run(quick=True, parts=("int8-full", "fast-int8-full"), say=lambda line: None, isolate=False)
     image = report["image"]
     assert "default_s" not in image and "music" not in report  # only what was asked for
     assert image["int8_full_dtype"] == "float32+int8-full (openvino)"
@@ -237,9 +246,9 @@ def test_the_int8_full_part_compares_with_the_same_baseline_in_a_section_of_its_
     assert math.isclose(image["fast_int8_full_speedup"], image["fast_torch_s"] / image["fast_int8_full_s"])
     assert 5 < image["fast_int8_full_psnr_db"] < 100 and "fast_s" not in image
     docs = tmp_path / "PERFORMANCE.md"
-    main = f"{benchmark.DOCS_START}\nmain table\n{benchmark.DOCS_END}"
+    main = f"{bench.DOCS_START}\nmain table\n{bench.DOCS_END}"
     docs.write_text(f"{main}\n<!-- bench-int8-full:start -->\nold\n<!-- bench-int8-full:end -->\n")
-    benchmark.update_docs(docs, report, "muselab bench --quick --only int8-full")
+    bench.update_docs(docs, report, "muselab bench --quick --only int8-full")
     text = docs.read_text()
     assert text.startswith(main) and "old" not in text  # the main run's table is left alone
     assert "ratio int8-full/baseline" in text and "one-time conversion and calibration" in text

@@ -115,11 +115,11 @@ def generate(page) -> None:
 
 def start_a_long_image_job(page) -> None:
     """On the Image page: 8 images of 150 steps, minutes of work on the tiny models."""
-    page.get_by_label("Describe the picture").fill("a long one")
-    page.get_by_label("Images").fill("8")
+    page.get_by_label("Describe the picture", exact=True).fill("a long one")
+    page.get_by_label("Images", exact=True).fill("8")
     page.keyboard.press("Tab")
     page.get_by_text("Advanced settings").click()
-    page.get_by_label("Steps (0 = model default)").fill("150")
+    page.get_by_label("Steps (empty = model default)", exact=True).fill("150")
     page.keyboard.press("Tab")
     generate(page)
 
@@ -145,7 +145,7 @@ def test_the_studio_in_a_real_browser(studio, browser, tmp_path):
 
     music_button.click()
     page.get_by_role("heading", name="Music").first.wait_for()
-    page.get_by_label("Describe the music").fill("calm piano, 70 bpm")
+    page.get_by_label("Describe the music", exact=True).fill("calm piano, 70 bpm")
     page.keyboard.press("Tab")
     generate(page)
     assert_audio_plays(page)
@@ -157,7 +157,7 @@ def test_the_studio_in_a_real_browser(studio, browser, tmp_path):
     shoot(page, "music")
 
     go(page, studio, "image", "Image")
-    page.get_by_label("Describe the picture").fill("a red fox in snow, watercolor")
+    page.get_by_label("Describe the picture", exact=True).fill("a red fox in snow, watercolor")
     page.keyboard.press("Tab")
     generate(page)
     png_button = page.get_by_role("button", name="PNG").first
@@ -171,7 +171,7 @@ def test_the_studio_in_a_real_browser(studio, browser, tmp_path):
     shoot(page, "image")
 
     go(page, studio, "scene", "Scene")
-    page.get_by_label("Describe the scene").fill("a quiet harbour at dawn")
+    page.get_by_label("Describe the scene", exact=True).fill("a quiet harbour at dawn")
     page.keyboard.press("Tab")
     generate(page)
     page.locator("video").first.wait_for(state="attached", timeout=180_000)
@@ -309,7 +309,7 @@ def test_a_new_user_from_empty_caches_gets_an_image_and_a_clip_with_moving_progr
         page.set_default_timeout(120_000)
         go(page, url, "", "muselab")
         go(page, url, "image", "Image")
-        page.get_by_label("Describe the picture").fill("a first fox")
+        page.get_by_label("Describe the picture", exact=True).fill("a first fox")
         page.keyboard.press("Tab")
         generate(page)
         seen: list[str] = []
@@ -326,7 +326,7 @@ def test_a_new_user_from_empty_caches_gets_an_image_and_a_clip_with_moving_progr
         assert len(texts) >= 3, texts  # the progress text changed while the first image was made
         assert not any("cached in" in text or str(cache) in text or "(one time) (one time)" in text for text in texts)
         go(page, url, "music", "Music")
-        page.get_by_label("Describe the music").fill("a first tune")
+        page.get_by_label("Describe the music", exact=True).fill("a first tune")
         page.keyboard.press("Tab")
         generate(page)
         assert_audio_plays(page)

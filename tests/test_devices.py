@@ -75,16 +75,16 @@ def test_this_machine_reads_its_cpu_flags():
 
 
 def test_auto_quantize_uses_int8_only_where_it_buys_speed():
-    from muselab.config import Settings
+    from muselab.engines.runtime import image_quantize, music_quantize
     from muselab.quantize import fbgemm_available
 
-    auto = Settings(quantize="auto")
-    assert auto.music_quantize("cpu") == ("int8-dynamic" if fbgemm_available() else "int8")
-    assert auto.music_quantize("cuda") == "none"
-    assert auto.image_quantize() == "none"
-    assert Settings(quantize="int8").image_quantize() == "int8"
-    assert Settings(quantize="int8-dynamic").image_quantize() == "int8"  # images: the same int8 either way
-    assert Settings(quantize="none").music_quantize("cpu") == "none"
+    assert music_quantize("auto", "cpu")[0] == ("int8-dynamic" if fbgemm_available() else "int8")
+    assert music_quantize("auto", "cuda")[0] == "none"
+    assert image_quantize("auto")[0] == "none"
+    assert image_quantize("int8")[0] == "int8"
+    assert image_quantize("int8-dynamic")[0] == "int8"  # images: the same int8 either way
+    assert music_quantize("none", "cpu")[0] == "none"
+    assert all(reason for reason in (music_quantize("auto", "cpu")[1], image_quantize("auto")[1]))
 
 
 def test_a_machine_getting_less_busy_during_the_probe_does_not_tip_it_to_bfloat16(cpu_only, monkeypatch):
@@ -100,12 +100,12 @@ def test_a_machine_getting_less_busy_during_the_probe_does_not_tip_it_to_bfloat1
         return (376 if dtype == torch.float32 else 186) * ramp
 
     monkeypatch.setattr(devices, "measure_matmul_gflops", measure)
-    devices.matmul_gflops.cache_clear()
+    devices._measured_once.cache_clear()
     devices._probe_in_turn.cache_clear()
     try:
         placement = devices.choose_placement()
     finally:
-        devices.matmul_gflops.cache_clear()
+        devices._measured_once.cache_clear()
         devices._probe_in_turn.cache_clear()
     assert calls[:4] == [torch.float32, torch.bfloat16] * 2  # in turn
     assert placement.dtype == torch.float32

@@ -125,6 +125,18 @@ def test_flagged_image_is_reported_and_blanked(image_engine):
     assert not clean.outputs[0].flagged and pixels(clean).max() > 0
 
 
+def test_engine_keywords_are_settings_and_a_plan_comes_alone(tiny_settings):
+    """Keywords beside a placement make the plan (`runtime.engine_plan`); a misspelt one is an
+    error, not a setting quietly ignored, and a RuntimePlan takes none beside it."""
+    from muselab.engines.image.engine import ImageEngine
+    from muselab.engines.runtime import image_plan
+
+    with pytest.raises(TypeError, match="quantise"):
+        ImageEngine.load(tiny_settings.model_for("image"), offline=True, quantise="int8")
+    with pytest.raises(TypeError, match="offline"):
+        ImageEngine.load(tiny_settings.model_for("image"), image_plan(tiny_settings), offline=True)
+
+
 def test_safety_checker_can_be_turned_off(tiny_settings):
     from muselab.engines.image.engine import ImageEngine
 
@@ -233,7 +245,8 @@ def test_a_float32_picture_is_the_librarys_own_for_the_seed(tiny_settings, sched
     import torch
 
     from muselab.devices import choose_placement
-    from muselab.engines.image.engine import ImageEngine, make_scheduler
+    from muselab.engines.image.engine import ImageEngine
+    from muselab.engines.image.schedulers import make_scheduler
 
     engine = ImageEngine.load(tiny_settings.model_for("image"), choose_placement(dtype="float32"), offline=True)
     request = ImageRequest(prompt="a red fox", seed=5, steps=4, scheduler=scheduler)

@@ -14,7 +14,8 @@ from muselab.config import Settings
 from muselab.devices import Placement
 from muselab.engines import Cancelled, load_engine
 from muselab.engines.base import engine_result
-from muselab.jobs import JobService, scene_tokens
+from muselab.families import family
+from muselab.jobs import JobService
 from muselab.schemas import ImageRequest, MusicRequest, SceneRequest
 
 
@@ -31,6 +32,9 @@ class FakeEngine:
 
     def resolve(self, request):
         return request.model_copy(update={"seed": request.seed or 1})
+
+    def steps(self, request):
+        return 1
 
     def generate(self, request, on_progress=None, cancel=None, **options):
         with self.lock:
@@ -240,14 +244,15 @@ def test_a_scene_guesses_at_least_the_decoder_steps_of_any_musicgen_before_it_lo
     pattern takes 8 extra steps, mono's 4)."""
     from muselab.devices import choose_placement
     from muselab.engines.music.engine import MusicEngine
-    from muselab.testing.tiny import build_musicgen_processor, tiny_musicgen_network
+    from muselab.engines.music.tiny import build_musicgen_processor, tiny_musicgen_network
 
     for stereo in (False, True):
         network, processor = tiny_musicgen_network(stereo=stereo), build_musicgen_processor()
         engine = MusicEngine(network, processor, "tiny", choose_placement("cpu", "float32"), backend="torch")
         assert engine.num_codebooks == (8 if stereo else 4)
         for duration in (1.0, 5.0, 30.0):
-            assert scene_tokens(None, duration) >= scene_tokens(engine, duration) >= duration * engine.frame_rate
+            request = MusicRequest(prompt="calm", duration=duration)
+            assert family("music").max_steps(request) >= engine.steps(request) >= duration * engine.frame_rate
 
 
 class SoundtrackStops:

@@ -148,7 +148,7 @@ def test_the_lean_sampler_matches_generate_for_a_stereo_model_too():
     import torch
 
     from muselab.engines.music.sampler import MusicgenSampler
-    from muselab.testing.tiny import build_musicgen_processor, tiny_musicgen_network
+    from muselab.engines.music.tiny import build_musicgen_processor, tiny_musicgen_network
 
     network = tiny_musicgen_network(stereo=True)
     inputs = build_musicgen_processor()(text=["stereo drums"], padding=True, return_tensors="pt")

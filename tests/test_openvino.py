@@ -11,7 +11,8 @@ import pytest
 from muselab.config import Settings
 from muselab.engines import ModelUnavailable, load_engine
 from muselab.engines.image.engine import ImageEngine
-from muselab.engines.image.openvino import OpenVinoUnavailable, OpenVinoUNet, openvino_available
+from muselab.engines.image.openvino import OpenVinoUNet
+from muselab.engines.openvino_runtime import OpenVinoUnavailable, openvino_available
 from muselab.schemas import ImageRequest
 
 pytestmark = pytest.mark.skipif(not openvino_available(), reason="openvino is a dependency; installed by make setup")
@@ -122,16 +123,42 @@ def test_auto_means_openvino_on_a_cpu_but_pytorch_with_compile(ov_settings, monk
     assert not isinstance(compiled.pipe.unet, OpenVinoUNet)
     assert not compiled.placement.dtype_name.endswith("(openvino)")
     # Where memory matters more than OpenVINO's few percent, auto keeps PyTorch.
-    from muselab.engines.image import engine as image
+    from muselab.engines import runtime
 
-    assert image.auto_uses_openvino("cpu", "none") and not image.auto_uses_openvino("cuda", "none")
-    assert not image.auto_uses_openvino("cpu", "none", low_memory=True)
-    monkeypatch.setattr(image, "physical_memory_gib", lambda: 8.0)  # an 8 GB laptop
-    assert not image.auto_uses_openvino("cpu", "none")
+    assert runtime.auto_uses_openvino("cpu", "none") and not runtime.auto_uses_openvino("cuda", "none")
+    assert not runtime.auto_uses_openvino("cpu", "none", low_memory=True)
+    monkeypatch.setattr(runtime, "physical_memory_gib", lambda: 8.0)  # an 8 GB laptop
+    assert not runtime.auto_uses_openvino("cpu", "none")
     monkeypatch.undo()
     # int8 is asked for to save memory, which PyTorch's int8 layers do better: auto keeps PyTorch.
     small = load_engine("image", auto.model_copy(update={"quantize": "int8"}))
     assert not isinstance(small.pipe.unet, OpenVinoUNet) and small.placement.dtype_name == "float32+int8"
+
+
+def test_one_plan_decides_what_doctor_shows_and_what_loading_does(ov_settings, monkeypatch):
+    """`describe_runtime` reads the same RuntimePlan loading carries out: a setting loading refuses
+    is shown as unavailable, with loading's own reason."""
+    import torch
+
+    from muselab.devices import Placement
+    from muselab.engines import describe_runtime, runtime
+
+    monkeypatch.setattr(runtime, "physical_memory_gib", lambda: 64.0)
+    compiled = ov_settings.model_copy(update={"compile": True})
+    shown = describe_runtime(compiled)
+    assert shown["image_engine"] == "unavailable" and "--compile" in shown["image_backend"]
+    with pytest.raises(OpenVinoUnavailable, match="--compile"):
+        runtime.image_plan(compiled).require()
+    cpu = Placement("cpu", torch.float32, "a test's")
+    auto = runtime.image_plan(ov_settings.model_copy(update={"backend": "auto"}), cpu, "m")
+    assert (auto.backend, auto.fallback, auto.problem) == ("openvino", True, None) and auto.backend_reason
+    # What only loading can find out: auto gives way to PyTorch, an explicit choice says why not.
+    on_torch = auto.without_openvino("its UNet is odd")
+    assert on_torch.backend == "torch" and "its UNet is odd" in on_torch.backend_reason
+    with pytest.raises(OpenVinoUnavailable, match=r"'m' cannot use the OpenVINO backend: its UNet is odd\. Or use"):
+        runtime.image_plan(ov_settings, cpu, "m").without_openvino("its UNet is odd")
+    full = runtime.image_plan(ov_settings.model_copy(update={"backend": "auto", "quantize": "int8-full"}), cpu)
+    assert full.backend == "openvino" and not full.fallback  # int8-full exists only on OpenVINO
 
 
 def cancel_while_loading(tiny_dir: Path, tmp_path: Path, when: str, **settings: object) -> tuple[dict, list, Settings]:
@@ -225,9 +252,14 @@ def test_int8_full_without_openvino_says_what_to_use_instead(ov_settings):
     finally:
         openvino.unsupported_reason = original
     # An image option: music stays as auto has it.
+    import torch
+
+    from muselab.devices import Placement
+    from muselab.engines.runtime import music_plan
+
     auto = settings.model_copy(update={"quantize": "auto"})
-    for device in ("cpu", "cuda"):
-        assert settings.music_quantize(device) == auto.music_quantize(device)
+    for placement in (Placement("cpu", torch.float32, ""), Placement("cuda", torch.float16, "")):
+        assert music_plan(settings, placement).quantize == music_plan(auto, placement).quantize
 
 
 @pytest.mark.parametrize("call", [0, 3])
@@ -280,7 +312,7 @@ def test_a_bfloat16_placement_makes_the_pictures_pytorch_makes(ov_settings, tmp_
     (They used to be traced with bfloat16 inputs, which numpy arrays cannot feed: a crash.)"""
     import torch
 
-    from muselab.benchmark import psnr
+    from muselab.bench.quality import psnr
     from muselab.devices import Placement
 
     placement = Placement("cpu", torch.bfloat16, "as the probe picks it on some CPUs")

@@ -13,11 +13,11 @@ import torch
 from muselab.config import Settings
 from muselab.devices import choose_placement, cpu_has_native_bf16
 from muselab.engines import Cancelled, load_engine
-from muselab.engines.image.openvino import OpenVinoUnavailable, nncf_available, openvino_available
-from muselab.engines.music.engine import MusicEngine, music_backend
+from muselab.engines.music.engine import MusicEngine
 from muselab.engines.music.openvino import OpenVinoMusicDecoder
+from muselab.engines.music.tiny import build_musicgen_processor, tiny_musicgen_network
+from muselab.engines.openvino_runtime import OpenVinoUnavailable, nncf_available, openvino_available
 from muselab.schemas import MusicRequest
-from muselab.testing.tiny import build_musicgen_processor, tiny_musicgen_network
 
 pytestmark = pytest.mark.skipif(not openvino_available(), reason="openvino is a dependency; installed by make setup")
 
@@ -200,13 +200,23 @@ def test_a_cancel_while_converting_stops_and_never_leaves_half_a_model(ov_settin
 
 @pytest.mark.skipif(not nncf_available(), reason="nncf is a dependency; installed by make setup")
 def test_backend_choice():
-    assert music_backend("auto", "m", "cpu", "int8-dynamic") == "openvino"
-    assert music_backend("auto", "m", "cpu", "none") == "torch"  # float32 would be held twice while converting
-    assert music_backend("auto", "m", "cuda", "int8") == "torch"
-    assert music_backend("torch", "m", "cpu", "int8") == "torch"
-    assert music_backend("openvino", "m", "cpu", "none") == "openvino"
+    from muselab.devices import Placement
+    from muselab.engines.runtime import music_plan
+
+    def backend(requested: str, device: str, quantize: str) -> str:
+        placement = Placement(device, torch.float32, "a test's")
+        plan = music_plan(Settings(backend=requested, quantize=quantize), placement, "facebook/musicgen-small")
+        plan.require()
+        assert plan.backend_reason
+        return plan.backend
+
+    assert backend("auto", "cpu", "int8-dynamic") == "openvino"
+    assert backend("auto", "cpu", "none") == "torch"  # float32 would be held twice while converting
+    assert backend("auto", "cuda", "int8") == "torch"
+    assert backend("torch", "cpu", "int8") == "torch"
+    assert backend("openvino", "cpu", "none") == "openvino"
     with pytest.raises(OpenVinoUnavailable, match="--backend torch"):
-        music_backend("openvino", "facebook/musicgen-small", "cuda", "none")
+        backend("openvino", "cuda", "none")
 
 
 def test_models_convert_does_the_music_conversion_ahead_of_time(cli_env, tmp_path):

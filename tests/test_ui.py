@@ -133,14 +133,14 @@ def test_an_exposed_studio_takes_only_the_served_models(ui_env):
 def test_image_page_grid_downloads_and_cancel(ui_env):
     at = open_page("image")
     at.text_area(key="image.prompt").input("a red fox in snow")
-    at.number_input(key="image.images").set_value(2)
+    at.number_input(key="image.num_images").set_value(2)
     at.number_input(key="image.steps").set_value(3)
     at.button(key="image.generate").click().run()
     run_until(at, lambda page: len(page.get("download_button")) == 2)
     assert [button.label for button in at.get("download_button")] == ["PNG", "PNG"]
 
     at.number_input(key="image.steps").set_value(150)
-    at.number_input(key="image.images").set_value(8)
+    at.number_input(key="image.num_images").set_value(8)
     at.button(key="image.generate").click().run()
     run_until(at, lambda page: any(button.key == "image.cancel" for button in page.button))
     at.button(key="image.cancel").click().run()
@@ -170,7 +170,7 @@ def test_gallery_lists_filters_opens_and_deletes(ui_env):
     texts = [text.value for text in at.text]
     assert "calm piano, 70 bpm" in texts and "a quiet harbour at dawn" in texts
     assert len(at.get("imgs") or at.get("image")) >= 3  # a thumbnail on every tile: pictures, waveforms, frames
-    at.selectbox(key="gallery.kind").set_value("Scenes").run()
+    at.selectbox(key="gallery.kind").set_value("Scene").run()
     assert [text.value for text in at.text] == ["a quiet harbour at dawn"]
     assert not at.get("video")  # a tile shows the scene's frame; its detail plays it
     scene = next(button for button in at.button if button.key.startswith("open.")).key.removeprefix("open.")

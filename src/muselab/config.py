@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import platformdirs
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from muselab.families import catalogue, family, tiny_models
 
 Kind = Literal["music", "image"]
 Preset = Literal["default", "tiny"]
@@ -18,68 +19,16 @@ QuantizeChoice = Literal["auto", "none", "int8", "int8-dynamic", "int8-full"]
 BackendChoice = Literal["auto", "torch", "openvino"]
 
 
-@dataclass(frozen=True)
-class CatalogueEntry:
-    """A model muselab knows by name, with the defaults that suit it."""
-
-    id: str
-    kind: Kind
-    description: str
-    default: bool = False
-    # Images: sampler defaults. Distilled models need few steps and no guidance.
-    steps: int | None = None
-    guidance: float | None = None
-    scheduler: str | None = None
-
-
-CATALOGUE: tuple[CatalogueEntry, ...] = (
-    CatalogueEntry("facebook/musicgen-small", "music", "MusicGen 300M, mono 32 kHz", default=True),
-    CatalogueEntry("facebook/musicgen-medium", "music", "MusicGen 1.5B, mono 32 kHz"),
-    CatalogueEntry("facebook/musicgen-large", "music", "MusicGen 3.3B, mono 32 kHz"),
-    CatalogueEntry("facebook/musicgen-stereo-small", "music", "MusicGen 300M, stereo 32 kHz"),
-    CatalogueEntry("facebook/musicgen-stereo-medium", "music", "MusicGen 1.5B, stereo 32 kHz"),
-    CatalogueEntry("facebook/musicgen-stereo-large", "music", "MusicGen 3.3B, stereo 32 kHz"),
-    CatalogueEntry(
-        "CompVis/stable-diffusion-v1-4",
-        "image",
-        "Stable Diffusion 1.4, 512x512",
-        default=True,
-        steps=25,
-        guidance=7.5,
-        scheduler="DPM++ 2M Karras",
-    ),
-    CatalogueEntry(
-        "stable-diffusion-v1-5/stable-diffusion-v1-5",
-        "image",
-        "Stable Diffusion 1.5, 512x512",
-        steps=25,
-        guidance=7.5,
-        scheduler="DPM++ 2M Karras",
-    ),
-    CatalogueEntry(
-        "stabilityai/sd-turbo",
-        "image",
-        "SD 2.1 distilled: 1-4 steps, no guidance, 512x512",
-        steps=1,
-        guidance=0.0,
-        scheduler="Euler a",
-    ),
-)
-
-#: Sampler settings for a model that is not in the catalogue (any SD 1.x/2.x id or folder).
-GENERIC_IMAGE_DEFAULTS = CatalogueEntry("", "image", "", steps=25, guidance=7.5, scheduler="DPM++ 2M Karras")
-
-
 #: The tiny autoencoder (TAESD) for SD 1.x/2.x latents: previews and the fast decoder.
 FAST_DECODER = "madebyollin/taesd"
 
 
-def catalogue_entry(model_id: str) -> CatalogueEntry | None:
-    return next((entry for entry in CATALOGUE if entry.id == model_id), None)
-
-
-def default_model(kind: Kind) -> str:
-    return next(entry.id for entry in CATALOGUE if entry.kind == kind and entry.default)
+def default_model(kind: str) -> str:
+    """The catalogue's default model of `kind`: the first family of that kind names it."""
+    model = family(kind).default_model
+    if model is None:
+        raise KeyError(f"no default {kind} model: name one with --model or MUSELAB_MODELS")
+    return model
 
 
 class Settings(BaseSettings):
@@ -105,6 +54,11 @@ class Settings(BaseSettings):
     image_model: str | None = Field(default=None, description="Hub id or folder of the image model.")
     fast_decoder_model: str | None = Field(
         default=None, description="Hub id or folder of the tiny autoencoder (TAESD) for fast decoding."
+    )
+    models: dict[str, str] = Field(
+        default_factory=dict,
+        description="Models of other kinds (a plugin family's), by kind, as JSON: "
+        'MUSELAB_MODELS=\'{"sine": "/path/to/folder"}\'.',
     )
     device: DeviceChoice = "auto"
     dtype: DtypeChoice = "auto"
@@ -197,15 +151,15 @@ class Settings(BaseSettings):
     def tiny_models_dir(self) -> Path:
         return self.data_dir / "tiny-models"
 
-    def model_for(self, kind: Kind) -> str:
+    def model_for(self, kind: str) -> str:
         """The model a command of this kind uses: explicit setting, then preset, then catalogue."""
-        explicit = self.music_model if kind == "music" else self.image_model
+        if kind == "decoder":
+            return self.fast_decoder()
+        explicit = {"music": self.music_model, "image": self.image_model}.get(kind) or self.models.get(kind)
         if explicit:
             return explicit
-        if self.preset == "tiny":
-            from muselab.testing.tiny import TINY_FOLDERS
-
-            return str(self.tiny_models_dir / TINY_FOLDERS[kind])
+        if self.preset == "tiny" and kind in tiny_models():
+            return str(self.tiny_models_dir / tiny_models()[kind].folder)
         return default_model(kind)
 
     def served_models(self, kind: str) -> dict[str, str]:
@@ -215,8 +169,8 @@ class Settings(BaseSettings):
             configured = self.fast_decoder()
             served = {FAST_DECODER: FAST_DECODER}
         else:
-            configured = self.model_for(kind)  # type: ignore[arg-type]
-            served = {entry.id: entry.id for entry in CATALOGUE if entry.kind == kind}
+            configured = self.model_for(kind)
+            served = {entry.id: entry.id for entry in catalogue(kind)}
         served[model_label(configured)] = configured
         return served
 
@@ -225,31 +179,8 @@ class Settings(BaseSettings):
         if self.fast_decoder_model:
             return self.fast_decoder_model
         if self.preset == "tiny":
-            from muselab.testing.tiny import TINY_FOLDERS
-
-            return str(self.tiny_models_dir / TINY_FOLDERS["decoder"])
+            return str(self.tiny_models_dir / tiny_models()["decoder"].folder)
         return FAST_DECODER
-
-    def image_quantize(self) -> str:
-        """Image models are bound by compute: int8 weights save memory there, not time, so only on
-        request; int8 activations (int8-full) buy time but change the picture, so only on request."""
-        if self.quantize == "int8-full":
-            return "int8-full"
-        return "int8" if self.quantize in ("int8", "int8-dynamic") else "none"
-
-    def music_quantize(self, device: str) -> str:
-        """MusicGen's decoder reads every weight once per token: on a CPU int8 makes that step
-        faster (int8 activations too, where fbgemm can multiply int8 by int8: measured about 1.6x
-        the weight-only speed, logits within 28-30 dB of float32 against 32-33 dB); on a GPU the
-        step is bound by per-token overhead, so only on request. "int8-full" (an image option:
-        int8 activations in the UNet) leaves music as auto has it."""
-        if self.quantize in ("auto", "int8-full"):
-            if device != "cpu":
-                return "none"
-            from muselab.quantize import fbgemm_available
-
-            return "int8-dynamic" if fbgemm_available() else "int8"
-        return self.quantize
 
     def is_offline(self) -> bool:
         if self.offline is not None:

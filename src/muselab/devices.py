@@ -47,7 +47,7 @@ class Placement:
     reason: str
     #: "int8" when linear layers hold int8 weights (`muselab.quantize`, or NNCF on OpenVINO).
     quantize: str = "none"
-    #: "openvino" when OpenVINO runs the heavy part (`engines.openvino`, `engines.openvino_music`).
+    #: "openvino" when OpenVINO runs the heavy part (`engines/image/openvino.py`, `engines/music/openvino.py`).
     backend: str = "torch"
 
     @property
@@ -130,15 +130,31 @@ def _bf16_flag() -> str:
     return next(flag for flag in _NATIVE_BF16_FLAGS if flag in cpu_flags())
 
 
-@functools.cache
-def matmul_gflops(dtype: torch.dtype, size: int = 1024, repeats: int = 4) -> float:
-    """The dtype probe: this CPU's matmul speed in `dtype`, measured once (about 50 ms in all).
-    float32 and bfloat16 are measured in turn, round by round, each keeping its best: a busy moment
+def matmul_gflops(
+    dtype: torch.dtype, size: int = 1024, repeats: int = 4, *, device: str = "cpu", now: bool = False
+) -> float:
+    """The speed of a `size`-square matmul in `dtype` on `device`, in GFLOP/s, best of `repeats`.
+
+    By default the dtype probe: measured once per process (about 50 ms in all). float32 and
+    bfloat16 on a CPU are measured in turn, round by round, each keeping its best: a busy moment
     on a shared machine then slows both instead of tipping the choice (it once picked bf16, half
-    float32's speed on that chip, during a loaded test run)."""
-    if dtype in _PROBED:
+    float32's speed on that chip, during a loaded test run).
+
+    With `now`, measured afresh: the benchmark's peaks, and the machine's speed around each timed
+    part, which drifts on a shared machine. A CPU that emulates bf16 (about 100x slower) then gets
+    one 1024 matmul at most: a big one would take minutes."""
+    if not now:
+        return _measured_once(dtype, size, repeats, device)
+    if device == "cpu" and dtype == torch.bfloat16 and not cpu_has_native_bf16():
+        size, repeats = min(size, 1024), 1
+    return measure_matmul_gflops(dtype, device, size, repeats)
+
+
+@functools.cache
+def _measured_once(dtype: torch.dtype, size: int, repeats: int, device: str) -> float:
+    if device == "cpu" and dtype in _PROBED:
         return _probe_in_turn(size, repeats)[_PROBED.index(dtype)]
-    return measure_matmul_gflops(dtype, "cpu", size, repeats)
+    return measure_matmul_gflops(dtype, device, size, repeats)
 
 
 _PROBED = (torch.float32, torch.bfloat16)

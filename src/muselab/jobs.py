@@ -11,12 +11,11 @@ import base64
 import functools
 import io
 import logging
-import math
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager, nullcontext, suppress
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,24 +25,12 @@ from muselab.config import Settings, hf_cache_dir, looks_like_path, model_label
 from muselab.devices import DeviceError, flush_denormals
 from muselab.engines import Cancelled, CancelToken, Engine, ModelUnavailable, ProgressEvent, load_engine
 from muselab.engines.base import engine_result
-from muselab.schemas import ImageRequest, Request, RequestError, SceneRequest
+from muselab.families import family, kinds, model_kinds
+from muselab.model_manager import ModelManager
+from muselab.schemas import Request, RequestError, model_fields
 from muselab.store import INTERRUPTED, HistoryStore, OutputRecord
 
 log = logging.getLogger("muselab.jobs")
-
-#: MusicGen's decoder steps a second of audio (EnCodec's 50 frames) and the most extra steps its
-#: delay pattern takes (8 codebooks, stereo's; mono has 4): a scene's progress total until its
-#: music model is loaded.
-MUSICGEN_TOKENS_A_SECOND, MUSICGEN_MAX_CODEBOOKS = 50, 8
-
-
-def scene_tokens(music_engine: Engine | None, duration: float) -> int:
-    """The music model's decoder steps for `duration`; before it is loaded (--low-memory loads it
-    after the picture), the most a MusicGen model takes, which the loaded model's count then
-    replaces: the total can only shrink, so the bar never moves back."""
-    if music_engine is None:
-        return math.ceil(duration * MUSICGEN_TOKENS_A_SECOND) + MUSICGEN_MAX_CODEBOOKS
-    return music_engine.tokens_for(duration)  # type: ignore[attr-defined]
 
 
 class QueueFull(RuntimeError):
@@ -70,9 +57,9 @@ class Job:
     model: str  # the id or folder the engine loads (a scene's two, joined by " + ")
     source: str
     save: SaveOptions = field(default_factory=SaveOptions)
-    # A scene's models by kind, as loaded (its request names them by label).
+    # The models the job loads, by kind (the scene's two), as ids or folders.
     models: dict[str, str] = field(default_factory=dict)
-    # The fast decoder's label in `request`, and the id or folder it stands for.
+    # Each model label the client named in `request`, and the id or folder it stands for.
     sources: dict[str, str] = field(default_factory=dict)
     status: str = "queued"
     created: float = field(default_factory=time.time)
@@ -82,7 +69,7 @@ class Job:
     error: str | None = None
     error_kind: str | None = None  # model_unavailable, out_of_memory, timeout, internal
     resolved: dict[str, Any] | None = None
-    # Outputs saved before the job stopped short (a scene's picture when its soundtrack fails).
+    # Outputs saved before the job stopped short (images of a batch, a scene's picture).
     kept: list[dict[str, Any]] = field(default_factory=list)
     outputs: list[OutputRecord] = field(default_factory=list)
     done: threading.Event = field(default_factory=threading.Event)
@@ -139,92 +126,6 @@ class Job:
         return data
 
 
-class ModelManager:
-    """Loads engines on demand, keeps at most `capacity` in memory, unloads the least recently used."""
-
-    def __init__(self, settings: Settings, capacity: int, loader: Callable[..., Engine] = load_engine):
-        self.settings, self.loader = settings, loader
-        # --low-memory: one model in use, and so loaded, at a time across all workers; a job for
-        # another model waits, and the idle one is unloaded before the next loads.
-        self.capacity = 1 if settings.low_memory else max(1, capacity)
-        self._one_at_a_time = threading.Lock() if settings.low_memory else None
-        self._engines: OrderedDict[tuple[str, str], Engine] = OrderedDict()
-        self._in_use: dict[tuple[str, str], int] = {}
-        # One generation at a time per engine, whichever worker (single-model or scene) asks.
-        self._run_locks: dict[tuple[str, str], threading.Lock] = {}
-        self._lock = threading.Lock()
-
-    @contextmanager
-    def use(
-        self, kind: str, model: str, on_progress: Callable[[ProgressEvent], None] | None = None
-    ) -> Iterator[Engine]:
-        """The engine, loaded first if needed (`on_progress` hears about one-time conversions then)."""
-        key = (kind, model)
-        with self._lock:
-            run_lock = self._run_locks.setdefault(key, threading.Lock())
-        with self._one_at_a_time or nullcontext(), run_lock:
-            engine = self._get(key, on_progress)  # counts the engine as in use once it is loaded
-            try:
-                yield engine
-            finally:
-                with self._lock:
-                    self._in_use[key] -= 1
-
-    def _get(self, key: tuple[str, str], on_progress: Callable[[ProgressEvent], None] | None = None) -> Engine:
-        """The engine for `key`, loaded if needed; the caller holds the key's run lock."""
-        kind, model = key
-        with self._lock:  # found and counted in use at once, so no other worker's eviction comes between
-            engine = self._engines.get(key)
-            if engine is not None:
-                self._engines.move_to_end(key)
-                self._in_use[key] = self._in_use.get(key, 0) + 1
-                return engine
-        self._evict(keep=self.capacity - 1)
-        engine = self.loader(kind, self.settings, model, on_progress=on_progress)
-        with self._lock:
-            self._engines[key] = engine
-            self._in_use[key] = self._in_use.get(key, 0) + 1
-        return engine
-
-    def loaded(self) -> list[dict[str, str]]:
-        with self._lock:
-            return [
-                {
-                    "kind": kind,
-                    "model": model_label(model),
-                    "device": engine.placement.device,
-                    "dtype": engine.placement.dtype_name,
-                }
-                for (kind, model), engine in self._engines.items()
-            ]
-
-    def _evict(self, keep: int) -> None:
-        """Unload idle engines, least recently used first, until at most `keep` remain."""
-        with self._lock:
-            for key in list(self._engines):
-                if len(self._engines) <= keep:
-                    break
-                if not self._in_use.get(key):
-                    del self._engines[key]
-        release_memory()
-
-    def free_memory(self) -> None:
-        self._evict(keep=0)
-
-
-def release_memory() -> None:
-    from muselab.quantize import return_freed_memory
-
-    return_freed_memory()
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except ImportError:  # pragma: no cover
-        pass
-
-
 def _is_out_of_memory(exc: BaseException) -> bool:
     name = type(exc).__name__
     return name in ("OutOfMemoryError", "MemoryError") or "out of memory" in str(exc).lower()
@@ -248,9 +149,6 @@ class JobService:
         self._workers: dict[tuple[str, str], threading.Thread] = {}
         self._pending = 0
         self._closed = False
-        # How far `prepare` is with each configured model: state waiting, preparing, ready,
-        # skipped, failed or stopped; fraction, note and elapsed while preparing.
-        self.preparing: dict[str, dict[str, Any]] = {}
 
     # ------------------------------------------------------------ submitting and watching
 
@@ -262,26 +160,24 @@ class JobService:
         trusted = source == "cli"
         if not trusted:
             self.check_client_models(request)
+        # Every model the request names, by the id or folder it stands for; the request itself
+        # names them by label. The models its family loads (a scene's two) also when unnamed.
         models: dict[str, str] = {}
         sources: dict[str, str] = {}
-        if isinstance(request, SceneRequest):
-            models = {
-                kind: self._model_source(kind, getattr(request, f"{kind}_model"), trusted)
-                for kind in ("image", "music")
-            }
-            request = request.model_copy(
-                update={"image_model": model_label(models["image"]), "music_model": model_label(models["music"])}
-            )
-            model = f"{models['image']} + {models['music']}"
-        else:
-            model = self._model_source(request.kind, request.model, trusted)
-            if request.model:
-                request = request.model_copy(update={"model": model_label(model)})
-            if isinstance(request, ImageRequest) and request.decoder == "fast":
-                decoder = self._model_source("decoder", request.decoder_model, trusted)
-                if request.decoder_model:
-                    request = request.model_copy(update={"decoder_model": model_label(decoder)})
-                    sources[model_label(decoder)] = decoder
+        labels: dict[str, str] = {}
+        for name, kind in model_fields(type(request)).items():
+            value = getattr(request, name)
+            # Unnamed ones too: a folder used here is remembered by its label, so that a recipe,
+            # which names it so, re-runs it (`_model_source`).
+            source = self._model_source(kind, value, trusted)
+            if kind in kinds():
+                models[kind] = source
+            if value:
+                labels[name] = model_label(source)
+                sources[labels[name]] = source
+        if labels:
+            request = request.model_copy(update=labels)
+        model = " + ".join(source for kind, source in models.items() if kind in kinds())
         job = Job(
             id=new_id(),
             request=request,
@@ -316,7 +212,7 @@ class JobService:
         it labels; for this machine's own user (the CLI), so does the label of a folder used here
         before (a recipe names it so: `--from FILE` re-runs it); anything else is taken as it is."""
         if not name:
-            source = self.settings.fast_decoder() if kind == "decoder" else self.settings.model_for(kind)  # type: ignore[arg-type]
+            source = self.settings.model_for(kind)
         else:
             source = (
                 self.settings.served_models(kind).get(name)
@@ -332,13 +228,8 @@ class JobService:
         touches the file system, so a client cannot learn which folders exist."""
         if self.settings.allow_any_model:
             return
-        fields = {
-            "music": {"model": "music"},
-            "image": {"model": "image", "decoder_model": "decoder"},
-            "scene": {"image_model": "image", "music_model": "music"},
-        }[request.kind]
         problems = []
-        for name, kind in fields.items():
+        for name, kind in model_fields(type(request)).items():
             value = getattr(request, name)
             served = self.settings.served_models(kind)
             if value and value not in served:
@@ -366,12 +257,26 @@ class JobService:
             str(hf_cache_dir()): "<Hugging Face cache>",
             str(Path.home()): "~",
         }
-        for kind in ("music", "image", "decoder"):
+        for kind in model_kinds():
             folders.update({source: label for label, source in self.settings.served_models(kind).items()})
         for folder in list(folders):
             with suppress(OSError):
                 folders.setdefault(str(Path(folder).resolve()), folders[folder])
         return [(folder, folders[folder]) for folder in sorted(folders, key=len, reverse=True) if len(folder) > 1]
+
+    def info(self) -> dict[str, Any]:
+        """The models by kind (labels), the loaded ones, the preset, where and how they run (no
+        folders, no versions) and how far their preparation is: the API's /api/info, the studio's
+        front page."""
+        from muselab.engines import describe_runtime
+
+        return {
+            "models": {kind: model_label(self.settings.model_for(kind)) for kind in kinds() if family(kind).load},
+            "loaded": self.models.loaded(),
+            "preset": self.settings.preset,
+            "runtime": describe_runtime(self.settings, public=True),
+            "preparing": self.preparation(),
+        }
 
     def snapshot(self, job: Job, with_preview: bool = False) -> dict[str, Any]:
         return job.snapshot(self.position(job), with_preview, self.redact)
@@ -459,64 +364,12 @@ class JobService:
         return [self.snapshot(job) for job in jobs]
 
     def prepare(self, kinds: tuple[str, ...] = ("image", "music")) -> None:
-        """Load the configured models in the background, converting them first where that is
-        needed (once, minutes for a real model), so the first Generate does not wait for it.
-        Models whose weights are not on this machine are skipped (loading would download them), and
-        only as many as stay loaded together are prepared, images first (their conversion is the long one).
-        `preparing` says how far each one is; stopping the service stops it between stages."""
-        if self.settings.low_memory:
-            return  # one model at a time: the first job loads its own
-        kinds = kinds[: self.models.capacity]  # no more than stay loaded together (MUSELAB_MAX_MODELS)
-        for kind in kinds:
-            self.preparing[kind] = {"state": "waiting", "fraction": 0.0, "note": ""}
-        threading.Thread(target=self._prepare, args=(kinds,), name="muselab-prepare", daemon=True).start()
-
-    def _prepare(self, kinds: tuple[str, ...]) -> None:
-        from muselab.engines.base import cached_snapshot
-
-        flush_denormals()
-        for kind in kinds:
-            model = self.settings.model_for(kind)  # type: ignore[arg-type]
-            tiny = self.settings.preset == "tiny" and model == self.settings.model_for(kind)  # type: ignore[arg-type]
-            if not (tiny or Path(model).expanduser().is_dir() or cached_snapshot(model) is not None):
-                self.preparing[kind] = {"state": "skipped", "fraction": 0.0, "note": "weights not downloaded"}
-                continue
-            started = time.monotonic()
-
-            def on_progress(event: ProgressEvent, kind: str = kind, started: float = started) -> None:
-                if self._closed:
-                    raise Cancelled()
-                self.preparing[kind] = {
-                    "state": "preparing",
-                    "fraction": round(event.fraction, 4),
-                    "note": event.note,
-                    "started": started,
-                }
-
-            self.preparing[kind] = {"state": "preparing", "fraction": 0.0, "note": "Loading", "started": started}
-            try:
-                with self.models.use(kind, model, on_progress):
-                    pass
-            except Cancelled:
-                self.preparing[kind] = {"state": "stopped", "fraction": 0.0, "note": ""}
-                return
-            except Exception as exc:  # the first job will meet it again, and say so
-                log.warning("preparing the %s model failed: %s", kind, exc)
-                self.preparing[kind] = {"state": "failed", "fraction": 0.0, "note": self.redact(str(exc))[:300]}
-                continue
-            self.preparing[kind] = {"state": "ready", "fraction": 1.0, "note": ""}
+        """Load the configured models in the background (`ModelManager.prepare`); stopping the
+        service stops it between stages."""
+        self.models.prepare(kinds, stopped=lambda: self._closed, redact=self.redact)
 
     def preparation(self) -> dict[str, dict[str, Any]]:
-        """`prepare`'s progress for each model, with the seconds spent so far (they move between
-        a conversion's stages, which come minutes apart)."""
-        now = time.monotonic()
-        return {
-            kind: {
-                **{key: value for key, value in state.items() if key != "started"},
-                "elapsed": round(now - state["started"], 1) if "started" in state else None,
-            }
-            for kind, state in list(self.preparing.items())
-        }
+        return self.models.preparation()
 
     def stop_accepting(self) -> None:
         """The first half of `shutdown`, which returns at once: no new jobs, and every queued or
@@ -562,12 +415,11 @@ class JobService:
                 preview = buffer.getvalue()
             self._update(job, progress=event, preview_png=preview)
 
+        on_progress.previews = True  # type: ignore[attr-defined]  # clients show them (`wants_previews`)
+
         try:
-            if isinstance(job.request, SceneRequest):
-                self._run_scene(job, on_progress, started)
-            else:
-                self._run_single(job, on_progress, started)
-        except Cancelled:  # while loading (a one-time conversion stops between its stages), or a scene's music
+            self._run_engine(job, on_progress, started)
+        except Cancelled:  # while loading (a one-time conversion stops between its stages), or generating
             self._stopped(job, job.kept, started)
         except (ModelUnavailable, DeviceError) as exc:
             job.error_kind = "model_unavailable"
@@ -619,131 +471,53 @@ class JobService:
         job.timed_out.set()
         job.cancel.cancel()
 
-    def _run_single(self, job: Job, on_progress: Any, started: float) -> None:
-        with self.models.use(job.kind, job.model, self._loading_progress(job, on_progress)) as engine:
-            request = job.request
-            if isinstance(request, ImageRequest) and request.decoder_model in job.sources:
-                request = request.model_copy(update={"decoder_model": job.sources[request.decoder_model]})
-            resolved_request = engine.resolve(request)
-            job.resolved = resolved_request.model_dump(mode="json")
+    @contextmanager
+    def _engine(self, job: Job, loading: Callable[[ProgressEvent], None]) -> Iterator[Engine]:
+        """The job's engine, loaded if needed; a composite family's (a scene) borrows its parts'
+        engines from the model manager as it goes."""
+        job_family = family(job.kind)
+        if job_family.compose is None:
+            with self.models.use(job.kind, job.model, loading) as engine:
+                yield engine
+            return
+
+        def parts(kind: str, model: str) -> Any:
+            return self.models.use(kind, model, loading)
+
+        with job_family.compose(parts, self._with_sources(job), self.settings) as engine:
+            yield engine
+
+    @staticmethod
+    def _with_sources(job: Job) -> Request:
+        """The request naming the id or folder of each model it loads, where it names them by label or
+        not at all (the engine names them by label again when it resolves the request)."""
+        request = job.request
+        updates = {}
+        for name, kind in model_fields(type(request)).items():
+            value = getattr(request, name)
+            if value in job.sources:
+                updates[name] = job.sources[value]
+            elif not value and kind in job.models:
+                updates[name] = job.models[kind]
+        return request.model_copy(update=updates) if updates else request
+
+    def _run_engine(self, job: Job, on_progress: Callable[[ProgressEvent], None], started: float) -> None:
+        with self._engine(job, self._loading_progress(job, on_progress)) as engine:
+            request = engine.resolve(self._with_sources(job))
+            job.resolved = request.model_dump(mode="json")
             self._start_running(job, engine)
-            options: dict[str, Any] = {}
-            if isinstance(resolved_request, ImageRequest):
-                options["preview_every"] = max(1, (resolved_request.steps or 1) // 8)
             try:
-                result = engine.generate(resolved_request, on_progress, job.cancel, **options)
-            except Cancelled as stop:
-                kept = self._save_partial(job, engine, resolved_request, stop.completed)
-                self._stopped(job, kept, started)
-                return
-            paths = media.save_result(result, job.save.output, self.settings.outputs, **self._save_args(job))
-            self._finish(job, "succeeded", outputs=self._describe(result, paths), started=started)
-
-    def _run_scene(self, job: Job, on_progress: Any, started: float) -> None:
-        """A picture, then its soundtrack, then the MP4 of both: one job, one progress bar. With
-        --low-memory the two models are never loaded together: the picture's model is let go (and,
-        the manager holding one model then, unloaded) before the music model loads."""
-        scene = job.request
-        assert isinstance(scene, SceneRequest)
-        loading = self._loading_progress(job, on_progress)
-        sequential = self.settings.low_memory
-        with ExitStack() as held:
-            image_engine = held.enter_context(self.models.use("image", job.models["image"], loading))
-            music_engine = (
-                None if sequential else held.enter_context(self.models.use("music", job.models["music"], loading))
-            )
-            image_request = image_engine.resolve(scene.image_request())
-            scene = scene.model_copy(
-                update={
-                    "seed": image_request.seed,
-                    "width": image_request.width,
-                    "height": image_request.height,
-                    "steps": image_request.steps,
-                }
-            )
-            job.resolved = scene.model_dump(mode="json")
-            self._start_running(job, image_engine)
-            image_steps = image_request.steps
-            total = image_steps + scene_tokens(music_engine, scene.duration)
-
-            def scene_progress(offset: int, stage: str) -> Callable[[ProgressEvent], None]:
-                def forward(event: ProgressEvent) -> None:
-                    on_progress(
-                        ProgressEvent(
-                            stage=stage if event.stage == "generating" else event.stage,
-                            step=offset + event.step,
-                            total=total,
-                            elapsed=time.perf_counter() - started,
-                            eta=event.eta,
-                            preview=event.preview,
-                        )
-                    )
-
-                return forward
-
-            try:
-                picture = image_engine.generate(
-                    image_request, scene_progress(0, "image"), job.cancel, preview_every=max(1, image_steps // 8)
-                )
-            except Cancelled:
-                self._stopped(job, [], started)
-                return
-            try:
-                if music_engine is None:
-                    # Let the image model go (and the manager unload it) before the music model loads.
-                    del image_engine
-                    held.close()
-                    music_engine = held.enter_context(self.models.use("music", job.models["music"], loading))
-                    total = image_steps + scene_tokens(music_engine, scene.duration)
-                sound = music_engine.generate(
-                    music_engine.resolve(scene.music_request()), scene_progress(image_steps, "music"), job.cancel
-                )
-            except Exception:
-                # The picture is made: keep it, whatever stopped its soundtrack (cancel, time limit, error).
-                try:
-                    job.kept = self._describe(picture, media.save_result(picture, None, self._scene_folder(job)))
-                except Exception:  # the job still ends with what stopped the soundtrack, not this
-                    log.exception("job %s: the scene's picture could not be kept", job.id)
+                result = engine.generate(request, on_progress, job.cancel)
+            except Exception as exc:
+                # What the engine finished before it stopped (images of a batch, a scene's picture) is kept.
+                completed = getattr(exc, "completed", None)
+                if completed:
+                    try:
+                        job.kept = self._save(job, engine_result(engine, request, completed))
+                    except Exception:  # the job still ends with what stopped it, not this
+                        log.exception("job %s: its finished outputs could not be kept", job.id)
                 raise
-            outputs = self._save_scene(job, scene, picture, sound)
-            self._finish(job, "succeeded", outputs=outputs, started=started)
-
-    def _scene_folder(self, job: Job) -> Path:
-        # A scene writes three files, so `output` (CLI only) names a folder.
-        folder = job.save.output if job.save.output is not None else self.settings.outputs
-        folder.mkdir(parents=True, exist_ok=True)
-        return folder
-
-    def _save_scene(self, job: Job, scene: SceneRequest, picture: Any, sound: Any) -> list[dict[str, Any]]:
-        folder = self._scene_folder(job)
-        image, clip = picture.outputs[0], sound.outputs[0]
-        scene_dict = scene.model_dump(mode="json")
-        described = [
-            *self._describe(picture, media.save_result(picture, None, folder)),
-            *self._describe(sound, media.save_result(sound, None, folder)),
-        ]
-        video_recipe = {
-            "software": media.SOFTWARE,
-            "model_name": f"{picture.model_name} + {sound.model_name}",
-            "device": picture.device,
-            "dtype": picture.dtype,
-            "request": scene_dict,
-            "flagged": image.flagged,
-            "sample_rate": clip.sample_rate,
-        }
-        target = folder / media.output_name(scene.prompt, image.seed, "mp4")
-        video = media.save_video(image.image, clip.audio, clip.sample_rate, video_recipe, target)
-        described.append(
-            {
-                "path": video,
-                "kind": "scene",
-                "prompt": scene.prompt,
-                "seed": image.seed,
-                "flagged": image.flagged,
-                "recipe": video_recipe,
-            }
-        )
-        return described
+            self._finish(job, "succeeded", outputs=self._save(job, result), started=started)
 
     def _stopped(self, job: Job, kept: list[dict[str, Any]], started: float) -> None:
         if job.timed_out.is_set():
@@ -759,32 +533,14 @@ class JobService:
         else:
             self._finish(job, "cancelled", error="cancelled", outputs=kept, started=started)
 
-    def _save_args(self, job: Job) -> dict[str, Any]:
-        return {"audio_format": job.save.audio_format, "normalize": job.save.normalize}
-
-    def _save_partial(self, job: Job, engine: Any, request: Request, completed: list[Any]) -> list[dict[str, Any]]:
-        if not completed:
-            return []
-        result = engine_result(engine, request, completed)
-        paths = media.save_result(result, job.save.output, self.settings.outputs, **self._save_args(job))
-        return self._describe(result, paths)
-
-    @staticmethod
-    def _describe(result: Any, paths: list[Path]) -> list[dict[str, Any]]:
-        described = []
-        for path, item in zip(paths, result.outputs, strict=True):
-            recipe = media.recipe_for(result, item)
-            described.append(
-                {
-                    "path": path,
-                    "kind": result.request.kind,
-                    "prompt": result.request.prompt,
-                    "seed": item.seed,
-                    "flagged": getattr(item, "flagged", False),
-                    "recipe": recipe,
-                }
-            )
-        return described
+    def _save(self, job: Job, result: Any) -> list[dict[str, Any]]:
+        return media.save_outputs(
+            result,
+            job.save.output,
+            self.settings.outputs,
+            audio_format=job.save.audio_format,
+            normalize=job.save.normalize,
+        )
 
     def _update(self, job: Job, **changes: Any) -> None:
         with self._lock:

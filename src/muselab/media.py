@@ -25,6 +25,7 @@ import numpy as np
 
 from muselab import __version__
 from muselab.engines.base import GenerationResult, ImageOutput, MusicOutput
+from muselab.schemas import count_field
 
 RECIPE_KEY = "muselab"
 SOFTWARE = f"muselab {__version__}"
@@ -44,8 +45,8 @@ def recipe_for(result: GenerationResult, output: ImageOutput | MusicOutput) -> d
 
     No timestamp: the same request on the same machine gives byte-identical files.
     """
-    count_field = "num_images" if isinstance(output, ImageOutput) else "num_clips"
-    request = result.request.model_copy(update={"seed": output.seed, count_field: 1})
+    count = count_field(type(result.request))
+    request = result.request.model_copy(update={"seed": output.seed, **({count: 1} if count else {})})
     recipe: dict[str, Any] = {
         "software": SOFTWARE,
         "model_name": result.model_name,
@@ -399,6 +400,58 @@ def save_result(
         else:
             paths.append(save_audio(item.audio, item.sample_rate, recipe, target, normalize))
     return paths
+
+
+def save_outputs(
+    result: GenerationResult,
+    output: Path | None,
+    default_dir: Path,
+    audio_format: str | None = None,
+    normalize: bool = False,
+) -> list[dict[str, Any]]:
+    """Save `result` (`save_result`; a scene's picture, soundtrack and MP4) and describe each file
+    as the history records it: path, kind, prompt, seed, flagged and recipe."""
+    if result.outputs and hasattr(result.outputs[0], "picture"):
+        return [item for scene in result.outputs for item in _save_scene(result, scene, output or default_dir)]
+    paths = save_result(result, output, default_dir, audio_format, normalize)
+    return [
+        {
+            "path": path,
+            "kind": result.request.kind,
+            "prompt": result.request.prompt,
+            "seed": item.seed,
+            "flagged": getattr(item, "flagged", False),
+            "recipe": recipe_for(result, item),
+        }
+        for path, item in zip(paths, result.outputs, strict=True)
+    ]
+
+
+def _save_scene(result: GenerationResult, scene: Any, folder: Path) -> list[dict[str, Any]]:
+    """A scene writes three files into `folder`: the picture and the soundtrack, each with its own
+    recipe, and the MP4 of both with the scene's (only the picture, when the soundtrack failed)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    described = save_outputs(scene.picture, None, folder)
+    if scene.sound is None:
+        return described
+    described += save_outputs(scene.sound, None, folder)
+    image, clip = scene.picture.outputs[0], scene.sound.outputs[0]
+    recipe = {
+        "software": SOFTWARE,
+        "model_name": result.model_name,
+        "device": result.device,
+        "dtype": result.dtype,
+        "request": result.request.model_dump(mode="json"),
+        "flagged": image.flagged,
+        "sample_rate": clip.sample_rate,
+    }
+    target = folder / output_name(result.request.prompt, image.seed, "mp4")
+    video = save_video(image.image, clip.audio, clip.sample_rate, recipe, target)
+    kind, prompt = result.request.kind, result.request.prompt
+    return [
+        *described,
+        {"path": video, "kind": kind, "prompt": prompt, "seed": image.seed, "flagged": image.flagged, "recipe": recipe},
+    ]
 
 
 def _is_folder(path: Path) -> bool:

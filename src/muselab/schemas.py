@@ -6,6 +6,7 @@ gets embedded in each file and what ``--from FILE`` reads back.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import annotated_types as at
@@ -17,16 +18,76 @@ MAX_PROMPT_CHARS = 2000
 SchedulerName = Literal["DPM++ 2M Karras", "DPM++ 2M", "Euler a", "Euler", "DDIM", "PNDM", "LCM"]
 SCHEDULERS: tuple[str, ...] = SchedulerName.__args__  # type: ignore[attr-defined]
 
+
+@dataclass(frozen=True)
+class Option:
+    """How a request field appears outside the schema: its command-line flags (default
+    `--field-name`), its studio label, and whether a front end shows it at all. The bounds,
+    default and help text stay in the field itself, so every front end reads the same ones.
+
+    `flag` with a slash (`--fast-decoder/--full-decoder`) makes a two-choice field an on/off
+    switch: on means the first of the field's choices named in `switch`."""
+
+    flags: tuple[str, ...] = ()
+    label: str = ""
+    switch: tuple[str, str] | None = None  # (value when on, value when off)
+    cli: bool = True  # shown as a command-line option
+    studio: bool = True  # shown among the studio's settings
+    step: float | None = None  # the studio slider's step, for a number between bounds
+    count: bool = False  # how many outputs to make, output i with seed + i (a recipe records 1)
+    placeholder: str = ""  # the studio's grey example text in an empty box
+    main: bool = False  # in the studio, on the page itself rather than under "Advanced settings"
+
+
+@dataclass(frozen=True)
+class ModelOf:
+    """The field names a model of this kind ("music", "image", "decoder"...): clients may name only
+    served ones (`JobService.check_client_models`), and the job service loads what it stands for."""
+
+    kind: str
+
+
+def field_option(info: Any) -> Option:
+    return next((item for item in info.metadata if isinstance(item, Option)), Option())
+
+
+def field_model_kind(info: Any) -> str | None:
+    return next((item.kind for item in info.metadata if isinstance(item, ModelOf)), None)
+
+
+def count_field(cls: type[BaseModel]) -> str | None:
+    """The field saying how many outputs a request makes, if it has one."""
+    return next((name for name, info in cls.model_fields.items() if field_option(info).count), None)
+
+
+def model_fields(cls: type[BaseModel]) -> dict[str, str]:
+    """The fields of `cls` that name a model, with the kind of model each names."""
+    return {name: kind for name, info in cls.model_fields.items() if (kind := field_model_kind(info))}
+
+
 Prompt = Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)]
-Seed = Annotated[int | None, Field(default=None, ge=0, le=MAX_SEED)]
+Seed = Annotated[
+    int | None,
+    Field(default=None, ge=0, le=MAX_SEED, description="Seed; the same seed gives the same output. Random if unset."),
+    Option(label="Seed (empty = random)"),
+]
 
 
-class _Request(BaseModel):
+class BaseRequest(BaseModel):
+    """What every request has: a prompt, a seed and a model. A family's request adds its own fields,
+    each declared once here with its bounds, default and help; the CLI, the API and the studio read
+    them from the schema."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    kind: str
     prompt: Prompt
     seed: Seed = None
-    model: str | None = Field(default=None, description="Hub id or local folder; default from settings.")
+    model: Annotated[
+        str | None,
+        Field(default=None, max_length=500, description="Hub id or local folder."),
+        Option(flags=("--model", "-m"), label="Model (hub id or folder; empty = default)"),
+    ] = None
 
     @field_validator("prompt")
     @classmethod
@@ -36,49 +97,181 @@ class _Request(BaseModel):
         return value.strip()
 
 
-class MusicRequest(_Request):
+def model_field(kind: str) -> Any:
+    """The `model` field of a family whose models are of `kind` (its type, for a request class)."""
+    return Annotated[
+        str | None,
+        Field(default=None, max_length=500, description="Hub id or local folder."),
+        Option(flags=("--model", "-m"), label="Model (hub id or folder; empty = default)"),
+        ModelOf(kind),
+    ]
+
+
+class MusicRequest(BaseRequest):
     kind: Literal["music"] = "music"
-    duration: float = Field(default=8.0, ge=1, le=30, description="Seconds of audio.")
-    temperature: float = Field(default=1.0, ge=0.05, le=5.0)
-    top_k: int = Field(default=250, ge=0, le=2048, description="0 turns top-k sampling off.")
-    top_p: float = Field(default=0.0, ge=0.0, le=1.0, description="0 turns nucleus sampling off.")
-    guidance: float = Field(
-        default=3.0, ge=0.0, le=20.0, description="Classifier-free guidance; 1 or less turns it off."
-    )
-    num_clips: int = Field(default=1, ge=1, le=8, description="Clips to make; clip i uses seed + i.")
+    prompt: Annotated[
+        Prompt,
+        Field(description="What the music should sound like."),
+        Option(main=True, label="Describe the music", placeholder="lo-fi beat with warm piano, 80 bpm"),
+    ]
+    model: model_field("music") = None
+    duration: Annotated[
+        float,
+        Field(default=8.0, ge=1, le=30, description="Seconds, 1-30."),
+        Option(flags=("--duration", "-d"), label="Duration (seconds)", step=1.0, main=True),
+    ] = 8.0
+    temperature: Annotated[
+        float,
+        Field(default=1.0, ge=0.05, le=5.0, description="Sampling temperature."),
+        Option(label="Temperature", step=0.05),
+    ] = 1.0
+    top_k: Annotated[
+        int,
+        Field(default=250, ge=0, le=2048, description="Top-k sampling; 0 turns it off."),
+        Option(label="Top-k (0 = off)"),
+    ] = 250
+    top_p: Annotated[
+        float,
+        Field(default=0.0, ge=0.0, le=1.0, description="Nucleus sampling; 0 turns it off."),
+        Option(label="Top-p (0 = off)", step=0.05),
+    ] = 0.0
+    guidance: Annotated[
+        float,
+        Field(default=3.0, ge=0.0, le=20.0, description="Classifier-free guidance; 1 or less turns it off."),
+        Option(label="Guidance (CFG; 1 or less = off)", step=0.5),
+    ] = 3.0
+    num_clips: Annotated[
+        int,
+        Field(default=1, ge=1, le=8, description="How many clips; clip i uses seed + i."),
+        Option(flags=("--clips", "-n"), label="Clips", count=True),
+    ] = 1
 
 
-class ImageRequest(_Request):
+_SIZE_HELP = "Pixels, a multiple of 8; default the model's size."
+
+
+class ImageRequest(BaseRequest):
     kind: Literal["image"] = "image"
-    negative_prompt: str = Field(default="", max_length=MAX_PROMPT_CHARS)
-    width: int | None = Field(default=None, ge=64, le=2048, multiple_of=8)
-    height: int | None = Field(default=None, ge=64, le=2048, multiple_of=8)
-    steps: int | None = Field(default=None, ge=1, le=150)
-    guidance: float | None = Field(default=None, ge=0.0, le=30.0)
-    scheduler: SchedulerName | None = None
-    num_images: int = Field(default=1, ge=1, le=8, description="Images to make; image i uses seed + i.")
-    decoder: Literal["full", "fast"] = Field(
-        default="full",
-        description="'fast' decodes with the tiny autoencoder (TAESD): a fraction of the time, slightly softer.",
-    )
-    decoder_model: str | None = Field(
-        default=None, max_length=500, description="Hub id or folder of the tiny autoencoder; default from settings."
-    )
+    prompt: Annotated[
+        Prompt,
+        Field(description="What the picture should show."),
+        Option(main=True, label="Describe the picture", placeholder="a red fox in snow, watercolor"),
+    ]
+    model: model_field("image") = None
+    negative_prompt: Annotated[
+        str,
+        Field(default="", max_length=MAX_PROMPT_CHARS, description="What to keep out of the picture."),
+        Option(flags=("--negative",), label="Negative prompt (what to keep out)", main=True),
+    ] = ""
+    width: Annotated[
+        int | None, Field(default=None, ge=64, le=2048, multiple_of=8, description=_SIZE_HELP), Option(label="Width")
+    ] = None
+    height: Annotated[
+        int | None, Field(default=None, ge=64, le=2048, multiple_of=8, description=_SIZE_HELP), Option(label="Height")
+    ] = None
+    steps: Annotated[
+        int | None,
+        Field(default=None, ge=1, le=150, description="Denoising steps; default per model (25, 1 for sd-turbo)."),
+        Option(label="Steps (empty = model default)"),
+    ] = None
+    guidance: Annotated[
+        float | None,
+        Field(default=None, ge=0.0, le=30.0, description="CFG scale; default per model (7.5, 0 for sd-turbo)."),
+        Option(label="Guidance (CFG; empty = model default)", step=0.5),
+    ] = None
+    scheduler: Annotated[
+        SchedulerName | None,
+        Field(default=None, description="DPM++ 2M Karras (default), DPM++ 2M, Euler a, Euler, DDIM, PNDM, LCM."),
+        Option(label="Sampler"),
+    ] = None
+    num_images: Annotated[
+        int,
+        Field(default=1, ge=1, le=8, description="How many images; image i uses seed + i."),
+        Option(flags=("--images", "-n"), label="Images", count=True, main=True),
+    ] = 1
+    decoder: Annotated[
+        Literal["full", "fast"],
+        Field(
+            default="full",
+            description="'fast' decodes with the tiny autoencoder (TAESD): much faster, slightly softer.",
+        ),
+        Option(
+            flags=("--fast-decoder/--full-decoder",),
+            label="Fast decoder (TAESD): much quicker, slightly softer",
+            switch=("fast", "full"),
+        ),
+    ] = "full"
+    decoder_model: Annotated[
+        str | None,
+        Field(
+            default=None, max_length=500, description="Hub id or folder of the tiny autoencoder; default from settings."
+        ),
+        Option(label="Fast decoder model (empty = default)"),
+        ModelOf("decoder"),
+    ] = None
 
 
-class SceneRequest(_Request):
+class SceneRequest(BaseRequest):
     """One prompt (optionally split) makes a picture and its soundtrack, exported together as MP4."""
 
     kind: Literal["scene"] = "scene"
-    image_prompt: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS, description="Default: prompt.")
-    music_prompt: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS, description="Default: prompt.")
-    negative_prompt: str = Field(default="", max_length=MAX_PROMPT_CHARS)
-    duration: float = Field(default=8.0, ge=1, le=30, description="Seconds of soundtrack (and video).")
-    width: int | None = Field(default=None, ge=64, le=2048, multiple_of=8)
-    height: int | None = Field(default=None, ge=64, le=2048, multiple_of=8)
-    steps: int | None = Field(default=None, ge=1, le=150)
-    image_model: str | None = Field(default=None, description="Hub id or folder; default from settings.")
-    music_model: str | None = Field(default=None, description="Hub id or folder; default from settings.")
+    prompt: Annotated[
+        Prompt,
+        Field(description="One prompt for the picture and its soundtrack."),
+        Option(main=True, label="Describe the scene", placeholder="a quiet harbour at dawn"),
+    ]
+    model: Annotated[
+        str | None,
+        Field(default=None, max_length=500, description="Not used: a scene names its two models below."),
+        Option(cli=False, studio=False),
+    ] = None
+    image_prompt: Annotated[
+        str | None,
+        Field(default=None, max_length=MAX_PROMPT_CHARS, description="A separate prompt for the picture."),
+        Option(label="Picture prompt (empty = the scene prompt)"),
+    ] = None
+    music_prompt: Annotated[
+        str | None,
+        Field(default=None, max_length=MAX_PROMPT_CHARS, description="A separate prompt for the soundtrack."),
+        Option(label="Music prompt (empty = the scene prompt)"),
+    ] = None
+    negative_prompt: Annotated[
+        str,
+        Field(default="", max_length=MAX_PROMPT_CHARS, description="What to keep out of the picture."),
+        Option(flags=("--negative",), label="Negative prompt (what to keep out of the picture)"),
+    ] = ""
+    duration: Annotated[
+        float,
+        Field(default=8.0, ge=1, le=30, description="Seconds of soundtrack (and video), 1-30."),
+        Option(flags=("--duration", "-d"), label="Soundtrack length (seconds)", step=1.0, main=True),
+    ] = 8.0
+    width: Annotated[
+        int | None,
+        Field(default=None, ge=64, le=2048, multiple_of=8, description="Picture width, a multiple of 8."),
+        Option(label="Width"),
+    ] = None
+    height: Annotated[
+        int | None,
+        Field(default=None, ge=64, le=2048, multiple_of=8, description="Picture height, a multiple of 8."),
+        Option(label="Height"),
+    ] = None
+    steps: Annotated[
+        int | None,
+        Field(default=None, ge=1, le=150, description="Denoising steps for the picture."),
+        Option(label="Steps (empty = model default)"),
+    ] = None
+    image_model: Annotated[
+        str | None,
+        Field(default=None, max_length=500, description="Hub id or folder of the image model; default from settings."),
+        Option(label="Image model (empty = default)"),
+        ModelOf("image"),
+    ] = None
+    music_model: Annotated[
+        str | None,
+        Field(default=None, max_length=500, description="Hub id or folder of the music model; default from settings."),
+        Option(label="Music model (empty = default)"),
+        ModelOf("music"),
+    ] = None
 
     def image_request(self) -> ImageRequest:
         return ImageRequest(
@@ -97,15 +290,15 @@ class SceneRequest(_Request):
         )
 
 
-Request = MusicRequest | ImageRequest | SceneRequest
-REQUEST_TYPES: dict[str, type[_Request]] = {"music": MusicRequest, "image": ImageRequest, "scene": SceneRequest}
+#: Any family's request (a family may add its own kind: see `muselab.families`).
+Request = BaseRequest
 
 
 class RequestError(ValueError):
     """A request the user must change; the message names each field and its allowed values."""
 
 
-def parse_request(cls: type[_Request], data: dict[str, Any]) -> Any:
+def parse_request(cls: type[BaseRequest], data: dict[str, Any]) -> Any:
     """Validate `data` into `cls`, turning pydantic's errors into one readable message."""
     try:
         return cls.model_validate(data)
@@ -140,13 +333,19 @@ def describe_errors(cls: type[BaseModel], errors: Any) -> str:
     return "Invalid request:\n" + "\n".join(f"  - {line}" for line in lines)
 
 
-def _describe_field(info: Any) -> str:
+def field_bounds(info: Any) -> dict[str, Any]:
+    """A field's bounds by name (ge, le, multiple_of, max_length...)."""
     bounds: dict[str, Any] = {}
     for item in info.metadata:
         for name in ("ge", "gt", "le", "lt", "multiple_of", "min_length", "max_length"):
             value = getattr(item, name, None)
             if value is not None and isinstance(item, at.BaseMetadata):
                 bounds[name] = value
+    return bounds
+
+
+def _describe_field(info: Any) -> str:
+    bounds = field_bounds(info)
     choices = _literal_choices(info.annotation)
     if choices:
         return "must be one of " + ", ".join(repr(c) for c in choices)

@@ -39,6 +39,12 @@ class ProgressEvent:
 ProgressCallback = Callable[[ProgressEvent], None]
 
 
+def wants_previews(on_progress: ProgressCallback | None) -> bool:
+    """Whether the listener shows pictures as they form: one that does says so with an attribute
+    `previews = True` (the job service's does), and an engine that can draw them then does."""
+    return bool(getattr(on_progress, "previews", False))
+
+
 class Cancelled(Exception):
     """The user cancelled; `completed` holds the outputs finished before that moment."""
 
@@ -168,7 +174,13 @@ class Engine(Protocol):
     @property
     def model_name(self) -> str: ...
 
-    def resolve(self, request: Any) -> Any: ...
+    def resolve(self, request: Any) -> Any:
+        """`request` with every default filled in (seed, sizes, the model by its label)."""
+        ...
+
+    def steps(self, request: Any) -> int:
+        """The progress steps `request` takes: the `total` its progress events count to."""
+        ...
 
     def generate(
         self,

@@ -10,7 +10,8 @@ import sys
 from typing import Any, Protocol
 
 from muselab.config import Settings
-from muselab.schemas import REQUEST_TYPES, RequestError, parse_request
+from muselab.families import family
+from muselab.schemas import RequestError, parse_request
 
 ACTIVE = ("queued", "running")
 
@@ -32,7 +33,7 @@ class Backend(Protocol):
 
 def validate(kind: str, data: dict[str, Any]) -> Any:
     """Check a request before sending it; RequestError says which field to change."""
-    return parse_request(REQUEST_TYPES[kind], {k: v for k, v in data.items() if v not in (None, "")})
+    return parse_request(family(kind).request, {k: v for k, v in data.items() if v not in (None, "")})
 
 
 class LocalBackend:
@@ -98,17 +99,7 @@ class LocalBackend:
         return deletion.message if deletion else "Already deleted."
 
     def info(self) -> dict[str, Any]:
-        from muselab.config import model_label
-        from muselab.engines import describe_runtime
-
-        settings = self.service.settings
-        return {
-            "models": {kind: model_label(settings.model_for(kind)) for kind in ("music", "image")},
-            "loaded": self.service.models.loaded(),
-            "preset": settings.preset,
-            "runtime": describe_runtime(settings, public=True),
-            "preparing": self.service.preparation(),
-        }
+        return self.service.info()
 
 
 class RemoteBackend:

@@ -15,17 +15,34 @@ from typing import Any
 import streamlit as st
 
 from muselab.config import Settings
+from muselab.families import family, kinds
 from muselab.schemas import RequestError
 from muselab.ui.backend import ACTIVE, Backend, BackendError, LocalBackend, RemoteBackend
 
 STYLE = Path(__file__).with_name("style.css")
-PAGES = {
-    "home": "views/home.py",
-    "music": "views/music.py",
-    "image": "views/image.py",
-    "scene": "views/scene.py",
-    "gallery": "views/gallery.py",
-}
+VIEWS = Path(__file__).with_name("views")
+#: The pages that are not a kind of generation; each kind's page is views/KIND.py where the studio
+#: has one, else the shared views/family.py (drawn from its request schema).
+PAGES = {"home": "views/home.py", "gallery": "views/gallery.py"}
+
+
+def page_file(kind: str) -> str:
+    return PAGES.get(kind) or (f"views/{kind}.py" if (VIEWS / f"{kind}.py").exists() else "views/family.py")
+
+
+def navigation_pages() -> dict[str, Any]:
+    """Home, a page per kind of generation (in the registry's order), and the Gallery."""
+    pages = {"home": st.Page(PAGES["home"], title="Home", icon=":material/home:", default=True)}
+    for kind in kinds():
+        kind_family = family(kind)
+        pages[kind] = st.Page(page_file(kind), title=kind_family.title, icon=kind_family.icon, url_path=kind)
+    pages["gallery"] = st.Page(PAGES["gallery"], title="Gallery", icon=":material/photo_library:")
+    return pages
+
+
+def go_to(kind: str) -> None:
+    """Switch to the page of `kind` (or "home", "gallery")."""
+    st.switch_page(navigation_pages()[kind])
 
 
 @st.cache_resource(show_spinner=False)
@@ -112,7 +129,8 @@ def _live_progress(kind: str, job_id: str) -> None:
         position = status.get("queue_position")
         waited = time.time() - st.session_state.get(f"{kind}.submitted_at", time.time())
         text = f"Waiting in the queue (position {position})" if position and position > 1 else "Loading the model"
-        model_kind = "image" if kind == "scene" else kind
+        # A scene waits for its first part's model (the picture's).
+        model_kind = "image" if family(kind).compose is not None else kind
         preparing = (backend().info().get("preparing") or {}).get(model_kind) or {}
         if preparing.get("state") == "preparing":  # the job waits for the model the studio is preparing
             note = f" ({plain(preparing['note'])})" if preparing.get("note") else ""
@@ -125,7 +143,7 @@ def _live_progress(kind: str, job_id: str) -> None:
     else:
         eta = progress["eta"]
         left = f", about {eta:0.0f} s left" if eta is not None else ""
-        unit = {"music": "audio tokens", "image": "denoising steps", "scene": "steps"}[kind]
+        unit = family(kind).unit
         stage = " (decoding)" if progress["stage"] == "decoding" else ""
         st.progress(
             min(progress["fraction"], 1.0),
@@ -164,14 +182,15 @@ def show_output(output: dict[str, Any], *, compact: bool = False) -> None:
     if data is None:
         return
     name = output["filename"]
-    if output["kind"] == "image":
+    media = file_media(name)
+    if media == "image":
         st.image(data, width="stretch")
         if output["flagged"]:
             st.warning("The safety checker flagged this image, so it was blanked. Try another prompt or seed.")
         st.download_button(
             "PNG", data, file_name=name, mime="image/png", key=f"dl.{output['id']}", icon=":material/download:"
         )
-    elif output["kind"] == "music":
+    elif media == "audio":
         st.audio(data, format="audio/wav")
         if not compact:
             st.image(waveform_png(data), width="stretch")
@@ -195,22 +214,28 @@ def show_output(output: dict[str, Any], *, compact: bool = False) -> None:
         )
 
 
+def file_media(filename: str) -> str:
+    """What a file holds, by its name: "image", "audio" or "video" (outputs of any family)."""
+    suffix = Path(filename).suffix.lower()
+    return "image" if suffix == ".png" else "video" if suffix == ".mp4" else "audio"
+
+
 def thumbnail(output: dict[str, Any]) -> bytes | None:
     """A small PNG for the Gallery's grid: the picture, a clip's waveform, a scene's frame."""
     try:
-        return _thumbnail(output["id"], output["kind"])
+        return _thumbnail(output["id"], file_media(output["filename"]))
     except (BackendError, ValueError, OSError):
         return None
 
 
 @st.cache_data(max_entries=1000, show_spinner=False)
-def _thumbnail(output_id: str, kind: str, side: int = 256) -> bytes:
+def _thumbnail(output_id: str, media: str, side: int = 256) -> bytes:
     from PIL import Image
 
     data = backend().output_bytes(output_id)
-    if kind == "music":
+    if media == "audio":
         return waveform_png(data, width=side, height=side * 2 // 3)
-    if kind == "scene":
+    if media == "video":
         import av
 
         with av.open(io.BytesIO(data)) as container:
@@ -268,18 +293,6 @@ def rating(output: dict[str, Any]) -> None:
     if feedback.get("stars") or feedback.get("thumb"):
         marks = "up" if feedback.get("thumb") == 1 else "down" if feedback.get("thumb") == -1 else ""
         st.caption(f"Saved rating: {marks} {'*' * (feedback.get('stars') or 0)}".strip())
-
-
-def reuse_settings(kind: str, request: dict[str, Any], fields: dict[str, str], extra: dict | None = None) -> None:
-    """Copy a recipe back into the page's widgets ("use these settings again"); an on_click callback,
-    since widget values can only be set before the widgets are drawn."""
-    for field, widget in fields.items():
-        value = request.get(field)
-        if value is not None:
-            st.session_state[f"{kind}.{widget}"] = value
-    st.session_state[f"{kind}.seed"] = request.get("seed", -1)
-    for widget, value in (extra or {}).items():
-        st.session_state[f"{kind}.{widget}"] = value
 
 
 def show_recipe(output: dict[str, Any]) -> None:

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 import secrets
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from muselab.config import FAST_DECODER, GENERIC_IMAGE_DEFAULTS, catalogue_entry, model_label
-from muselab.devices import Placement, choose_placement, physical_memory_gib
+from muselab.config import model_label
+from muselab.devices import Placement
 from muselab.engines.base import (
     Cancelled,
     CancelToken,
@@ -25,8 +24,17 @@ from muselab.engines.base import (
     engine_result,
     load_or_explain,
     locate_model,
+    wants_previews,
 )
+from muselab.engines.image.family import GENERIC_DEFAULTS
+from muselab.engines.image.schedulers import make_scheduler, steps_in_float32
+from muselab.engines.runtime import RuntimePlan, engine_plan
+from muselab.engines.runtime import auto_uses_openvino as auto_uses_openvino  # the benchmark imports it from here
+from muselab.families import catalogue_entry
 from muselab.schemas import MAX_SEED, ImageRequest
+
+if TYPE_CHECKING:
+    from muselab.engines.image.openvino import OpenVinoSetup
 
 # Approximate RGB of SD 1.x/2.x latents: a free preview while sampling (no VAE call).
 _LATENT_RGB = torch.tensor(
@@ -37,50 +45,6 @@ _LATENT_RGB = torch.tensor(
         [-0.2120, -0.2616, -0.7177],
     ]
 )
-
-
-def make_scheduler(name: str, base_config: Any) -> Any:
-    """A diffusers scheduler for an A1111 sampler name, built on the model's own scheduler config."""
-    import diffusers
-
-    config = dict(base_config)
-    if name in ("DPM++ 2M Karras", "DPM++ 2M"):
-        return diffusers.DPMSolverMultistepScheduler.from_config(
-            config,
-            algorithm_type="dpmsolver++",
-            solver_order=2,
-            use_karras_sigmas=name.endswith("Karras"),
-            final_sigmas_type="zero",
-        )
-    classes = {
-        "Euler a": diffusers.EulerAncestralDiscreteScheduler,
-        "Euler": diffusers.EulerDiscreteScheduler,
-        "DDIM": diffusers.DDIMScheduler,
-        "PNDM": diffusers.PNDMScheduler,
-        "LCM": diffusers.LCMScheduler,
-    }
-    return classes[name].from_config(config)
-
-
-def steps_in_float32(scheduler: Any) -> Any:
-    """Make the scheduler's `step` work on float32 model outputs and hand back latents in their own
-    dtype. So the noise that ancestral samplers (`Euler a`, `LCM`) add between steps is drawn in
-    float32 whatever the engine's dtype, as the starting noise is (`ImageEngine.initial_noise`),
-    and the sampler's arithmetic runs in float32. On a float32 engine nothing changes."""
-    step = scheduler.step
-
-    # functools.wraps keeps `step`'s signature visible: diffusers passes `generator` and `eta`
-    # only to a step whose signature names them.
-    @functools.wraps(step)
-    def float32_step(model_output: torch.Tensor, timestep: Any, sample: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        result = step(model_output.float(), timestep, sample, *args, **kwargs)
-        if isinstance(result, tuple):
-            return (result[0].to(sample.dtype), *result[1:])
-        result.prev_sample = result.prev_sample.to(sample.dtype)
-        return result
-
-    scheduler.step = float32_step
-    return scheduler
 
 
 #: Above this many pixels the VAE decodes in tiles, so a large image never needs the whole
@@ -124,24 +88,22 @@ class ImageEngine:
         self,
         pipe: Any,
         model: str,
-        placement: Placement,
+        plan: RuntimePlan | Placement | None = None,
         *,
-        fast_decoder: str = FAST_DECODER,
-        offline: bool = False,
-        quantize: str = "none",
-        low_memory: bool = False,
-        compile: bool = False,
         openvino: OpenVinoSetup | None = None,
+        **options: Any,
     ):
-        """Wrap a loaded diffusers text-to-image pipeline; see `ImageEngine.load`.
+        """Wrap a loaded diffusers text-to-image pipeline to run as `plan` says; see `ImageEngine.load`.
+        With a placement (or nothing) instead of a plan, `options` make one (`runtime.engine_plan`:
+        PyTorch and float weights unless they say otherwise).
 
-        `fast_decoder` names the tiny autoencoder (TAESD) loaded on the first request that asks
-        for `decoder="fast"`, and for live previews. `quantize`, `low_memory` and `compile` are the
-        settings of the same names (`muselab.config.Settings`). With `openvino`, the UNet and the
-        VAE decoder run on OpenVINO (converted first if its cache lacks them).
+        A plan on OpenVINO needs `openvino`, made from the model's folder (`openvino_setup`): the
+        UNet and the VAE decoder are converted first if the cache lacks them.
         """
-        if quantize == "int8-full" and openvino is None:
-            raise ValueError(INT8_FULL_NEEDS_OPENVINO.format(reason="this engine runs on PyTorch"))
+        plan = engine_plan("image", model, plan, options)
+        plan.require()
+        if plan.backend == "openvino" and openvino is None:
+            raise ValueError("OpenVINO converts the model from its folder: use ImageEngine.load")
         pipe.set_progress_bar_config(disable=True)
         self.load_timings: dict[str, float] = {}
         if openvino is not None:
@@ -151,78 +113,72 @@ class ImageEngine:
             self.load_timings = use_openvino(
                 pipe,
                 openvino.source,
-                openvino.cache_dir,
-                placement.dtype,
-                quantize,
+                plan.openvino_cache,
+                plan.dtype,
+                plan.quantize,
                 openvino.on_progress,
                 openvino.unet_config,
             )
-            if quantize in ("int8", "int8-full"):
+            if plan.quantize in ("int8", "int8-full"):
                 for module in text_encoders(pipe):
                     quantize_linears(module)
-            placement = dataclasses.replace(placement, quantize=quantize, backend="openvino")
-        elif quantize == "int8":
-            quantize_pipeline(pipe, placement.dtype)
-            placement = dataclasses.replace(placement, quantize="int8")
-        if low_memory and placement.device == "cuda":
-            pipe.enable_model_cpu_offload()  # each sub-model visits the GPU only while it runs
+        elif plan.quantize == "int8":
+            quantize_pipeline(pipe, plan.dtype)
+        if plan.offload:
+            pipe.enable_model_cpu_offload()
         else:
-            pipe = pipe.to(placement.device)
-        if low_memory:
+            pipe = pipe.to(plan.device)
+        if plan.low_memory:
             pipe.enable_attention_slicing()
             pipe.vae.enable_slicing()
-        if placement.device == "cuda" and openvino is None:
+        if plan.device == "cuda" and openvino is None:
             # cuDNN's fastest convolutions want NHWC; on CPUs (oneDNN) it measured no faster here.
             pipe.unet.to(memory_format=torch.channels_last)
-        if compile:
-            pipe.unet = compile_unet(pipe.unet, placement.device)
+        if plan.compile:
+            pipe.unet = compile_unet(pipe.unet, plan.device)
         self.pipe = pipe
         self.model = model
-        self.placement = placement
-        self.low_memory = low_memory
+        self.plan = plan
+        self.placement = dataclasses.replace(plan.placement, quantize=plan.quantize, backend=plan.backend)
+        self.low_memory = plan.low_memory
         self._full_vae = pipe.vae
         self._fast_vaes: dict[str, Any] = {}
         self._decoder_sources: dict[str, str] = {}
         self._preview_vae: Any = None  # TAESD for previews once found; False if it cannot be had
-        self.fast_decoder, self.offline = fast_decoder, offline
+        self.fast_decoder, self.offline = plan.fast_decoder, plan.offline
         self._scheduler_config = dict(pipe.scheduler.config)
         self.has_safety_checker = getattr(pipe, "safety_checker", None) is not None
-        self.defaults = catalogue_entry(model) or GENERIC_IMAGE_DEFAULTS
+        self.defaults = catalogue_entry(model) or GENERIC_DEFAULTS
         self.native_size = int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
 
     @classmethod
     def load(
         cls,
         model: str,
-        placement: Placement | None = None,
+        plan: RuntimePlan | Placement | None = None,
         *,
-        safety_checker: bool = True,
-        offline: bool = False,
-        fast_decoder: str = FAST_DECODER,
-        quantize: str = "none",
-        low_memory: bool = False,
-        compile: bool = False,
-        backend: str = "torch",
-        openvino_cache: Path | None = None,
         on_progress: ProgressCallback | None = None,
+        **options: Any,
     ) -> ImageEngine:
-        """Load a hub id or local folder (safetensors only) through diffusers' `from_pretrained`.
-
-        `backend` is "torch", "openvino" or "auto" (OpenVINO on a CPU where it is installed and
-        the model suits it). `on_progress` hears about a one-time OpenVINO conversion."""
+        """Load a hub id or local folder (safetensors only) through diffusers' `from_pretrained`, to
+        run as `plan` says (`runtime.image_plan`; with a placement or nothing, `options` make it).
+        `on_progress` hears about a one-time OpenVINO conversion."""
         from diffusers import AutoPipelineForText2Image
 
-        placement = placement or choose_placement()
-        source = locate_model(model, offline, "image")
+        plan = engine_plan("image", model, plan, options)
+        plan.require()  # before a download: what cannot run here is not fetched either
+        source = locate_model(model, plan.offline, "image")
+        openvino = None
+        if plan.backend == "openvino":
+            from muselab.engines.image.openvino import openvino_setup
+
+            plan, openvino = openvino_setup(plan, Path(source), on_progress)
         extra: dict[str, Any] = {}
-        if not safety_checker:
+        if not plan.safety_checker:
             extra = {"safety_checker": None, "requires_safety_checker": False}
-        openvino = _openvino_setup(
-            backend, model, Path(source), placement, quantize, compile, low_memory, openvino_cache, on_progress
-        )
-        dtype = load_dtype(placement, quantize)
+        dtype = load_dtype(plan.placement, plan.quantize)
         if openvino is not None:
-            dtype = placement.dtype  # converted from full precision; NNCF makes the int8 weights
+            dtype = plan.dtype  # converted from full precision; NNCF makes the int8 weights
             if openvino.unet_cached:
                 extra["unet"] = None  # the converted UNet replaces it: never read its weights
         pipe = load_or_explain(
@@ -232,17 +188,7 @@ class ImageEngine:
             model,
             "image",
         )
-        return cls(
-            pipe,
-            model,
-            placement,
-            fast_decoder=fast_decoder,
-            offline=offline,
-            quantize=quantize,
-            low_memory=low_memory,
-            compile=compile,
-            openvino=openvino,
-        )
+        return cls(pipe, model, plan, openvino=openvino)
 
     def fast_vae(self, source: str | None = None) -> Any:
         """A tiny autoencoder (default: this engine's), loaded or downloaded the first time it is needed."""
@@ -284,6 +230,10 @@ class ImageEngine:
     def model_name(self) -> str:
         return Path(self.model.rstrip("/")).name
 
+    def steps(self, request: ImageRequest) -> int:
+        """The progress steps `request` takes: its denoising steps for each image."""
+        return (request.steps or self.defaults.steps or 1) * request.num_images
+
     def resolve(self, request: ImageRequest) -> ImageRequest:
         """Fill every unset field from the model's defaults, so the recipe is complete."""
         return request.model_copy(
@@ -306,10 +256,14 @@ class ImageEngine:
         request: ImageRequest,
         on_progress: ProgressCallback | None = None,
         cancel: CancelToken | None = None,
-        preview_every: int = 0,
+        preview_every: int | None = None,
     ) -> GenerationResult:
+        """`preview_every` steps a small preview rides on the progress event; by default every
+        eighth of the way where the listener shows pictures (`wants_previews`), else none."""
         request = self.resolve(request)
         assert request.seed is not None and request.steps is not None
+        if preview_every is None:
+            preview_every = max(1, request.steps // 8) if wants_previews(on_progress) else 0
         cancel = cancel or CancelToken()
         self.pipe.scheduler = steps_in_float32(make_scheduler(request.scheduler, self._scheduler_config))
         # One engine runs one generation at a time (the job service's run lock), so the decoder
@@ -380,113 +334,6 @@ class ImageEngine:
         encoders = text_encoders(self.pipe)
         # The pipeline's latents take its prompt embeddings' dtype, i.e. the text encoder's.
         return noise.to(encoders[0].dtype if encoders else self.placement.dtype)
-
-
-#: OpenVINO's CPU runtime keeps its own packed copy of the weights: an SD 1.x image peaks at about
-#: 9.4 GiB there against PyTorch's 5.5 (docs/PERFORMANCE.md), so `auto` wants this much memory.
-OPENVINO_AUTO_MIN_MEMORY_GIB = 12.0
-
-
-INT8_FULL_NEEDS_OPENVINO = (
-    "--quantize int8-full (int8 activations) runs on the OpenVINO backend, and {reason}. "
-    "Use --quantize int8 (int8 weights, on PyTorch too) or --quantize none."
-)
-
-
-def auto_uses_openvino(device: str, quantize: str, low_memory: bool = False, compile: bool = False) -> bool:
-    """What `--backend auto` means for an image model: OpenVINO on a CPU (as fast as PyTorch or
-    faster, same pictures), unless `auto_openvino_obstacle` names a reason not to."""
-    return auto_openvino_obstacle(device, quantize, low_memory, compile) is None
-
-
-def auto_openvino_obstacle(device: str, quantize: str, low_memory: bool = False, compile: bool = False) -> str | None:
-    """Why `--backend auto` keeps PyTorch for an image model, in words, or None: it is not
-    installed, or memory matters more (`--quantize int8`, whose memory saving OpenVINO's float32
-    weight copies would undo; `--low-memory`; a machine with less than
-    OPENVINO_AUTO_MIN_MEMORY_GIB, which the one-time conversion needs), or `--compile` (a PyTorch
-    feature) is on. `--quantize int8-full` exists only on OpenVINO (and needs NNCF)."""
-    from muselab.engines.image.openvino import nncf_available, openvino_available
-
-    if device != "cpu":
-        return f"it runs on CPUs, and this engine is placed on {device} (use --device cpu)"
-    if compile:
-        return "--compile is for the PyTorch backend (turn it off)"
-    if low_memory:
-        return "--low-memory keeps PyTorch (turn it off)"
-    if quantize == "int8":
-        return "--quantize int8 saves more memory on PyTorch"
-    if not openvino_available() or (quantize == "int8-full" and not nncf_available()):
-        return "the openvino and nncf packages are not both installed (pip install openvino nncf)"
-    if physical_memory_gib() < OPENVINO_AUTO_MIN_MEMORY_GIB:
-        return (
-            f"this machine has {physical_memory_gib():.0f} GiB of RAM, less than the "
-            f"{OPENVINO_AUTO_MIN_MEMORY_GIB} GiB the one-time conversion needs (--backend openvino to try anyway)"
-        )
-    return None
-
-
-@dataclasses.dataclass
-class OpenVinoSetup:
-    """Where a pipeline's OpenVINO models come from (see `muselab.engines.image.openvino`)."""
-
-    source: Path
-    cache_dir: Path
-    unet_config: Any
-    unet_cached: bool
-    on_progress: ProgressCallback | None = None
-
-
-def _openvino_setup(
-    backend: str,
-    model: str,
-    source: Path,
-    placement: Placement,
-    quantize: str,
-    compile: bool,
-    low_memory: bool,
-    cache_dir: Path | None,
-    on_progress: ProgressCallback | None,
-) -> OpenVinoSetup | None:
-    """None for PyTorch; else how to set up OpenVINO. An explicit "openvino" that cannot work here
-    is an error that says why; "auto" quietly keeps PyTorch then."""
-    from muselab.engines.image import openvino as ov
-
-    explicit = backend == "openvino"
-    if backend == "torch":
-        obstacle: str | None = "--backend torch was asked for"
-    else:
-        obstacle = None if explicit else auto_openvino_obstacle(placement.device, quantize, low_memory, compile)
-    if obstacle is not None:
-        if quantize == "int8-full":
-            raise ov.OpenVinoUnavailable(INT8_FULL_NEEDS_OPENVINO.format(reason=obstacle))
-        return None
-    problem = None
-    if placement.device != "cpu":
-        problem = f"it runs on CPUs, and this engine is placed on {placement.device} (use --device cpu)"
-    elif compile:
-        problem = "--compile is for the PyTorch backend (turn one of them off)"
-    elif not ov.openvino_available() or (quantize in ("int8", "int8-full") and not ov.nncf_available()):
-        ov.require_openvino(quantize)  # only an explicit "openvino" gets here: auto checked it above
-    else:
-        try:
-            unet_config = ov.read_unet_config(source / "unet")
-        except (OSError, ValueError) as exc:
-            problem = f"its UNet config could not be read ({exc})"
-        else:
-            problem = ov.unsupported_reason(unet_config)
-    if problem is not None:
-        if quantize == "int8-full":
-            raise ov.OpenVinoUnavailable(INT8_FULL_NEEDS_OPENVINO.format(reason=f"'{model}' cannot use it: {problem}"))
-        if explicit:
-            raise ov.OpenVinoUnavailable(
-                f"'{model}' cannot use the OpenVINO backend: {problem}. Or use --backend torch."
-            )
-        return None
-    from muselab.config import Settings
-
-    cache_dir = cache_dir or Settings().openvino_cache
-    cached = ov.cached_unet_source(source, cache_dir, quantize, placement.dtype) is not None
-    return OpenVinoSetup(source, cache_dir, unet_config, cached, on_progress)
 
 
 def latents_to_preview(latents: torch.Tensor, tiny_vae: Any = None, max_side: int = 128) -> Any:

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from muselab.config import model_label
-from muselab.devices import Placement, choose_placement
+from muselab.devices import Placement
 from muselab.engines.base import (
     Cancelled,
     CancelToken,
@@ -26,6 +26,7 @@ from muselab.engines.base import (
     locate_model,
 )
 from muselab.engines.music.sampler import MusicgenSampler
+from muselab.engines.runtime import RuntimePlan, engine_plan
 from muselab.schemas import MAX_SEED, MusicRequest
 
 
@@ -37,125 +38,95 @@ class MusicEngine:
         network: Any,
         processor: Any,
         model: str,
-        placement: Placement,
+        plan: RuntimePlan | Placement | None = None,
         *,
-        quantize: str = "none",
-        backend: str = "torch",
         source: Path | None = None,
-        openvino_cache: Path | None = None,
-        cuda_graphs: bool = True,
         on_progress: ProgressCallback | None = None,
+        **options: Any,
     ):
-        """Wrap a loaded MusicGen model and its processor; see `MusicEngine.load`.
+        """Wrap a loaded MusicGen model and its processor to run as `plan` says; see
+        `MusicEngine.load`. With a placement (or nothing) instead of a plan, `options` make one
+        (`runtime.engine_plan`: PyTorch and float weights unless they say otherwise).
 
-        `quantize="int8"` stores the text encoder's and the decoder's linear layers as int8: the
-        decoder reads all its weights once per token, so a quarter of the bytes is most of the
-        speed on a CPU. `"int8-dynamic"` also quantizes each token's activations (fbgemm, x86).
+        int8 (`plan.quantize`) stores the text encoder's and the decoder's linear layers as int8:
+        the decoder reads all its weights once per token, so a quarter of the bytes is most of the
+        speed on a CPU. "int8-dynamic" also quantizes each token's activations (fbgemm, x86).
         EnCodec (convolutions and an LSTM) stays as it is.
 
-        `backend` ("torch", "openvino" or "auto", see `music_backend`) says what runs the decoder
-        steps. OpenVINO converts the decoder once, cached under `openvino_cache` when the model came
-        from the folder `source`, and reports that work through `on_progress`. `cuda_graphs`: on a
-        CUDA GPU, each token replays a captured graph of the decoder step (`CudaGraphStep`).
+        On OpenVINO (`plan.backend`) the decoder step is converted once, cached under
+        `plan.openvino_cache` when the model came from the folder `source`, and that work is
+        reported through `on_progress`. `plan.cuda_graphs`: on a CUDA GPU, each token replays a
+        captured graph of the decoder step (`CudaGraphStep`).
         """
-        self.network = network.to(placement.device).eval()
-        chosen = music_backend(backend, model, placement.device, quantize)
-        self.sampler = MusicgenSampler(self.network, cuda_graphs=cuda_graphs)
+        plan = engine_plan("music", model, plan, options)
+        plan.require()
+        self.network = network.to(plan.device).eval()
+        self.sampler = MusicgenSampler(self.network, cuda_graphs=plan.cuda_graphs)
         self.load_timings: dict[str, float] = {}
-        if chosen == "openvino":
-            automatic = backend == "auto"
-            chosen = self._use_openvino(model, quantize, placement, automatic, source, openvino_cache, on_progress)
-            placement = dataclasses.replace(placement, backend=chosen)
-        if quantize in ("int8", "int8-dynamic"):
+        if plan.backend == "openvino":
+            plan = self._use_openvino(plan, source, on_progress)
+        if plan.quantize in ("int8", "int8-dynamic"):
             from muselab.quantize import quantize_linears
 
-            dynamic = quantize == "int8-dynamic"
+            dynamic = plan.quantize == "int8-dynamic"
             quantize_linears(self.network.text_encoder, dynamic=dynamic)
-            if chosen == "torch":  # OpenVINO made its own int8 decoder (NNCF)
+            if plan.backend == "torch":  # OpenVINO made its own int8 decoder (NNCF)
                 quantize_linears(self.network.decoder, dynamic=dynamic)
-            placement = dataclasses.replace(placement, quantize=quantize)
         self.processor = processor
         self.model = model
-        self.placement = placement
+        self.plan = plan
+        self.placement = dataclasses.replace(plan.placement, quantize=plan.quantize, backend=plan.backend)
         audio_config = network.config.audio_encoder
         self.sample_rate: int = int(audio_config.sampling_rate)
         self.frame_rate: float = float(audio_config.frame_rate)
         self.num_codebooks: int = int(network.decoder.num_codebooks)
 
     def _use_openvino(
-        self,
-        model: str,
-        quantize: str,
-        placement: Placement,
-        automatic: bool,
-        source: Path | None,
-        openvino_cache: Path | None,
-        on_progress: ProgressCallback | None,
-    ) -> str:
-        """Move the decoder steps to OpenVINO; "openvino", or "torch" where `auto` chose it and the
-        conversion failed (a warning says why; music keeps working on PyTorch)."""
-        from muselab.engines.image.openvino import OpenVinoUnavailable
+        self, plan: RuntimePlan, source: Path | None, on_progress: ProgressCallback | None
+    ) -> RuntimePlan:
+        """Move the decoder steps to OpenVINO. Should the conversion fail, the plan becomes what
+        `without_openvino` makes of that: PyTorch where `auto` chose OpenVINO (a warning says why;
+        music keeps working), else an error."""
         from muselab.engines.music.openvino import load_music_decoder
 
         try:
             self.load_timings = load_music_decoder(
-                self.sampler, quantize, placement.dtype, source, openvino_cache, on_progress
+                self.sampler, plan.quantize, plan.dtype, source, plan.openvino_cache, on_progress
             )
         except Cancelled:
             raise
         except Exception as exc:
-            if not automatic:
-                raise OpenVinoUnavailable(
-                    f"'{model}' could not be converted for the OpenVINO backend ({type(exc).__name__}: {exc}). "
-                    "Use --backend torch."
-                ) from exc
-            logging.getLogger(__name__).warning("OpenVINO failed for '%s' (%s); music runs on PyTorch", model, exc)
-            return "torch"
-        return "openvino"
+            on_torch = plan.without_openvino(f"its decoder could not be converted ({type(exc).__name__}: {exc})")
+            logging.getLogger(__name__).warning("OpenVINO failed for '%s' (%s); music runs on PyTorch", plan.model, exc)
+            return on_torch
+        return plan
 
     @classmethod
     def load(
         cls,
         model: str,
-        placement: Placement | None = None,
+        plan: RuntimePlan | Placement | None = None,
         *,
-        offline: bool = False,
-        quantize: str = "none",
-        backend: str = "torch",
-        openvino_cache: Path | None = None,
-        cuda_graphs: bool = True,
         on_progress: ProgressCallback | None = None,
+        **options: Any,
     ) -> MusicEngine:
-        """Load a hub id or local folder (safetensors only) through transformers' `from_pretrained`."""
+        """Load a hub id or local folder (safetensors only) through transformers' `from_pretrained`,
+        to run as `plan` says (`runtime.music_plan`; with a placement or nothing, `options` make it)."""
         from transformers import AutoProcessor, MusicgenForConditionalGeneration
 
-        placement = placement or choose_placement()
-        source = locate_model(model, offline, "music")
+        plan = engine_plan("music", model, plan, options)
+        plan.require()  # before a download: what cannot run here is not fetched either
+        source = locate_model(model, plan.offline, "music")
 
         def load() -> tuple[Any, Any]:
             processor = AutoProcessor.from_pretrained(source, local_files_only=True)
             network = MusicgenForConditionalGeneration.from_pretrained(
-                source, dtype=placement.dtype, use_safetensors=True, local_files_only=True
+                source, dtype=plan.dtype, use_safetensors=True, local_files_only=True
             )
             return processor, network
 
         processor, network = load_or_explain(load, model, "music")
-        if openvino_cache is None:
-            from muselab.config import Settings
-
-            openvino_cache = Settings().openvino_cache
-        return cls(
-            network,
-            processor,
-            model,
-            placement,
-            quantize=quantize,
-            backend=backend,
-            source=Path(source),
-            openvino_cache=openvino_cache,
-            cuda_graphs=cuda_graphs,
-            on_progress=on_progress,
-        )
+        return cls(network, processor, model, plan, source=Path(source), on_progress=on_progress)
 
     @property
     def model_name(self) -> str:
@@ -164,6 +135,10 @@ class MusicEngine:
     def resolve(self, request: MusicRequest) -> MusicRequest:
         seed = request.seed if request.seed is not None else secrets.randbelow(MAX_SEED + 1)
         return request.model_copy(update={"model": model_label(self.model), "seed": seed})
+
+    def steps(self, request: MusicRequest) -> int:
+        """The progress steps `request` takes: its decoder steps for each clip."""
+        return self.tokens_for(request.duration) * request.num_clips
 
     def tokens_for(self, duration: float) -> int:
         """New decoder steps for `duration` seconds: one per frame, the codebook delay pattern, and
@@ -222,25 +197,3 @@ class MusicEngine:
             )
         # (batch, channels, samples) -> (samples, channels), float32 for encoding.
         return values[0].float().cpu().numpy().T
-
-
-def music_backend(backend: str, model: str, device: str, quantize: str) -> str:
-    """What runs MusicGen's decoder steps: "torch" or "openvino". `auto` means OpenVINO on a CPU
-    for int8 weights (the CPU default), where it is installed: faster tokens at the same error. With
-    float32 weights it keeps PyTorch, which would otherwise hold a second float32 copy while
-    converting. An explicit "openvino" that cannot work here is an error that says why."""
-    from muselab.engines.image import openvino as ov
-
-    if backend == "torch":
-        return "torch"
-    usable = ov.openvino_available() and (quantize == "none" or ov.nncf_available())
-    if backend == "auto":
-        return "openvino" if device == "cpu" and quantize != "none" and usable else "torch"
-    if device != "cpu":
-        raise ov.OpenVinoUnavailable(
-            f"'{model}' cannot use the OpenVINO backend: it runs on CPUs, and this engine is placed on "
-            f"{device} (use --device cpu, or --backend torch)."
-        )
-    if not usable:
-        ov.require_openvino("none" if quantize == "none" else "int8")
-    return "openvino"

@@ -25,7 +25,7 @@ import torch
 from torch.nn import functional as F
 
 from muselab.engines.base import ProgressCallback
-from muselab.engines.image.openvino import (
+from muselab.engines.openvino_runtime import (
     TRACING_LOCK,
     ConversionProgress,
     cache_key,

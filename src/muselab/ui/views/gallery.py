@@ -1,15 +1,16 @@
 import streamlit as st
 
+from muselab.families import family, kinds
 from muselab.ui.backend import BackendError
-from muselab.ui.common import PAGES, backend, plain, rating, show_output, show_recipe, thumbnail
+from muselab.ui.common import backend, go_to, plain, rating, show_output, show_recipe, thumbnail
 
 # A grid of thumbnails wants the page's whole width (the other pages read better centred).
 st.set_page_config(layout="wide")
 st.title("Gallery")
 COLUMNS, PAGE = 6, 24
-kinds = {"Everything": None, "Music": "music", "Images": "image", "Scenes": "scene"}
+shown = {"Everything": None, **{family(kind).title: kind for kind in kinds()}}
 left, middle, right = st.columns([1, 2, 1])
-kind = kinds[left.selectbox("Show", list(kinds), key="gallery.kind")]
+kind = shown[left.selectbox("Show", list(shown), key="gallery.kind")]
 text = middle.text_input("Prompt contains", key="gallery.text", max_chars=200)
 min_stars = right.selectbox(
     "Rating", [None, 1, 2, 3, 4, 5], key="gallery.stars", format_func=lambda v: "Any" if v is None else f"{v}+ stars"
@@ -44,7 +45,7 @@ def detail(output: dict) -> None:
             st.error(plain(str(exc)))
         else:
             close_detail()
-            st.switch_page(PAGES[job_kind])
+            go_to(job_kind)
     if delete_col.button("Delete", key=f"delete.{output['id']}", icon=":material/delete:"):
         st.session_state["gallery.deleted"] = backend().delete(output["id"])
         close_detail()
@@ -55,7 +56,7 @@ if deleted := st.session_state.pop("gallery.deleted", None):
     st.toast(plain(deleted))
 outputs = backend().outputs(kind=kind, text=text or None, min_stars=min_stars, limit=st.session_state["gallery.limit"])
 if not outputs:
-    st.info("Nothing here yet. Make something on the Music, Image or Scene page.")
+    st.info("Nothing here yet. Make something on the " + ", ".join(family(kind).title for kind in kinds()) + " page.")
 for start in range(0, len(outputs), COLUMNS):
     for column, output in zip(st.columns(COLUMNS), outputs[start : start + COLUMNS], strict=False):
         with column.container(border=True, key=f"tile-{output['id']}"):

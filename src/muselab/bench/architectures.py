@@ -1,6 +1,6 @@
 """Full-size musicgen-small and Stable Diffusion 1.x architectures with random weights.
 
-For benchmarks only (see `bench/bench_core.py`): the shapes are the published checkpoints'
+For `muselab bench` only (`muselab.bench`): the shapes are the published checkpoints'
 (facebook/musicgen-small, CompVis/stable-diffusion-v1-4), so every matmul and convolution costs
 exactly what it costs with the real weights, but nothing has to be downloaded. The output is
 noise. The tokenizers are the tiny offline ones from `muselab.testing.tiny` (their ids all fall
@@ -25,13 +25,9 @@ from typing import Any
 
 import torch
 
-from muselab.testing.tiny import (
-    build_musicgen_processor,
-    build_tiny_clip_tokenizer,
-    randomize_codebooks,
-    sd1_scheduler,
-    set_musicgen_generation_defaults,
-)
+from muselab.engines.image.tiny import sd1_scheduler
+from muselab.engines.music.tiny import build_musicgen_processor, randomize_codebooks, set_musicgen_generation_defaults
+from muselab.testing.tiny import build_tiny_clip_tokenizer
 
 FULL_SEED = 0
 

@@ -1,0 +1,159 @@
+"""AUTOMATIC1111-compatible image routes (`/sdapi/v1/...`), for clients written for its web UI."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from fastapi import APIRouter
+from pydantic import BaseModel, ConfigDict, Field
+
+from muselab.api.common import ServiceDep, SettingsDep, generate_images, read_b64
+from muselab.api.errors import ApiError
+from muselab.config import model_label
+from muselab.schemas import MAX_PROMPT_CHARS, MAX_SEED, SCHEDULERS
+
+router = APIRouter(tags=["compatibility"])
+
+_A1111_SAMPLERS = {
+    "DPM++ 2M Karras": "DPM++ 2M Karras",
+    "DPM++ 2M": "DPM++ 2M",
+    "Euler a": "Euler a",
+    "Euler": "Euler",
+    "DDIM": "DDIM",
+    "PLMS": "PNDM",
+    "PNDM": "PNDM",
+    "LCM": "LCM",
+}
+
+
+class A1111Txt2Img(BaseModel):
+    """A1111's txt2img body. Fields muselab does not support are accepted and ignored."""
+
+    model_config = ConfigDict(extra="allow")
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    negative_prompt: str = Field(default="", max_length=MAX_PROMPT_CHARS)
+    seed: int = Field(default=-1, ge=-1, le=MAX_SEED)
+    steps: int | None = Field(default=None, ge=1, le=150)
+    cfg_scale: float | None = Field(default=None, ge=0, le=30)
+    width: int | None = Field(default=None, ge=64, le=2048, multiple_of=8)
+    height: int | None = Field(default=None, ge=64, le=2048, multiple_of=8)
+    sampler_name: str | None = Field(default=None, max_length=100)
+    sampler_index: str | None = Field(default=None, max_length=100)
+    scheduler: str | None = Field(default=None, max_length=100)
+    batch_size: int = Field(default=1, ge=1, le=8)
+    n_iter: int = Field(default=1, ge=1, le=8)
+
+
+@router.post("/sdapi/v1/txt2img")
+async def a1111_txt2img(service: ServiceDep, body: A1111Txt2Img) -> dict[str, Any]:
+    """AUTOMATIC1111's txt2img: base64 PNGs (with their `parameters` chunk) and the `info` JSON."""
+    fields = {
+        "prompt": body.prompt,
+        "negative_prompt": body.negative_prompt,
+        "seed": None if body.seed == -1 else body.seed,
+        "steps": body.steps,
+        "guidance": body.cfg_scale,
+        "width": body.width,
+        "height": body.height,
+        "scheduler": _a1111_scheduler(body),
+        "num_images": min(body.batch_size * body.n_iter, 8),
+    }
+    status = await generate_images(service, fields, source="a1111")
+    return {
+        "images": [read_b64(service, output) for output in status["outputs"]],
+        "parameters": body.model_dump(),
+        "info": json.dumps(_info(status)),
+    }
+
+
+def _a1111_scheduler(body: A1111Txt2Img) -> str | None:
+    name = body.sampler_name or body.sampler_index
+    if not name:
+        return None
+    if name == "DPM++ 2M" and (body.scheduler or "").lower() == "karras":
+        return "DPM++ 2M Karras"
+    if name not in _A1111_SAMPLERS:
+        raise ApiError(
+            422,
+            f"sampler_name '{name}' is not supported; use one of {', '.join(_A1111_SAMPLERS)}.",
+            "invalid_request",
+        )
+    return _A1111_SAMPLERS[name]
+
+
+def _info(status: dict[str, Any]) -> dict[str, Any]:
+    """txt2img's `info`: what A1111 reports of a finished batch, infotexts included."""
+    from muselab.media import a1111_parameters
+
+    outputs = status["outputs"]
+    resolved = status["request"]
+    seeds = [output["seed"] for output in outputs]
+    infotexts = [a1111_parameters({**resolved, "seed": seed}, outputs[0]["recipe"]["model_name"]) for seed in seeds]
+    return {
+        "prompt": resolved["prompt"],
+        "all_prompts": [resolved["prompt"]] * len(outputs),
+        "negative_prompt": resolved["negative_prompt"],
+        "all_negative_prompts": [resolved["negative_prompt"]] * len(outputs),
+        "seed": seeds[0] if seeds else None,
+        "all_seeds": seeds,
+        "subseed": -1,
+        "all_subseeds": [-1] * len(outputs),
+        "width": resolved["width"],
+        "height": resolved["height"],
+        "sampler_name": resolved["scheduler"],
+        "cfg_scale": resolved["guidance"],
+        "steps": resolved["steps"],
+        "batch_size": len(outputs),
+        "sd_model_name": outputs[0]["recipe"]["model_name"] if outputs else None,
+        "infotexts": infotexts,
+        "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
+    }
+
+
+@router.get("/sdapi/v1/progress")
+async def a1111_progress(service: ServiceDep) -> dict[str, Any]:
+    running = [job for job in service.active() if job["kind"] == "image"]
+    # A one-time model conversion is not sampling: A1111 clients see 0 until the steps start.
+    if not running or running[0]["progress"] is None or running[0]["progress"]["stage"] == "converting":
+        return {
+            "progress": 0.0,
+            "eta_relative": 0.0,
+            "state": {"job_count": len(running)},
+            "current_image": None,
+        }
+    job = running[0]
+    progress = job["progress"]
+    live = service.status(job["id"], with_preview=True) or {}
+    preview = live.get("preview", "")
+    return {
+        "progress": progress["fraction"],
+        "eta_relative": progress["eta"] or 0.0,
+        "state": {
+            "job_count": len(running),
+            "sampling_step": progress["step"],
+            "sampling_steps": progress["total"],
+            "job": job["id"],
+        },
+        "current_image": preview.split(",", 1)[1] if preview else None,
+    }
+
+
+@router.post("/sdapi/v1/interrupt")
+async def a1111_interrupt(service: ServiceDep) -> dict[str, Any]:
+    stopped = [job["id"] for job in service.active() if job["kind"] == "image" and service.cancel(job["id"])]
+    return {"interrupted": stopped}
+
+
+@router.get("/sdapi/v1/samplers")
+async def a1111_samplers() -> list[dict[str, Any]]:
+    return [{"name": name, "aliases": [], "options": {}} for name in SCHEDULERS]
+
+
+@router.get("/sdapi/v1/sd-models")
+async def a1111_models(settings: SettingsDep) -> list[dict[str, Any]]:
+    """The image models a client may name: the configured one first (a folder by its name)."""
+    current = model_label(settings.model_for("image"))
+    labels = [current] + [label for label in settings.served_models("image") if label != current]
+    return [{"title": label, "model_name": label.split("/")[-1], "hash": None, "filename": label} for label in labels]

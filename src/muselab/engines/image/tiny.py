@@ -1,0 +1,111 @@
+"""The tiny random-weight Stable Diffusion 1.x pipeline and TAESD decoder, built offline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from muselab.testing.tiny import TINY_SEED, build_tiny_clip_tokenizer, save_atomically
+
+
+def sd1_scheduler() -> Any:
+    """The SD 1.x checkpoints' own scheduler: PNDM with scaled-linear betas."""
+    from diffusers import PNDMScheduler
+
+    return PNDMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        skip_prk_steps=True,
+        steps_offset=1,
+        set_alpha_to_one=False,
+    )
+
+
+def build_tiny_stable_diffusion(path: str | Path, replace: bool = True) -> Path:
+    """Write a tiny SD 1.x-shaped pipeline (UNet, KL VAE, CLIP text, safety checker) to `path`."""
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(TINY_SEED)
+    tokenizer = build_tiny_clip_tokenizer()
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=32,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=[32, 64],
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=64,
+    )
+    text_config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+        projection_dim=32,
+    )
+    text_encoder = CLIPTextModel(text_config)
+    safety_config = CLIPConfig(
+        text_config=text_config.to_dict(),
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 37,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "image_size": 32,
+            "patch_size": 8,
+            "projection_dim": 32,
+        },
+        projection_dim=32,
+    )
+    safety_checker = StableDiffusionSafetyChecker(safety_config)
+    feature_extractor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    pipe = StableDiffusionPipeline(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler=sd1_scheduler(),
+        safety_checker=safety_checker,
+        feature_extractor=feature_extractor,
+        requires_safety_checker=True,
+    )
+    return save_atomically(path, lambda tmp: pipe.save_pretrained(tmp, safe_serialization=True), replace)
+
+
+def build_tiny_taesd(path: str | Path, replace: bool = True) -> Path:
+    """Write a tiny TAESD-shaped autoencoder (AutoencoderTiny) matching the tiny SD's 2x latents."""
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(TINY_SEED)
+    decoder = AutoencoderTiny(
+        encoder_block_out_channels=(16, 16),
+        decoder_block_out_channels=(16, 16),
+        num_encoder_blocks=(1, 1),
+        num_decoder_blocks=(1, 1),
+        latent_channels=4,
+    )
+    return save_atomically(path, lambda tmp: decoder.save_pretrained(tmp, safe_serialization=True), replace)

@@ -1,0 +1,97 @@
+"""The tiny random-weight MusicGen (T5 encoder, 2-layer decoder, EnCodec at 32 kHz), built offline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from muselab.testing.tiny import TINY_SEED, build_tiny_t5_tokenizer, save_atomically
+
+
+def set_musicgen_generation_defaults(model: Any, special_token_id: int) -> None:
+    """The real checkpoints' sampling defaults, so random-weight models take the same code path."""
+    gen = model.generation_config
+    gen.decoder_start_token_id = gen.pad_token_id = gen.bos_token_id = special_token_id
+    gen.do_sample, gen.guidance_scale, gen.top_k, gen.max_length = True, 3.0, 250, 1500
+
+
+def build_musicgen_processor() -> Any:
+    """MusicGen's processor (EnCodec feature extractor at 32 kHz) with the tiny T5 tokenizer."""
+    from transformers import EncodecFeatureExtractor, MusicgenProcessor
+
+    return MusicgenProcessor(
+        feature_extractor=EncodecFeatureExtractor(feature_size=1, sampling_rate=32000),
+        tokenizer=build_tiny_t5_tokenizer(),
+    )
+
+
+def build_tiny_musicgen(path: str | Path, replace: bool = True) -> Path:
+    """Write a tiny MusicGen (T5 encoder, 2-layer decoder, EnCodec at 32 kHz) to `path`."""
+    model = tiny_musicgen_network()
+    processor = build_musicgen_processor()
+    return save_atomically(path, lambda tmp: (model.save_pretrained(tmp), processor.save_pretrained(tmp)), replace)
+
+
+def randomize_codebooks(model: Any) -> None:
+    """EnCodec's codebooks start as zeros (they are learnt by k-means), which would make every code
+    decode to the same sound; random codebooks make the audio depend on the tokens."""
+    with torch.no_grad():
+        for layer in model.audio_encoder.quantizer.layers:
+            layer.codebook.embed.normal_()
+
+
+def tiny_musicgen_network(stereo: bool = False) -> Any:
+    """The tiny MusicGen in memory; `stereo` gives it 8 interleaved codebooks (left, right), as the
+    musicgen-stereo checkpoints have."""
+    from transformers import (
+        MusicgenConfig,
+        MusicgenForConditionalGeneration,
+    )
+
+    torch.manual_seed(TINY_SEED)
+    config = MusicgenConfig(
+        text_encoder={
+            "model_type": "t5",
+            "vocab_size": 100,
+            "d_model": 32,
+            "d_ff": 37,
+            "num_layers": 2,
+            "num_heads": 2,
+            "d_kv": 16,
+        },
+        audio_encoder={
+            "model_type": "encodec",
+            "sampling_rate": 32000,
+            "num_filters": 4,
+            "hidden_size": 16,
+            "upsampling_ratios": [8, 5, 4, 4],  # hop 640 at 32 kHz: 50 frames/s, as in the real model
+            "codebook_size": 64,
+            "target_bandwidths": [2.2],
+            "audio_channels": 1,
+        },
+        decoder={
+            "model_type": "musicgen_decoder",
+            "vocab_size": 64,
+            "pad_token_id": 64,
+            "bos_token_id": 64,
+            "decoder_start_token_id": 64,
+            "hidden_size": 32,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "ffn_dim": 64,
+            "num_codebooks": 8 if stereo else 4,
+            "audio_channels": 2 if stereo else 1,
+            "max_position_embeddings": 2048,
+        },
+    )
+    model = MusicgenForConditionalGeneration(config).eval()
+    randomize_codebooks(model)
+    with torch.no_grad():
+        # Random heads give near-uniform logits, where sampling settings barely matter; a trained
+        # model's logits are peaked, so widen them.
+        for head in model.decoder.lm_heads:
+            head.weight.mul_(30.0)
+    set_musicgen_generation_defaults(model, special_token_id=64)
+    return model
