@@ -146,3 +146,16 @@ def test_the_studio_has_its_page_with_fields_from_the_schema(sine_plugin, tmp_pa
     from muselab.ui.common import backend
 
     backend().service.shutdown(10)
+
+
+def test_a_plugin_that_cannot_be_imported_is_named_in_the_error(monkeypatch, sine_env):
+    monkeypatch.setenv("MUSELAB_PLUGINS", "no_such_family_module")
+    families._families.cache_clear()
+    try:
+        with pytest.raises(families.PluginError, match=r"'no_such_family_module'.*MUSELAB_PLUGINS"):
+            families.families()
+    finally:
+        monkeypatch.undo()
+        families._families.cache_clear()
+    done = run_cli(["music", "--help"], dict(sine_env, MUSELAB_PLUGINS="no_such_family_module"))
+    assert done.returncode == 2 and "no_such_family_module" in done.stderr and "Traceback" not in done.stderr

@@ -35,6 +35,10 @@ BUILT_IN = ("muselab.engines.music.family", "muselab.engines.image.family", "mus
 ENTRY_POINT_GROUP = "muselab.families"
 
 
+class PluginError(RuntimeError):
+    """A model family named by the environment or an entry point cannot be used."""
+
+
 @dataclass(frozen=True)
 class CatalogueEntry:
     """A model muselab knows by name, with the defaults that suit it."""
@@ -125,8 +129,16 @@ def families() -> tuple[Family, ...]:
 def _families() -> tuple[Family, ...]:
     found: dict[str, Family] = {}
     for module_name in (*BUILT_IN, *_plugin_modules()):
-        module = importlib.import_module(module_name)
-        for declared in getattr(module, "FAMILIES", None) or [module.FAMILY]:
+        try:
+            module = importlib.import_module(module_name)
+            declared_families = getattr(module, "FAMILIES", None) or [module.FAMILY]
+        except (ImportError, AttributeError) as exc:
+            raise PluginError(
+                f"The model family module '{module_name}' (from MUSELAB_PLUGINS or the '{ENTRY_POINT_GROUP}' "
+                f"entry points) could not be used: {type(exc).__name__}: {exc}. It must be importable and "
+                "define FAMILY (or FAMILIES)."
+            ) from None
+        for declared in declared_families:
             found.setdefault(declared.name, declared)
     for declared in _EXTRA:
         found[declared.name] = declared

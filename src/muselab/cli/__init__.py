@@ -8,12 +8,17 @@ from typing import Annotated
 import typer
 
 from muselab import __version__
-from muselab.cli.common import CliError, app, err, out
+from muselab.cli.common import EXIT_BAD_INPUT, CliError, app, err, out
 from muselab.cli.generate import add_commands
+from muselab.families import PluginError
 
-add_commands(app)  # first: `muselab --help` lists the generating commands first
+try:
+    add_commands(app)  # first: `muselab --help` lists the generating commands first
+    plugin_error: PluginError | None = None
+except PluginError as exc:  # said by `main`, as any other error, rather than as a traceback on import
+    plugin_error = exc
 
-from muselab.cli import history, models, serve  # noqa: E402, F401  (their commands register on import)
+from muselab.cli import history, models, serve  # noqa: F401  (their commands register on import)
 
 __all__ = ["app", "main"]
 
@@ -22,6 +27,8 @@ def main() -> None:
     import sys
 
     try:
+        if plugin_error is not None:
+            raise CliError(str(plugin_error), EXIT_BAD_INPUT)
         app()
     except CliError as exc:
         err.print(f"[bold red]Error:[/] {exc}", highlight=False, soft_wrap=True)
