@@ -169,12 +169,12 @@ class JobService:
             value = getattr(request, name)
             # Unnamed ones too: a folder used here is remembered by its label, so that a recipe,
             # which names it so, re-runs it (`_model_source`).
-            source = self._model_source(kind, value, trusted)
+            stands_for = self._model_source(kind, value, trusted)
             if kind in kinds():
-                models[kind] = source
+                models[kind] = stands_for
             if value:
-                labels[name] = model_label(source)
-                sources[labels[name]] = source
+                labels[name] = model_label(stands_for)
+                sources[labels[name]] = stands_for
         if labels:
             request = request.model_copy(update=labels)
         model = " + ".join(source for kind, source in models.items() if kind in kinds())
