@@ -165,12 +165,9 @@ class Settings(BaseSettings):
     def served_models(self, kind: str) -> dict[str, str]:
         """The models a client may name for `kind` ("music", "image" or "decoder"), by label, with
         the id or folder each label stands for: the catalogue's and the configured one."""
-        if kind == "decoder":
-            configured = self.fast_decoder()
-            served = {FAST_DECODER: FAST_DECODER}
-        else:
-            configured = self.model_for(kind)
-            served = {entry.id: entry.id for entry in catalogue(kind)}
+        served = {FAST_DECODER: FAST_DECODER} if kind == "decoder" else {}
+        served.update({entry.id: entry.id for entry in catalogue(kind)})
+        configured = self.model_for(kind)
         served[model_label(configured)] = configured
         return served
 

@@ -83,10 +83,9 @@ def _number(
     step = step or bounds.get("multiple_of") or (1 if kind is int else None)
     if kind is int and step is not None:
         step = int(step)
-    if optional:  # an empty box: the model's own default
-        st.session_state.setdefault(key, default)
-        return st.number_input(label, low, high, step=step, key=key, help=help_text, placeholder="default")
     st.session_state.setdefault(key, default)
+    if optional:  # an empty box: the model's own default
+        return st.number_input(label, low, high, step=step, key=key, help=help_text, placeholder="default")
     if step is not None and low is not None and high is not None and kind is float:
         return st.slider(label, kind(low), kind(high), step=kind(step), key=key, help=help_text)
     return st.number_input(label, low, high, step=step, key=key, help=help_text)
