@@ -222,6 +222,26 @@ def test_previews_use_the_tiny_autoencoder_when_there_is_one(tiny_settings, tiny
     assert previews[0].size == (32, 32)
 
 
+def test_previews_survive_a_fast_decoder_left_tiled_by_a_big_image(tiny_settings, tiny_dir, monkeypatch):
+    """A big image asking for the fast decoder tiles it; the same TAESD then draws the next
+    request's previews, whose shrunk latents are far smaller than a tile (the fuzzer found the
+    500 this used to be)."""
+    from muselab.engines.image import engine as image_module
+
+    engine = image_module.ImageEngine.load(
+        tiny_settings.model_for("image"), offline=True, fast_decoder=str(tiny_dir / "tiny-models" / "tiny-taesd")
+    )
+    monkeypatch.setattr(image_module, "TILED_DECODE_PIXELS", 96 * 96)
+    engine.generate(ImageRequest(prompt="fox", seed=1, steps=1, width=128, height=128, decoder="fast"))
+    assert engine.preview_decoder().use_tiling  # the big image's decode was tiled
+    previews = []
+    result = engine.generate(
+        ImageRequest(prompt="fox", seed=1, steps=2), on_progress=lambda e: previews.append(e.preview), preview_every=1
+    )
+    assert [p.size for p in previews] == [(64, 64), (64, 64)]
+    assert result.outputs[0].image.size == (64, 64)
+
+
 def test_low_memory_slices_attention_and_tiles_the_decode(tiny_settings, image_engine):
     from muselab.engines.image.engine import ImageEngine
 

@@ -204,6 +204,10 @@ class ImageEngine:
                 source,
                 "fast decoder (TAESD)",
             )
+            # diffusers' tiled decode takes the upscale to be 2**out_channels (8, as in TAESD);
+            # a decoder with another upscale must tile by its own, or its tiles do not fit.
+            vae.spatial_scale_factor = tiny_decoder_upscale(vae.config)
+            vae.tile_latent_min_size = vae.tile_sample_min_size // vae.spatial_scale_factor
             self._fast_vaes[source] = vae.to(self.placement.device).eval()
         return self._fast_vaes[source]
 
@@ -336,6 +340,11 @@ class ImageEngine:
         return noise.to(encoders[0].dtype if encoders else self.placement.dtype)
 
 
+def tiny_decoder_upscale(config: Any) -> int:
+    """How many pixels a tiny autoencoder (TAESD) draws per latent pixel, per side."""
+    return int(config.upsampling_scaling_factor ** (len(config.decoder_block_out_channels) - 1))
+
+
 def latents_to_preview(latents: torch.Tensor, tiny_vae: Any = None, max_side: int = 128) -> Any:
     """A picture of the first latent in the batch: decoded by the tiny autoencoder (TAESD) when one
     is given (a fraction of a second), else a rough linear projection to RGB (free)."""
@@ -343,7 +352,7 @@ def latents_to_preview(latents: torch.Tensor, tiny_vae: Any = None, max_side: in
 
     if tiny_vae is not None:
         config = tiny_vae.config
-        upscale = config.upsampling_scaling_factor ** (len(config.decoder_block_out_channels) - 1)
+        upscale = tiny_decoder_upscale(config)
         latent = latents[:1]
         # A thumbnail needs no more latent pixels than its own side over the decoder's upscale:
         # shrink big latents first, so a preview costs milliseconds whatever the image size.
@@ -351,8 +360,14 @@ def latents_to_preview(latents: torch.Tensor, tiny_vae: Any = None, max_side: in
         if shrink > 1:
             size = [max(1, round(side / shrink)) for side in latent.shape[-2:]]
             latent = torch.nn.functional.interpolate(latent.float(), size=size, mode="area")
-        with torch.inference_mode():
-            decoded = tiny_vae.decode(latent.to(tiny_vae.dtype) / config.scaling_factor).sample[0]
+        # The thumbnail's latents are far smaller than a tile: decode them whole even where the
+        # same decoder was left tiling by a big image's final decode.
+        tiling, tiny_vae.use_tiling = tiny_vae.use_tiling, False
+        try:
+            with torch.inference_mode():
+                decoded = tiny_vae.decode(latent.to(tiny_vae.dtype) / config.scaling_factor).sample[0]
+        finally:
+            tiny_vae.use_tiling = tiling
         rgb = decoded.float().cpu().permute(1, 2, 0)
     else:
         rgb = torch.einsum("chw,cr->hwr", latents[0].float().cpu(), _LATENT_RGB)
