@@ -88,6 +88,12 @@ def test_quick_bench_writes_every_documented_key(tiny_architectures, tmp_path):
     assert 10 < music["int8_logits_snr_db"] < 200
     assert image["int8_psnr_db"] > 10
     assert "+int8" in music["int8_weights"]
+    # Four clips of one request are timed against one, side by side; they sample as one batch
+    # except on PyTorch's int8-dynamic (see MusicEngine.batches_clips).
+    assert isinstance(saved["music"]["clips4_over_one"], float) and music["clips4_over_one"] > 0
+    unbatched = music["default_backend"] == "torch" and music["default_weights"].endswith("int8-dynamic")
+    assert saved["music"]["clips_per_batch"] == (1 if unbatched else 4)
+    assert "4 clips of" in bench.markdown_table(report)
     # Music's default runs side by side with the same settings on PyTorch.
     assert music["torch_backend"] == "torch" and isinstance(music["torch_rtf"], float)
     if music["default_backend"] == "openvino":

@@ -33,6 +33,81 @@ def test_clip_i_uses_seed_plus_i(music_engine):
     assert np.array_equal(both.outputs[1].audio, single.outputs[0].audio)
 
 
+class StepCounter:
+    """Counts the decoder's steps and the rows each one runs, from a hook on the first LM head
+    (one call a step, rows x hidden)."""
+
+    def __init__(self, engine):
+        self.rows: list[int] = []
+        self.handle = engine.sampler.lm_heads[0].register_forward_hook(self.hook)
+
+    def hook(self, module, args, output) -> None:
+        self.rows.append(args[0].shape[0])
+
+    def __enter__(self) -> StepCounter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.handle.remove()
+
+
+@pytest.mark.parametrize("guidance", [3.0, 1.0])
+def test_the_clips_of_a_request_sample_in_one_batch_and_match_clips_made_alone(music_engine, guidance):
+    """Clip i of a batch is the very clip seed + i makes by itself (`--from` re-runs one clip that
+    way), and the batch runs the decoder once a token for all the clips, not once per clip."""
+    request = MusicRequest(prompt="warm synth", duration=1, seed=40, num_clips=3, guidance=guidance)
+    tokens = music_engine.tokens_for(1.0)
+    with StepCounter(music_engine) as batched:
+        together = music_engine.generate(request)
+    with StepCounter(music_engine) as single:
+        alone = [music_engine.generate(request.model_copy(update={"num_clips": 1, "seed": 40 + i})) for i in range(3)]
+    assert [clip.seed for clip in together.outputs] == [40, 41, 42]
+    for clip, reference in zip(together.outputs, alone, strict=True):
+        assert np.array_equal(clip.audio, reference.outputs[0].audio)
+    assert len({clip.audio.tobytes() for clip in together.outputs}) == 3  # three seeds, three clips
+    rows = 2 if guidance > 1 else 1  # guided: a conditional and an unconditional row per clip
+    assert batched.rows == [3 * rows] * tokens
+    assert single.rows == [rows] * (3 * tokens)
+
+
+def test_batches_are_capped_and_a_cancel_keeps_the_batches_already_made(music_engine, monkeypatch):
+    """Past MAX_BATCH_CLIPS the clips go in several batches; a cancel in the second keeps the first's."""
+    from muselab.engines.music import engine as music_module
+
+    monkeypatch.setattr(music_module, "MAX_BATCH_CLIPS", 2)
+    request = MusicRequest(prompt="drums", duration=1, seed=3, num_clips=3)
+    tokens = music_engine.tokens_for(1.0)
+    with StepCounter(music_engine) as counter:
+        result = music_engine.generate(request)
+    assert counter.rows == [4] * tokens + [2] * tokens  # two guided clips, then one
+    alone = music_engine.generate(request.model_copy(update={"num_clips": 1, "seed": 5}))
+    assert np.array_equal(result.outputs[2].audio, alone.outputs[0].audio)
+
+    cancel = CancelToken()
+
+    def on_progress(event):
+        if event.item == 2 and event.stage == "generating":
+            cancel.cancel()
+
+    with pytest.raises(Cancelled) as caught:
+        music_engine.generate(request, on_progress, cancel)
+    assert [clip.seed for clip in caught.value.completed] == [3, 4]
+    assert np.array_equal(caught.value.completed[1].audio, result.outputs[1].audio)
+
+
+def test_a_batch_stays_within_its_memory_budget(music_engine, monkeypatch):
+    from muselab.engines.music import engine as music_module
+
+    request = MusicRequest(prompt="drums", duration=30, seed=3, num_clips=8)
+    tokens = music_engine.tokens_for(30)
+    assert music_engine.clips_per_batch(request, tokens) == music_module.MAX_BATCH_CLIPS == 4
+    one_clip = music_engine.sampler.cache_bytes(2, 1 + tokens)
+    monkeypatch.setattr(music_module, "BATCH_CACHE_BYTES", 3 * one_clip)
+    assert music_engine.clips_per_batch(request, tokens) == 3
+    monkeypatch.setattr(music_module, "BATCH_CACHE_BYTES", one_clip // 2)
+    assert music_engine.clips_per_batch(request, tokens) == 1  # never none
+
+
 def test_sampling_settings_change_the_output(music_engine):
     base = MusicRequest(prompt="drums", duration=1, seed=2)
     reference = music_engine.generate(base).outputs[0].audio
@@ -46,11 +121,13 @@ def test_progress_events_per_token_then_decoding(music_engine):
     music_engine.generate(MusicRequest(prompt="calm", duration=1, seed=1, num_clips=2), on_progress=events.append)
     tokens = music_engine.tokens_for(1.0)
     generating = [e for e in events if e.stage == "generating"]
-    assert [e.step for e in generating] == list(range(1, 2 * tokens + 1))
+    # Both clips sample in one batch: each token is a step of each, one event for the two.
+    assert [e.step for e in generating] == list(range(2, 2 * tokens + 1, 2))
     assert [e.stage for e in events].count("decoding") == 2
     assert events[-1].stage == "decoding" and events[-1].step == events[-1].total == 2 * tokens
     assert all(e.eta is None or e.eta >= 0 for e in events)
-    assert [e.item for e in generating[:tokens]] == [0] * tokens
+    assert [e.item for e in generating] == [0] * tokens
+    assert [e.item for e in events if e.stage == "decoding"] == [0, 1]
 
 
 def test_cancel_stops_within_one_token(music_engine):
@@ -141,6 +218,14 @@ def test_int8_weights_make_a_clip_of_the_same_length_and_say_so(tiny_settings, q
     result = engine.generate(MusicRequest(prompt="calm piano", duration=1, seed=1))
     assert result.outputs[0].audio.shape == (32000, 1)
     assert result.dtype.endswith(f"+{quantize}")
+    # Weight-only int8 batches clips exactly; int8-dynamic on PyTorch quantizes a layer's input
+    # with one scale for all its rows, so there clips sample one at a time to stay reproducible.
+    with StepCounter(engine) as counter:
+        two = engine.generate(MusicRequest(prompt="calm piano", duration=1, seed=1, num_clips=2))
+    assert set(counter.rows) == ({4} if quantize == "int8" else {2})
+    alone = engine.generate(MusicRequest(prompt="calm piano", duration=1, seed=2))
+    assert np.array_equal(two.outputs[0].audio, result.outputs[0].audio)
+    assert np.array_equal(two.outputs[1].audio, alone.outputs[0].audio)
 
 
 def test_the_lean_sampler_matches_generate_for_a_stereo_model_too():

@@ -57,12 +57,38 @@ def test_openvino_draws_the_same_clip_as_pytorch(mono, guidance):
 
 
 def test_a_second_clip_starts_from_an_empty_cache(mono):
-    """The KV cache lives inside OpenVINO as state: each clip must reset it, or clip 2 would
-    attend to clip 1's tokens and differ from the same seed generated alone."""
+    """The KV cache lives inside OpenVINO as state: each batch of clips must start it empty, and
+    each clip of a batch attend to its own rows only, or clip 2 would differ from the same seed
+    generated alone."""
     _, on_openvino = mono
     two = on_openvino.generate(MusicRequest(prompt="drums", duration=1.0, seed=7, num_clips=2))
     alone = on_openvino.generate(MusicRequest(prompt="drums", duration=1.0, seed=8))
     np.testing.assert_array_equal(two.outputs[1].audio, alone.outputs[0].audio)
+
+
+def test_the_clips_of_a_request_run_as_one_batch_through_the_compiled_step(mono, monkeypatch):
+    """Three guided clips: one compiled step a token with 6 rows (not three clips' worth of steps),
+    and each clip the one its seed makes alone."""
+    _, on_openvino = mono
+    compiled = on_openvino.sampler.compiled
+    real_start, rows = compiled.start, []
+
+    def start(*args, **kwargs):
+        step = real_start(*args, **kwargs)
+
+        def counted(step_tokens, index):
+            rows.append(step_tokens.shape[0])
+            return step(step_tokens, index)
+
+        return counted
+
+    monkeypatch.setattr(compiled, "start", start)
+    request = MusicRequest(prompt="drums", duration=1.0, seed=30, num_clips=3)
+    together = on_openvino.generate(request)
+    assert rows == [6] * on_openvino.tokens_for(1.0)
+    for index, clip in enumerate(together.outputs):
+        alone = on_openvino.generate(request.model_copy(update={"num_clips": 1, "seed": 30 + index}))
+        np.testing.assert_array_equal(clip.audio, alone.outputs[0].audio)
 
 
 @pytest.mark.parametrize("seed", [7, 8, 9])

@@ -195,6 +195,18 @@ def markdown_table(report: dict[str, Any]) -> str:
             )
         if "openvino_token_speedup" in music:
             main.append(_alternated_row("token", music["openvino_token_speedups"]))
+        if "clips4_over_one" in music:
+            main.append(
+                _row(
+                    f"music: 4 clips of {music['clips_audio_seconds']:g} s in one request (batches of "
+                    f"{music['clips_per_batch']}) against 1 clip",
+                    "",
+                    f"{_seconds(music['clips4_s'])} against {_seconds(music['clips1_s'])}",
+                    "",
+                    "",
+                    f"**{music['clips4_over_one']:.2f}x** the time of one clip (4x unbatched)",
+                )
+            )
         if "default_convert_s" in music:
             main.append(
                 _row(

@@ -97,18 +97,20 @@ class ProgressClock:
         self.total, self.items, self.on_progress = total, items, on_progress
         self.start = time.perf_counter()
         self.first_step_at: float | None = None
+        self.first_step = 0  # the step count when `first_step_at` was taken
         self.step = 0
 
-    def advance(self, item: int, stage: str = "generating", preview: Any = None) -> None:
-        self.step += 1
+    def advance(self, item: int, stage: str = "generating", preview: Any = None, steps: int = 1) -> None:
+        """`steps` done at once: a batch (clips sampled together) finishes one step of each per call."""
+        self.step += steps
         now = time.perf_counter()
         if self.first_step_at is None:
             # The first step carries one-off costs (allocation, text encoding); estimate from it
             # only until a second step is seen.
-            self.first_step_at = now
-            eta = (now - self.start) * (self.total - self.step)
+            self.first_step_at, self.first_step = now, self.step
+            eta = (now - self.start) / self.step * (self.total - self.step)
         else:
-            per_step = (now - self.first_step_at) / max(self.step - 1, 1)
+            per_step = (now - self.first_step_at) / max(self.step - self.first_step, 1)
             eta = per_step * (self.total - self.step)
         self.emit(stage, item, eta, preview)
 

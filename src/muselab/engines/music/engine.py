@@ -27,7 +27,18 @@ from muselab.engines.base import (
 )
 from muselab.engines.music.sampler import MusicgenSampler
 from muselab.engines.runtime import RuntimePlan, engine_plan
+from muselab.quantize import Int8Linear, quantize_linears
 from muselab.schemas import MAX_SEED, MusicRequest
+
+#: Clips of one request sampled together at most. A token's step reads every decoder weight once
+#: for the whole batch, so on a CPU (bound by reading weights) or a GPU (bound by launches) four
+#: clips cost little more than one; but each clip adds its own KV cache, read in full every token,
+#: and beyond about 8 rows (4 guided clips) those reads and the per-row maths stop being small.
+MAX_BATCH_CLIPS = 4
+#: The KV cache one batch may hold (PyTorch's loop; OpenVINO's u8 cache is smaller). 30 s guided
+#: clips in float32 take 0.55 GiB each with musicgen-small, 1.7 GiB with medium, 2.2 GiB with
+#: large: four, two and one clip a batch, so batching never asks for much beyond the model itself.
+BATCH_CACHE_BYTES = 4 * 2**30
 
 
 class MusicEngine:
@@ -66,12 +77,15 @@ class MusicEngine:
         if plan.backend == "openvino":
             plan = self._use_openvino(plan, source, on_progress)
         if plan.quantize in ("int8", "int8-dynamic"):
-            from muselab.quantize import quantize_linears
-
             dynamic = plan.quantize == "int8-dynamic"
             quantize_linears(self.network.text_encoder, dynamic=dynamic)
             if plan.backend == "torch":  # OpenVINO made its own int8 decoder (NNCF)
                 quantize_linears(self.network.decoder, dynamic=dynamic)
+        #: Whether a request's clips may sample in one batch. PyTorch's int8-dynamic (fbgemm)
+        #: quantizes a layer's input with one scale for all its rows: batched, a clip's numbers
+        #: would depend on the other clips, and it would not be the clip its seed makes alone
+        #: (OpenVINO's dynamic quantization is per row and batches exactly). There, one at a time.
+        self.batches_clips = not any(isinstance(m, Int8Linear) and m.dynamic for m in self.sampler.decoder.modules())
         self.processor = processor
         self.model = model
         self.plan = plan
@@ -152,6 +166,9 @@ class MusicEngine:
         on_progress: ProgressCallback | None = None,
         cancel: CancelToken | None = None,
     ) -> GenerationResult:
+        """The request's clips, sampled together in batches (`clips_per_batch`): each token reads
+        the decoder's weights once for a whole batch. Clip i has seed + i and draws from a
+        generator of its own, so it is the clip that seed makes alone (`--from` re-runs one clip)."""
         request = self.resolve(request)
         assert request.seed is not None
         cancel = cancel or CancelToken()
@@ -160,40 +177,60 @@ class MusicEngine:
         clock = ProgressClock(tokens * request.num_clips, on_progress, items=request.num_clips)
         started = time.perf_counter()
         outputs: list[MusicOutput] = []
+        seeds = [(request.seed + index) % (MAX_SEED + 1) for index in range(request.num_clips)]
+        size = self.clips_per_batch(request, tokens)
 
         inputs = self.processor(text=[request.prompt], padding=True, return_tensors="pt").to(self.placement.device)
-        for index in range(request.num_clips):
+        for first in range(0, len(seeds), size):
             cancel.raise_if_cancelled()
-            seed = (request.seed + index) % (MAX_SEED + 1)
+            batch = seeds[first : first + size]
 
-            def on_token(index: int = index) -> None:
-                """Runs after every new token: report progress, stop on cancel."""
+            def on_token(first: int = first, clips: int = len(batch)) -> None:
+                """Runs after every new token (one for each clip of the batch): report progress, stop on cancel."""
                 if cancel.cancelled:
                     raise Cancelled()
-                clock.advance(index)
+                clock.advance(first, steps=clips)
 
             try:
-                audio = self._sample(inputs, request, tokens, seed, on_token)
+                codes = self._sample(inputs, request, tokens, batch, on_token)
+                for clip, seed in enumerate(batch):
+                    clock.emit("decoding", first + clip, eta=None)
+                    audio = self._decode(codes, clip)
+                    outputs.append(MusicOutput(audio=audio[:samples], sample_rate=self.sample_rate, seed=seed))
             except Cancelled:
                 raise Cancelled(completed=outputs) from None
-            clock.emit("decoding", index, eta=None)
-            outputs.append(MusicOutput(audio=audio[:samples], sample_rate=self.sample_rate, seed=seed))
+            except Exception as exc:
+                if outputs and not getattr(exc, "completed", None):  # the job service keeps earlier batches' clips
+                    exc.completed = list(outputs)  # type: ignore[attr-defined]
+                raise
         return engine_result(self, request, outputs, started)
 
-    def _sample(self, inputs: Any, request: MusicRequest, tokens: int, seed: int, on_token: Any) -> Any:
-        devices = [torch.cuda.current_device()] if self.placement.device == "cuda" else []
-        # Sampling draws from the global RNG; fork it so a seed here never disturbs other code.
-        with torch.random.fork_rng(devices=devices), torch.inference_mode():
-            torch.manual_seed(seed)
-            values = self.sampler.generate(
-                inputs["input_ids"],
-                inputs["attention_mask"],
-                max_new_tokens=tokens,
-                guidance_scale=request.guidance,
-                temperature=request.temperature,
-                top_k=request.top_k,
-                top_p=request.top_p if request.top_p > 0 else 1.0,
-                on_token=on_token,
-            )
-        # (batch, channels, samples) -> (samples, channels), float32 for encoding.
-        return values[0].float().cpu().numpy().T
+    def clips_per_batch(self, request: MusicRequest, tokens: int) -> int:
+        """How many clips sample together: up to MAX_BATCH_CLIPS, as long as their KV cache stays
+        within BATCH_CACHE_BYTES (one at least; always one where `batches_clips` is False)."""
+        if not self.batches_clips:
+            return 1
+        rows = 2 if request.guidance > 1 else 1
+        per_clip = self.sampler.cache_bytes(rows, 1 + tokens)
+        return max(1, min(MAX_BATCH_CLIPS, request.num_clips, BATCH_CACHE_BYTES // per_clip))
+
+    def _sample(self, inputs: Any, request: MusicRequest, tokens: int, seeds: list[int], on_token: Any) -> Any:
+        """Codes for one clip per seed, in one batch (`MusicgenSampler.sample`)."""
+        # One generator per clip (not the global RNG): a clip's draws depend on its seed only, and
+        # no other code's random numbers are disturbed.
+        generators = [torch.Generator(self.placement.device).manual_seed(seed) for seed in seeds]
+        return self.sampler.sample(
+            inputs["input_ids"],
+            inputs["attention_mask"],
+            max_new_tokens=tokens,
+            guidance_scale=request.guidance,
+            temperature=request.temperature,
+            top_k=request.top_k,
+            top_p=request.top_p if request.top_p > 0 else 1.0,
+            on_token=on_token,
+            generators=generators,
+        )
+
+    def _decode(self, codes: Any, clip: int) -> Any:
+        # (1, channels, samples) -> (samples, channels), float32 for encoding.
+        return self.sampler.decode(codes, clip)[0].float().cpu().numpy().T

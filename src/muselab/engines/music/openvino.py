@@ -9,7 +9,7 @@ PyTorch int8-dynamic in one process: 1.3-1.4x faster tokens, at the same distanc
 (logits SNR about 31 dB for both).
 
 The step is traced from the same code the PyTorch loop runs (`MusicgenSampler.logits`); the text
-encoder, the cross-attention keys and values (once per clip), sampling and EnCodec stay in PyTorch.
+encoder, the cross-attention keys and values (once per request), sampling and EnCodec stay in PyTorch.
 """
 
 from __future__ import annotations
@@ -146,9 +146,9 @@ def convert_decoder(sampler: Any, quantize: str, share_weights: bool = True) -> 
 
 
 class OpenVinoMusicDecoder:
-    """The compiled decoder step; `start` begins a clip and returns its step function. A clip's
-    infer request holds its KV cache, so one clip at a time per decoder (the job service runs one
-    job per loaded model at a time)."""
+    """The compiled decoder step; `start` begins a batch of clips (any number of rows: the shapes
+    are dynamic) and returns its step function. A batch's infer request holds its KV cache, so one
+    batch at a time per decoder (the job service runs one job per loaded model at a time)."""
 
     def __init__(self, compiled: Any):
         self.compiled = compiled
@@ -158,11 +158,11 @@ class OpenVinoMusicDecoder:
     def start(self, cross_keys: list, cross_values: list, cross_mask: torch.Tensor, rows: int) -> Any:
         import openvino as ov
 
-        # A fresh request (and so fresh KV-cache state) per clip: reset_state() on a request whose
+        # A fresh request (and so fresh KV-cache state) per batch of clips: reset_state() on a request whose
         # previous clip had another number of rows (guided 2, unguided 1) left the CPU plugin's
         # u8 cache reading stale memory, and the logits came out NaN now and then.
         self.request = request = self.compiled.create_infer_request()
-        # Set once per clip; the step function below only sets what changes per token.
+        # Set once per batch; the step function below only sets what changes per token.
         position = np.zeros(1, dtype=np.int64)
         self._inputs = [
             np.ascontiguousarray(torch.stack(cross_keys).float().numpy()),
@@ -255,7 +255,7 @@ def load_music_decoder(
 def drop_torch_decoder_weights(sampler: Any) -> None:
     """Free the PyTorch decoder weights the OpenVINO step replaced (the compiled model owns its own:
     see `load_music_decoder`). Kept: each layer's cross-attention key and value projections, which
-    run once per clip in `MusicgenSampler._encode_text`."""
+    run once per request in `MusicgenSampler._encode_text`."""
     from muselab.quantize import return_freed_memory
 
     gone = torch.nn.Identity()

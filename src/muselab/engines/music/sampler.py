@@ -9,9 +9,13 @@ samples exactly as `generate` does (classifier-free guidance, then temperature, 
 with transformers' own logits processors and one `torch.multinomial` per step), so the same seed
 draws the same tokens (`tests/test_music_engine.py` checks this against `generate`).
 
+The clips of one request sample as one batch (`sample` with one generator per clip): a token's
+step reads every decoder weight once for all of them, and that reading is most of a step's time
+on a CPU. Each clip draws from its own generator, so it gets the tokens it would get alone.
+
 On a CUDA GPU the loop is bound by launches, not by the GPU: one token is about 600 small kernels,
 each queued from Python. There the step runs as a CUDA graph (`CudaGraphStep`): captured once per
-clip, replayed with one launch per token. A graph needs fixed shapes and addresses, so that step
+batch of clips, replayed with one launch per token. A graph needs fixed shapes and addresses, so that step
 writes the KV cache at a position held in a device tensor and attends over the whole cache with
 a mask (`static_step`), the same maths as the growing slice the CPU loop attends over.
 
@@ -21,7 +25,7 @@ What it does not do: audio prompts (melody conditioning) and beam search; musela
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -68,13 +72,56 @@ class MusicgenSampler:
         top_k: int,
         top_p: float,
         on_token: Callable[[], None] | None = None,
+        generators: Sequence[torch.Generator] | None = None,
     ) -> torch.Tensor:
-        """Audio (batch, channels, samples) for a batch of tokenized prompts. `on_token` runs after
-        every token and may raise to stop (cancellation)."""
-        batch = input_ids.shape[0]
+        """Audio (batch, channels, samples) for a batch of tokenized prompts (or, with `generators`,
+        one clip per generator: see `sample`). `on_token` runs after every token and may raise to
+        stop (cancellation)."""
+        tokens = self.sample(
+            input_ids,
+            attention_mask,
+            max_new_tokens=max_new_tokens,
+            guidance_scale=guidance_scale,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            on_token=on_token,
+            generators=generators,
+        )
+        return torch.cat([self.decode(tokens, clip) for clip in range(self.clips(tokens))])
+
+    @torch.inference_mode()
+    def sample(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        *,
+        max_new_tokens: int,
+        guidance_scale: float,
+        temperature: float,
+        top_k: int,
+        top_p: float,
+        on_token: Callable[[], None] | None = None,
+        generators: Sequence[torch.Generator] | None = None,
+    ) -> torch.Tensor:
+        """Audio codes (clips * codebooks, 1 + max_new_tokens), delay pattern included, for `decode`.
+
+        Without `generators`, one clip per prompt, drawn from the global RNG (as `generate` in
+        transformers draws them). With them, one clip per generator, all in one batch: each token
+        then reads the decoder's weights once for every clip. One prompt is shared by all the clips
+        (or there is one prompt per generator), and clip i draws its tokens from `generators[i]`
+        alone: the same tokens as that clip sampled by itself, whatever else is in the batch."""
+        batch = input_ids.shape[0] if generators is None else len(generators)
         guided = guidance_scale is not None and guidance_scale > 1
         processors = _logits_processors(guidance_scale if guided else None, temperature, top_k, top_p)
         cross_keys, cross_values, cross_mask = self._encode_text(input_ids, attention_mask)
+        if input_ids.shape[0] != batch:
+            if input_ids.shape[0] != 1:
+                raise ValueError(f"{input_ids.shape[0]} prompts for {batch} generators: give one, or one each")
+            # One prompt for every clip: encoded once, so each row attends to bit-identical keys.
+            cross_keys = [keys.repeat(batch, 1, 1, 1) for keys in cross_keys]
+            cross_values = [values.repeat(batch, 1, 1, 1) for values in cross_values]
+            cross_mask = cross_mask.repeat(batch, 1, 1, 1)
         max_length = 1 + max_new_tokens
         start = torch.full((batch * self.num_codebooks, 1), self.start_token_id, dtype=torch.long)
         start = start.to(input_ids.device)
@@ -84,6 +131,8 @@ class MusicgenSampler:
             start, pad_token_id=self.start_token_id, max_length=max_length
         )
         tokens = pattern.clone()
+        # Guided, the rows are every clip's conditional row, then every clip's unconditional one:
+        # the split `ClassifierFreeGuidanceLogitsProcessor` makes (first half, second half).
         rows = 2 * batch if guided else batch
         step = self._stepper(rows, max_length, (cross_keys, cross_values, cross_mask))
         on_gpu = tokens.device.type == "cuda"
@@ -102,7 +151,7 @@ class MusicgenSampler:
             finite = torch.isfinite(probs).all(dim=-1, keepdim=True)
             nonfinite |= ~finite.all()
             probs = torch.where(finite, probs, 1.0 / probs.shape[-1])
-            sampled = torch.multinomial(probs, num_samples=1).squeeze(1)
+            sampled = self._draw(probs, generators)
             column = pattern[:, position + 1]
             tokens[:, position + 1] = torch.where(column == -1, sampled, column)
             if on_gpu:
@@ -120,7 +169,22 @@ class MusicgenSampler:
                 f"MusicGen produced NaN or infinite scores while sampling ({tokens.device.type}, {dtype}): "
                 "its numbers overflowed. Try --dtype float32" + (", or MUSELAB_CUDA_GRAPHS=0." if on_gpu else ".")
             )
-        return self._decode(tokens, batch)
+        return tokens
+
+    def _draw(self, probs: torch.Tensor, generators: Sequence[torch.Generator] | None) -> torch.Tensor:
+        """One token per row of `probs` (clips * codebooks, vocab). With generators, each clip's
+        codebook rows are one `multinomial` call on that clip's generator: the very call, on the
+        very numbers, that the clip makes when it is sampled alone."""
+        if generators is None:
+            return torch.multinomial(probs, num_samples=1).squeeze(1)
+        per_clip = probs.view(len(generators), self.num_codebooks, -1)
+        pairs = zip(per_clip, generators, strict=True)
+        draws = [torch.multinomial(rows, num_samples=1, generator=generator) for rows, generator in pairs]
+        return torch.cat(draws).squeeze(1)
+
+    def clips(self, tokens: torch.Tensor) -> int:
+        """How many clips `sample`'s codes hold."""
+        return tokens.shape[0] // self.num_codebooks
 
     def _encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[list, list, torch.Tensor]:
         """Cross-attention keys and values of every layer, for the conditional half only: the
@@ -256,15 +320,25 @@ class MusicgenSampler:
         rows = [step(codes[:, position][None], position) for position in range(codes.shape[1])]
         return torch.stack(rows, dim=1)
 
-    def _decode(self, tokens: torch.Tensor, batch: int) -> torch.Tensor:
-        """Audio codes -> waveform, as `generate` does it: drop the delay pattern's pads, run EnCodec."""
-        codes = tokens[tokens != self.pad_token_id].reshape(batch, self.num_codebooks, -1)[None, ...]
+    @torch.inference_mode()
+    def decode(self, tokens: torch.Tensor, clip: int) -> torch.Tensor:
+        """Clip `clip` of `sample`'s codes -> waveform (1, channels, samples), as `generate` in
+        transformers does it: drop the delay pattern's pads, run EnCodec. One clip at a time: it
+        decodes to the same samples alone or from a batch, and EnCodec's activations for a long
+        clip are large (tens of MB a second of audio), so a batch of them would add up."""
+        rows = tokens[clip * self.num_codebooks : (clip + 1) * self.num_codebooks]
+        codes = rows[rows != self.pad_token_id].reshape(1, self.num_codebooks, -1)[None, ...]
         audio_encoder = self.network.audio_encoder
         if self.network.decoder.config.audio_channels == 1:
-            return audio_encoder.decode(codes, audio_scales=[None] * batch).audio_values
-        left = audio_encoder.decode(codes[:, :, ::2, :], audio_scales=[None] * batch).audio_values
-        right = audio_encoder.decode(codes[:, :, 1::2, :], audio_scales=[None] * batch).audio_values
+            return audio_encoder.decode(codes, audio_scales=[None]).audio_values
+        left = audio_encoder.decode(codes[:, :, ::2, :], audio_scales=[None]).audio_values
+        right = audio_encoder.decode(codes[:, :, 1::2, :], audio_scales=[None]).audio_values
         return torch.cat([left, right], dim=1)
+
+    def cache_bytes(self, rows: int, max_length: int) -> int:
+        """The KV cache PyTorch's loop holds for `rows` rows of `max_length` positions."""
+        elements = 2 * len(self.decoder.layers) * rows * self.num_heads * max_length * self.head_dim
+        return elements * self.dtype.itemsize
 
 
 class NonFiniteScores(RuntimeError):
@@ -274,7 +348,7 @@ class NonFiniteScores(RuntimeError):
 class CudaGraphStep:
     """`MusicgenSampler.static_step` captured as a CUDA graph: each token is then one graph
     launch instead of about 600 kernel launches from Python, which is what bounds eager decoding
-    on a fast GPU. Captured once per clip (a few eager steps' time); its memory is freed with it."""
+    on a fast GPU. Captured once per batch (a few eager steps' time); its memory is freed with it."""
 
     def __init__(
         self,
