@@ -291,3 +291,22 @@ def test_a_scene_stopped_during_its_soundtrack_shows_the_picture_it_kept(ui_env)
     assert at.get("imgs") or at.get("image")
     assert not at.get("audio") and not at.get("video")
     assert [button.label for button in at.get("download_button")] == ["PNG"]
+
+
+def test_image_page_picks_loras_with_weights_and_the_picture_records_them(ui_env, tiny_dir):
+    from muselab.engines.image.tiny import build_tiny_lora
+
+    build_tiny_lora(tiny_dir / "tiny-models" / "tiny-stable-diffusion", ui_env / "loras" / "inkwash.safetensors")
+    at = open_page("image")
+    assert at.multiselect(key="image.loras").options == ["inkwash"]
+    at.text_area(key="image.prompt").input("a red fox")
+    at.number_input(key="image.steps").set_value(2)
+    at.multiselect(key="image.loras").select("inkwash").run()
+    at.slider(key="image.lora_weight.inkwash").set_value(0.6)
+    at.button(key="image.generate").click().run()
+    run_until(at, lambda page: len(page.get("download_button")) == 1)
+    job = store(ui_env).list_jobs(limit=1)[0]
+    assert job["request"]["loras"] == ["inkwash:0.6"] and job["request"]["lora_hashes"]["inkwash"]
+    at.button(key="image.reuse").click().run()  # the recipe's LoRAs come back into the widgets
+    assert at.multiselect(key="image.loras").value == ["inkwash"]
+    assert at.slider(key="image.lora_weight.inkwash").value == 0.6

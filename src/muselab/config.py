@@ -45,6 +45,9 @@ class Settings(BaseSettings):
         description="Derived files worth keeping between runs: models converted for OpenVINO.",
     )
     output_dir: Path | None = Field(default=None, description="Where generated files go; default <data_dir>/outputs.")
+    lora_dir: Path | None = Field(
+        default=None, description="Where LoRA files (NAME.safetensors) are; default <data_dir>/loras."
+    )
     preset: Preset = Field(
         default="default",
         description="'tiny' swaps every model for a tiny random-weight one built locally "
@@ -141,6 +144,10 @@ class Settings(BaseSettings):
     @property
     def outputs(self) -> Path:
         return self.output_dir or self.data_dir / "outputs"
+
+    @property
+    def loras(self) -> Path:
+        return self.lora_dir or self.data_dir / "loras"
 
     @property
     def openvino_cache(self) -> Path:

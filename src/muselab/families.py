@@ -94,6 +94,9 @@ class Family:
     compose: Callable[[Any], Engine] | None = None
     #: Settings its command-line command offers besides the shared ones (device, dtype, ...).
     settings: tuple[str, ...] = ()
+    #: `check(request, settings)` looks at what a request names on this machine before it queues
+    #: (the LoRA files an image request names) and returns it as it should queue; raises RequestError.
+    check: Callable[[Any, Settings], Any] | None = None
 
     @property
     def default_model(self) -> str | None:

@@ -26,6 +26,7 @@ from muselab.devices import DeviceError, flush_denormals
 from muselab.engines import Cancelled, CancelToken, Engine, ModelUnavailable, ProgressEvent, load_engine
 from muselab.engines.base import engine_result
 from muselab.families import family, kinds, model_kinds
+from muselab.loras import available as available_loras
 from muselab.model_manager import ModelManager
 from muselab.schemas import Request, RequestError, model_fields
 from muselab.store import INTERRUPTED, HistoryStore, OutputRecord
@@ -160,6 +161,12 @@ class JobService:
         trusted = source == "cli"
         if not trusted:
             self.check_client_models(request)
+        checked = family(request.kind).check
+        if checked is not None:
+            try:
+                request = checked(request, self.settings)
+            except RequestError as exc:
+                raise RequestError(str(exc) if trusted else self.redact(str(exc))) from None
         # Every model the request names, by the id or folder it stands for; the request itself
         # names them by label. The models its family loads (a scene's two) also when unnamed.
         models: dict[str, str] = {}
@@ -252,6 +259,7 @@ class JobService:
         """What `redact` replaces, longest first; the settings do not change, so worked out once."""
         folders = {
             str(self.settings.outputs): "<outputs>",
+            str(self.settings.loras): "<LoRA folder>",
             str(self.settings.data_dir): "<data folder>",
             str(self.settings.cache_dir): "<cache folder>",
             str(hf_cache_dir()): "<Hugging Face cache>",
@@ -276,6 +284,7 @@ class JobService:
             "preset": self.settings.preset,
             "runtime": describe_runtime(self.settings, public=True),
             "preparing": self.preparation(),
+            "loras": [lora.name for lora in available_loras(self.settings.loras)],
         }
 
     def snapshot(self, job: Job, with_preview: bool = False) -> dict[str, Any]:
@@ -424,6 +433,9 @@ class JobService:
         except (ModelUnavailable, DeviceError) as exc:
             job.error_kind = "model_unavailable"
             self._finish(job, "failed", error=str(exc), outputs=job.kept, started=started)
+        except RequestError as exc:  # found only once the model is at hand (a LoRA that does not fit it)
+            job.error_kind = "bad_request"
+            self._finish(job, "failed", error=self.redact(str(exc)), outputs=job.kept, started=started)
         except Exception as exc:
             if _is_out_of_memory(exc):
                 self.models.free_memory()
@@ -502,9 +514,13 @@ class JobService:
         return request.model_copy(update=updates) if updates else request
 
     def _run_engine(self, job: Job, on_progress: Callable[[ProgressEvent], None], started: float) -> None:
-        with self._engine(job, self._loading_progress(job, on_progress)) as engine:
+        loading = self._loading_progress(job, on_progress)
+        with self._engine(job, loading) as engine:
             request = engine.resolve(self._with_sources(job))
             job.resolved = request.model_dump(mode="json")
+            prepare = getattr(engine, "prepare", None)  # one-time work for this request (LoRAs to fuse)
+            if prepare is not None:
+                prepare(request, loading)
             self._start_running(job, engine)
             try:
                 result = engine.generate(request, on_progress, job.cancel)

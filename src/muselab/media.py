@@ -25,6 +25,7 @@ import numpy as np
 
 from muselab import __version__
 from muselab.engines.base import GenerationResult, ImageOutput, MusicOutput
+from muselab.loras import prompt_with_tags
 from muselab.schemas import count_field
 
 RECIPE_KEY = "muselab"
@@ -75,8 +76,12 @@ def a1111_parameters(request: dict[str, Any], model_name: str) -> str:
     ]
     if request.get("decoder") == "fast":
         pairs.append(("VAE", "TAESD"))
+    hashes = request.get("lora_hashes") or {}
+    if hashes:
+        pairs.append(("Lora hashes", ", ".join(f"{name}: {value}" for name, value in hashes.items())))
     pairs.append(("Version", SOFTWARE))
-    lines = [request["prompt"]]
+    # A1111 keeps the <lora:...> tags in the prompt: its readers load the LoRAs from them.
+    lines = [prompt_with_tags(request["prompt"], list(request.get("loras") or []))]
     if request.get("negative_prompt"):
         lines.append(f"Negative prompt: {request['negative_prompt']}")
     lines.append(", ".join(f"{key}: {_quote(value)}" for key, value in pairs))

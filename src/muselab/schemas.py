@@ -12,6 +12,8 @@ from typing import Annotated, Any, Literal
 import annotated_types as at
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from muselab.loras import MAX_LORAS, format_choice, parse_choice
+
 MAX_SEED = 2**32 - 1
 MAX_PROMPT_CHARS = 2000
 
@@ -37,6 +39,7 @@ class Option:
     count: bool = False  # how many outputs to make, output i with seed + i (a recipe records 1)
     placeholder: str = ""  # the studio's grey example text in an empty box
     main: bool = False  # in the studio, on the page itself rather than under "Advanced settings"
+    metavar: str = ""  # how the CLI's help shows the option's value
 
 
 @dataclass(frozen=True)
@@ -209,6 +212,36 @@ class ImageRequest(BaseRequest):
         Option(label="Fast decoder model (empty = default)"),
         ModelOf("decoder"),
     ] = None
+    loras: Annotated[
+        list[str],
+        Field(
+            default_factory=list,
+            max_length=MAX_LORAS,
+            description="LoRAs from the LoRA folder, each NAME or NAME:WEIGHT (weight 1 if left out); "
+            "<lora:NAME:WEIGHT> in the prompt adds one too, as in A1111.",
+        ),
+        Option(flags=("--lora",), label="LoRAs", studio=False, metavar="NAME[:WEIGHT]"),
+    ]
+    lora_hashes: Annotated[
+        dict[str, str],
+        Field(default_factory=dict, description="Filled in when the picture is made: each LoRA's A1111 hash."),
+        Option(cli=False, studio=False),
+    ]
+
+    @field_validator("loras", mode="before")
+    @classmethod
+    def _lora_choices(cls, value: Any) -> Any:
+        """Each choice as NAME:WEIGHT, one per name (the last given wins)."""
+        if not isinstance(value, list):
+            return value
+        chosen: dict[str, float] = {}
+        for item in value:
+            if not isinstance(item, str):
+                raise ValueError("each LoRA is a string NAME or NAME:WEIGHT")
+            name, weight = parse_choice(item)
+            chosen.pop(name, None)
+            chosen[name] = weight
+        return [format_choice(name, weight) for name, weight in chosen.items()]
 
 
 class SceneRequest(BaseRequest):

@@ -71,6 +71,7 @@ def output_path(service: JobService, output_id: str) -> Path:
 #: be loaded or memory that runs out leave the server able to serve other requests.
 _FAILURE_ANSWERS = {
     "timeout": (422, "time_limit"),
+    "bad_request": (422, "invalid_request"),
     "model_unavailable": (503, "model_unavailable"),
     "out_of_memory": (503, "out_of_memory"),
 }

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from muselab.api.common import ServiceDep, SettingsDep, generate_images, read_b64
 from muselab.api.errors import ApiError
 from muselab.config import model_label
+from muselab.loras import available
 from muselab.schemas import MAX_PROMPT_CHARS, MAX_SEED, SCHEDULERS
 
 router = APIRouter(tags=["compatibility"])
@@ -157,3 +158,18 @@ async def a1111_models(settings: SettingsDep) -> list[dict[str, Any]]:
     current = model_label(settings.model_for("image"))
     labels = [current] + [label for label in settings.served_models("image") if label != current]
     return [{"title": label, "model_name": label.split("/")[-1], "hash": None, "filename": label} for label in labels]
+
+
+@router.get("/sdapi/v1/loras")
+async def a1111_loras(settings: SettingsDep) -> list[dict[str, Any]]:
+    """The LoRAs in the LoRA folder, as A1111 lists them (the file by its name only: the server's
+    folders are not the client's business). Use one with `<lora:NAME:WEIGHT>` in the prompt."""
+    return [
+        {"name": lora.name, "alias": lora.name, "path": lora.path.name, "metadata": {}}
+        for lora in available(settings.loras)
+    ]
+
+
+@router.post("/sdapi/v1/refresh-loras")
+async def a1111_refresh_loras(settings: SettingsDep) -> None:
+    """A1111 rescans its LoRA folder here; muselab reads the folder on every request already."""

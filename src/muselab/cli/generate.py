@@ -141,7 +141,9 @@ def _field_option(name: str, info: Any) -> Any:
     flags = option.flags or (f"--{name.replace('_', '-')}",)
     if option.switch is not None:
         return Annotated[bool | None, typer.Option(*flags, help=info.description)]
-    return Annotated[_optional(info.annotation), typer.Option(*flags, help=info.description)]
+    return Annotated[
+        _optional(info.annotation), typer.Option(*flags, help=info.description, metavar=option.metavar or None)
+    ]
 
 
 def _optional(annotation: Any) -> Any:
@@ -152,6 +154,8 @@ def _optional(annotation: Any) -> Any:
 
 
 def _to_field(request: Any, field: str, value: Any) -> Any:
+    if isinstance(value, list | tuple) and not value:
+        return None  # a repeatable option not given: the recipe's (--from) or the default
     option = field_option(request.model_fields[field])
     if option.switch is not None and value is not None:
         return option.switch[0] if value else option.switch[1]
@@ -187,6 +191,7 @@ def generate(
     from muselab import media
     from muselab.jobs import JobService, SaveOptions
     from muselab.quiet import quiet_libraries
+    from muselab.schemas import RequestError
 
     try:
         if kind_family.output != "video":
@@ -195,7 +200,11 @@ def generate(
         raise CliError(str(exc), EXIT_BAD_INPUT) from None
     quiet_libraries()
     service = JobService(settings)
-    job = service.submit(request, source="cli", save=SaveOptions(output=output, **save_options))
+    try:
+        job = service.submit(request, source="cli", save=SaveOptions(output=output, **save_options))
+    except RequestError as exc:  # what the request names on this machine (a LoRA file) will not do
+        service.shutdown()
+        raise CliError(str(exc), EXIT_BAD_INPUT) from None
     try:
         show_progress(kind_family, service, job, as_json)
     finally:
@@ -205,7 +214,7 @@ def generate(
     if job.status == "cancelled":
         raise CliError("Cancelled; nothing partial was written." + kept, EXIT_CANCELLED)
     if job.status != "succeeded":
-        code = EXIT_MODEL if job.error_kind == "model_unavailable" else 1
+        code = {"model_unavailable": EXIT_MODEL, "bad_request": EXIT_BAD_INPUT}.get(job.error_kind or "", 1)
         message = job.error or "the job failed"
         if "local Hugging Face cache" in message:  # the folder, for this machine's user only
             message += f"\n(The Hugging Face cache is {hf_cache_dir()}; `muselab doctor` lists what it holds.)"

@@ -57,6 +57,7 @@ class RuntimePlan:
     offline: bool  # never reach the hub
     safety_checker: bool = True  # images
     fast_decoder: str = FAST_DECODER  # images: the tiny autoencoder (TAESD) for decoder="fast" and previews
+    lora_dir: Path | None = None  # images: where the LoRAs a request names are found
 
     @property
     def device(self) -> str:
@@ -109,6 +110,7 @@ def image_plan(settings: Settings, placement: Placement | None = None, model: st
         offline=settings.is_offline(),
         safety_checker=settings.safety_checker,
         fast_decoder=settings.fast_decoder(),
+        lora_dir=settings.loras,
     )
 
 

@@ -27,11 +27,14 @@ from muselab.engines.base import (
     wants_previews,
 )
 from muselab.engines.image.family import GENERIC_DEFAULTS
+from muselab.engines.image.lora import ChosenLora, chosen_loras, fuse_loras, with_prompt_loras
+from muselab.engines.image.lora import identity as lora_identity
 from muselab.engines.image.schedulers import make_scheduler, steps_in_float32
 from muselab.engines.runtime import RuntimePlan, engine_plan
 from muselab.engines.runtime import auto_uses_openvino as auto_uses_openvino  # the benchmark imports it from here
 from muselab.families import catalogue_entry
-from muselab.schemas import MAX_SEED, ImageRequest
+from muselab.quantize import return_freed_memory as release_memory
+from muselab.schemas import MAX_SEED, ImageRequest, RequestError
 
 if TYPE_CHECKING:
     from muselab.engines.image.openvino import OpenVinoSetup
@@ -91,6 +94,7 @@ class ImageEngine:
         plan: RuntimePlan | Placement | None = None,
         *,
         openvino: OpenVinoSetup | None = None,
+        loras: tuple[ChosenLora, ...] = (),
         **options: Any,
     ):
         """Wrap a loaded diffusers text-to-image pipeline to run as `plan` says; see `ImageEngine.load`.
@@ -98,7 +102,8 @@ class ImageEngine:
         PyTorch and float weights unless they say otherwise).
 
         A plan on OpenVINO needs `openvino`, made from the model's folder (`openvino_setup`): the
-        UNet and the VAE decoder are converted first if the cache lacks them.
+        UNet and the VAE decoder are converted first if the cache lacks them. `loras` are the LoRAs
+        already fused into `pipe` (`lora.fuse_loras`).
         """
         plan = engine_plan("image", model, plan, options)
         plan.require()
@@ -118,6 +123,7 @@ class ImageEngine:
                 plan.quantize,
                 openvino.on_progress,
                 openvino.unet_config,
+                openvino.loras,
             )
             if plan.quantize in ("int8", "int8-full"):
                 for module in text_encoders(pipe):
@@ -150,6 +156,8 @@ class ImageEngine:
         self.has_safety_checker = getattr(pipe, "safety_checker", None) is not None
         self.defaults = catalogue_entry(model) or GENERIC_DEFAULTS
         self.native_size = int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
+        self.loras = loras
+        self._needs_reload = False  # a LoRA change failed half-way: the next request loads afresh
 
     @classmethod
     def load(
@@ -158,11 +166,12 @@ class ImageEngine:
         plan: RuntimePlan | Placement | None = None,
         *,
         on_progress: ProgressCallback | None = None,
+        loras: tuple[ChosenLora, ...] = (),
         **options: Any,
     ) -> ImageEngine:
         """Load a hub id or local folder (safetensors only) through diffusers' `from_pretrained`, to
-        run as `plan` says (`runtime.image_plan`; with a placement or nothing, `options` make it).
-        `on_progress` hears about a one-time OpenVINO conversion."""
+        run as `plan` says (`runtime.image_plan`; with a placement or nothing, `options` make it),
+        with `loras` fused into its weights. `on_progress` hears about a one-time OpenVINO conversion."""
         from diffusers import AutoPipelineForText2Image
 
         plan = engine_plan("image", model, plan, options)
@@ -172,15 +181,17 @@ class ImageEngine:
         if plan.backend == "openvino":
             from muselab.engines.image.openvino import openvino_setup
 
-            plan, openvino = openvino_setup(plan, Path(source), on_progress)
+            plan, openvino = openvino_setup(plan, Path(source), on_progress, lora_identity(loras))
         extra: dict[str, Any] = {}
         if not plan.safety_checker:
             extra = {"safety_checker": None, "requires_safety_checker": False}
         dtype = load_dtype(plan.placement, plan.quantize)
         if openvino is not None:
             dtype = plan.dtype  # converted from full precision; NNCF makes the int8 weights
-            if openvino.unet_cached:
-                extra["unet"] = None  # the converted UNet replaces it: never read its weights
+            if openvino.unet_cached and not loras:
+                # The converted UNet replaces it: never read its weights. (LoRAs also reach the
+                # text encoder, through the pipeline, which wants its UNet for that.)
+                extra["unet"] = None
         pipe = load_or_explain(
             lambda: AutoPipelineForText2Image.from_pretrained(
                 source, dtype=dtype, use_safetensors=True, local_files_only=True, **extra
@@ -188,7 +199,30 @@ class ImageEngine:
             model,
             "image",
         )
-        return cls(pipe, model, plan, openvino=openvino)
+        fuse_loras(pipe, loras)
+        return cls(pipe, model, plan, openvino=openvino, loras=loras)
+
+    def prepare(self, request: ImageRequest, on_progress: ProgressCallback | None = None) -> None:
+        """Fuse the LoRAs `request` names, where they are not the ones fused now: the model is
+        loaded again with them (the weights int8 and OpenVINO work from must be the fused ones;
+        on OpenVINO each set of LoRAs is a one-time conversion, cached, that `on_progress` hears of)."""
+        wanted = chosen_loras(request, self.plan.lora_dir)
+        if lora_identity(wanted) == lora_identity(self.loras) and not self._needs_reload:
+            return
+        kept = {name: getattr(self, name) for name in ("_fast_vaes", "_decoder_sources", "_preview_vae")}
+        if self.plan.low_memory:  # one copy of the weights at a time, at the cost of a reload on failure
+            self._needs_reload, self.pipe, self._full_vae = True, None, None
+            release_memory()
+        try:
+            fresh = type(self).load(self.model, self.plan, on_progress=on_progress, loras=wanted)
+        except RequestError:
+            if self.pipe is not None:  # the loaded model is untouched: keep serving it
+                raise
+            self._needs_reload = True
+            raise
+        self.pipe = self._full_vae = None
+        release_memory()
+        self.__dict__.update({**fresh.__dict__, **kept})
 
     def fast_vae(self, source: str | None = None) -> Any:
         """A tiny autoencoder (default: this engine's), loaded or downloaded the first time it is needed."""
@@ -239,9 +273,12 @@ class ImageEngine:
         return (request.steps or self.defaults.steps or 1) * request.num_images
 
     def resolve(self, request: ImageRequest) -> ImageRequest:
-        """Fill every unset field from the model's defaults, so the recipe is complete."""
+        """Fill every unset field from the model's defaults, so the recipe is complete; LoRAs named
+        by `<lora:...>` tags in the prompt join `loras`, each recorded with its hash."""
+        request = with_prompt_loras(request)
         return request.model_copy(
             update={
+                "lora_hashes": {lora.name: lora.file.hash for lora in chosen_loras(request, self.plan.lora_dir)},
                 "model": model_label(self.model),
                 "seed": request.seed if request.seed is not None else secrets.randbelow(MAX_SEED + 1),
                 "width": request.width or self.native_size,
@@ -266,6 +303,7 @@ class ImageEngine:
         eighth of the way where the listener shows pictures (`wants_previews`), else none."""
         request = self.resolve(request)
         assert request.seed is not None and request.steps is not None
+        self.prepare(request)  # where the job service has not (a direct call, a test, the benchmark)
         if preview_every is None:
             preview_every = max(1, request.steps // 8) if wants_previews(on_progress) else 0
         cancel = cancel or CancelToken()

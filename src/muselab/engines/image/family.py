@@ -60,4 +60,5 @@ FAMILY = Family(
     },
     max_steps=max_steps,
     settings=("quantize", "backend", "low_memory", "safety_checker"),
+    check=lazy("muselab.engines.image.lora:check_request"),
 )

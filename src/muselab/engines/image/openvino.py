@@ -277,17 +277,23 @@ class OpenVinoDecoder(_CompiledModule):
         return self.run(z.detach().float().numpy())
 
 
-def converted_unet_folder(source: Path, cache_dir: Path, quantize: str, dtype: torch.dtype) -> Path:
+def converted_unet_folder(source: Path, cache_dir: Path, quantize: str, dtype: torch.dtype, loras: str = "") -> Path:
+    """Where the UNet of `source` converted as asked is cached; `loras` names the LoRAs fused into
+    it (`engines.image.lora.identity`), so each set of LoRAs and weights is a conversion of its own."""
     calibrated = quantize == "int8-full"  # its IR also depends on the calibration recipe
     conversion = f"{CONVERSION_VERSION}+calibration{CALIBRATION_VERSION}" if calibrated else CONVERSION_VERSION
+    if loras:
+        conversion = f"{conversion}+{loras}"
     return cache_dir / cache_key(source / "unet", quantize, dtype, conversion)
 
 
-def cached_unet_source(source: Path, cache_dir: Path, quantize: str, dtype: torch.dtype) -> Path | None:
+def cached_unet_source(
+    source: Path, cache_dir: Path, quantize: str, dtype: torch.dtype, loras: str = ""
+) -> Path | None:
     """The cached IR an engine can build its UNet from without reading the PyTorch weights: the
     converted UNet itself, or (for int8 and int8-full) the full-precision one, quantized on the way."""
     for kind in (quantize, "none"):
-        folder = converted_unet_folder(source, cache_dir, kind, dtype)
+        folder = converted_unet_folder(source, cache_dir, kind, dtype, loras)
         if (folder / "model.xml").exists():
             return folder
     return None
@@ -301,10 +307,11 @@ class OpenVinoSetup:
     unet_config: Any
     unet_cached: bool  # the converted UNet is in the cache: the pipeline loads without the PyTorch one
     on_progress: ProgressCallback | None = None
+    loras: str = ""  # the LoRAs fused into the UNet (`engines.image.lora.identity`)
 
 
 def openvino_setup(
-    plan: RuntimePlan, source: Path, on_progress: ProgressCallback | None = None
+    plan: RuntimePlan, source: Path, on_progress: ProgressCallback | None = None, loras: str = ""
 ) -> tuple[RuntimePlan, OpenVinoSetup | None]:
     """How to run the model in `source` on OpenVINO as `plan` says; or, where its UNet is one the
     converter cannot take, what `plan.without_openvino` makes of that (PyTorch for `--backend auto`,
@@ -317,8 +324,8 @@ def openvino_setup(
         problem = unsupported_reason(unet_config)
     if problem is not None:
         return plan.without_openvino(problem), None
-    cached = cached_unet_source(source, plan.openvino_cache, plan.quantize, plan.dtype) is not None
-    return plan, OpenVinoSetup(source, unet_config, cached, on_progress)
+    cached = cached_unet_source(source, plan.openvino_cache, plan.quantize, plan.dtype, loras) is not None
+    return plan, OpenVinoSetup(source, unet_config, cached, on_progress, loras)
 
 
 def _convert_unet(
@@ -370,6 +377,7 @@ def use_openvino(
     quantize: str = "none",
     on_progress: ProgressCallback | None = None,
     unet_config: Any = None,
+    loras: str = "",
 ) -> dict[str, float]:
     """Swap the pipeline's UNet and VAE decoder for OpenVINO ones, converting them first when the
     cache (`cache_dir`) does not hold them yet. `pipe.unet` may be None (the pipeline was loaded
@@ -379,8 +387,8 @@ def use_openvino(
     from muselab.quantize import return_freed_memory
 
     timings = {"convert_s": 0.0, "compile_s": 0.0}
-    unet_dir = converted_unet_folder(source, cache_dir, quantize, dtype)
-    float_dir = converted_unet_folder(source, cache_dir, "none", dtype)
+    unet_dir = converted_unet_folder(source, cache_dir, quantize, dtype, loras)
+    float_dir = converted_unet_folder(source, cache_dir, "none", dtype, loras)
     decoder_dir = cache_dir / cache_key(source / "vae", "none", dtype, CONVERSION_VERSION)
     missing = [folder for folder in (unet_dir, decoder_dir) if not (folder / "model.xml").exists()]
     stages = 3 * len(missing) + 1

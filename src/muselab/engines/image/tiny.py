@@ -109,3 +109,42 @@ def build_tiny_taesd(path: str | Path, replace: bool = True) -> Path:
         latent_channels=4,
     )
     return save_atomically(path, lambda tmp: decoder.save_pretrained(tmp, safe_serialization=True), replace)
+
+
+def build_tiny_lora(
+    model_folder: str | Path, path: str | Path, kohya: bool = False, rank: int = 4, seed: int = TINY_SEED
+) -> Path:
+    """Write a LoRA for the SD 1.x pipeline in `model_folder` to the file `path` (.safetensors):
+    random low-rank updates of the UNet's attention projections and the text encoder's, strong
+    enough to change the picture. `kohya` writes kohya-ss's key names (`lora_unet_..._to_q.lora_down
+    .weight` with an `alpha` each), which most LoRAs shared online use; else diffusers' own."""
+    from diffusers import UNet2DConditionModel
+    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+    from safetensors.torch import save_file
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(seed)
+    folder = Path(model_folder)
+    parts = {
+        "unet": UNet2DConditionModel.from_pretrained(folder / "unet"),
+        "text_encoder": CLIPTextModel.from_pretrained(folder / "text_encoder"),
+    }
+    targets = {"unet": ["to_q", "to_k", "to_v", "to_out.0"], "text_encoder": ["q_proj", "k_proj", "v_proj", "out_proj"]}
+    tensors: dict[str, torch.Tensor] = {}
+    for prefix, module in parts.items():
+        # peft itself, not transformers' add_adapter (which wants a newer peft than the registry has).
+        config = LoraConfig(r=rank, lora_alpha=rank, target_modules=targets[prefix], init_lora_weights=False)
+        inject_adapter_in_model(config, module)
+        for key, value in get_peft_model_state_dict(module).items():
+            value = value.detach().contiguous() * 0.5
+            if not kohya:
+                tensors[f"{prefix}.{key}"] = value
+                continue
+            layer, _, which = key.rpartition(".lora_")  # "down_blocks.0....to_q", "A.weight"
+            name = ("lora_unet_" if prefix == "unet" else "lora_te_") + layer.replace(".", "_")
+            tensors[f"{name}.lora_{'down' if which.startswith('A') else 'up'}.weight"] = value
+            tensors[f"{name}.alpha"] = torch.tensor(float(rank))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path))
+    return path

@@ -1,5 +1,7 @@
 import streamlit as st
 
+from muselab.loras import MAX_WEIGHT
+from muselab.ui.common import backend
 from muselab.ui.page import family_page
 
 SIZES = {
@@ -13,15 +15,39 @@ SIZES = {
 }
 
 
-def size_widget() -> dict:
+def placed_widgets() -> dict:
     st.session_state.setdefault("image.size", "Model default")
     size = SIZES[st.selectbox("Size", list(SIZES), key="image.size")]
-    return {"width": size[0] if size else None, "height": size[1] if size else None}
+    return {"width": size[0] if size else None, "height": size[1] if size else None, "loras": lora_widgets()}
 
 
-def size_of_recipe(request: dict) -> dict:
+def lora_widgets() -> list[str]:
+    """A multiselect of the LoRA folder's files, then a weight for each one chosen."""
+    names = backend().info().get("loras") or []
+    chosen_before = st.session_state.get("image.loras") or []
+    # A recipe may name a LoRA no longer in the folder: it stays listed, so the choice is visible.
+    options = names + [name for name in chosen_before if name not in names]
+    if not options:
+        st.caption("LoRAs: none yet; put NAME.safetensors files in the LoRA folder (MUSELAB_LORA_DIR).")
+        return []
+    chosen = st.multiselect(
+        "LoRAs", options, key="image.loras", help="Fused into the model's weights; on OpenVINO a new set converts once."
+    )
+    choices = []
+    for name in chosen:
+        st.session_state.setdefault(f"image.lora_weight.{name}", 1.0)
+        weight = st.slider(f"Weight of {name}", -MAX_WEIGHT, MAX_WEIGHT, step=0.05, key=f"image.lora_weight.{name}")
+        choices.append(f"{name}:{weight:g}")
+    return choices
+
+
+def placed_of_recipe(request: dict) -> dict:
     match = [name for name, size in SIZES.items() if size == (request.get("width"), request.get("height"))]
-    return {"size": match[0] if match else "Model default"}
+    values: dict = {"size": match[0] if match else "Model default"}
+    loras = [choice.rpartition(":") for choice in request.get("loras") or []]
+    values["loras"] = [name for name, _, _ in loras]
+    values.update({f"lora_weight.{name}": float(weight) for name, _, weight in loras})
+    return values
 
 
-family_page("image", placed=("width", "height"), draw_placed=size_widget, reuse_placed=size_of_recipe)
+family_page("image", placed=("width", "height", "loras"), draw_placed=placed_widgets, reuse_placed=placed_of_recipe)
