@@ -25,8 +25,10 @@ def test_image_twice_gives_byte_identical_pngs_with_parameters(cli_env, tmp_path
     assert "Saved" in first.stdout and "a.png" in first.stdout
     parameters = parse_a1111_parameters(Image.open(tmp_path / "a.png").text["parameters"])
     assert parameters["prompt"] == "a red fox"
-    assert parameters["steps"] == 25 and parameters["scheduler"] == "DPM++ 2M Karras"
-    assert parameters["guidance"] == 7.5 and parameters["seed"] == 1
+    # A new user on a CPU gets the fast tier: the LCM-LoRA's 4 LCM steps without guidance.
+    assert parameters["steps"] == 4 and parameters["scheduler"] == "LCM"
+    assert parameters["guidance"] == 1.0 and parameters["seed"] == 1
+    assert "Expected: about" in first.stderr and "(fast;" in first.stderr
     assert (parameters["width"], parameters["height"]) == (64, 64)
 
 

@@ -9,7 +9,7 @@ import platformdirs
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from muselab.families import catalogue, family, tiny_models
+from muselab.families import catalogue, tiny_models
 
 Kind = Literal["music", "image"]
 Preset = Literal["default", "tiny"]
@@ -25,7 +25,7 @@ FAST_DECODER = "madebyollin/taesd"
 
 def default_model(kind: str) -> str:
     """The catalogue's default model of `kind`: the first family of that kind names it."""
-    model = family(kind).default_model
+    model = next((entry.id for entry in catalogue(kind) if entry.default), None)
     if model is None:
         raise KeyError(f"no default {kind} model: name one with --model or MUSELAB_MODELS")
     return model
@@ -62,6 +62,11 @@ class Settings(BaseSettings):
         default_factory=dict,
         description="Models of other kinds (a plugin family's), by kind, as JSON: "
         'MUSELAB_MODELS=\'{"sine": "/path/to/folder"}\'.',
+    )
+    speed: Literal["auto", "quality", "fast", "turbo"] = Field(
+        default="auto",
+        description="Image speed tier when a request names none: quality (the model's own 25 steps), fast "
+        "(LCM-LoRA, 4 steps), turbo (sd-turbo, 1 step); auto is fast on a CPU, quality on a GPU.",
     )
     device: DeviceChoice = "auto"
     dtype: DtypeChoice = "auto"

@@ -97,6 +97,9 @@ class Family:
     #: `check(request, settings)` looks at what a request names on this machine before it queues
     #: (the LoRA files an image request names) and returns it as it should queue; raises RequestError.
     check: Callable[[Any, Settings], Any] | None = None
+    #: `estimate(request, settings, runs)`: how long the request would take here, per speed tier
+    #: (`runs`: this machine's finished jobs of the kind, `HistoryStore.run_times`).
+    estimate: Callable[[Any, Settings, list[dict[str, Any]]], dict[str, Any]] | None = None
 
     @property
     def default_model(self) -> str | None:

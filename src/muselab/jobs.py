@@ -287,6 +287,23 @@ class JobService:
             "loras": [lora.name for lora in available_loras(self.settings.loras)],
         }
 
+    def estimate(self, request: Request, trusted: bool = False) -> dict[str, Any] | None:
+        """How long `request` would take on this machine, per speed tier, with where each figure
+        comes from (this machine's own runs, or its measured speed); None for a kind without tiers.
+        Models are named as for `submit` (a client only the served ones, unless `trusted`)."""
+        estimate = family(request.kind).estimate
+        if estimate is None:
+            return None
+        if not trusted:
+            self.check_client_models(request)
+        sources = {
+            name: self._model_source(kind, value, trusted)
+            for name, kind in model_fields(type(request)).items()
+            if (value := getattr(request, name))
+        }
+        request = request.model_copy(update=sources)
+        return estimate(request, self.settings, self.store.run_times(request.kind))
+
     def snapshot(self, job: Job, with_preview: bool = False) -> dict[str, Any]:
         return job.snapshot(self.position(job), with_preview, self.redact)
 

@@ -40,6 +40,7 @@ class Option:
     placeholder: str = ""  # the studio's grey example text in an empty box
     main: bool = False  # in the studio, on the page itself rather than under "Advanced settings"
     metavar: str = ""  # how the CLI's help shows the option's value
+    lead: bool = False  # in the studio, the page's first control
 
 
 @dataclass(frozen=True)
@@ -192,18 +193,28 @@ class ImageRequest(BaseRequest):
         Field(default=1, ge=1, le=8, description="How many images; image i uses seed + i."),
         Option(flags=("--images", "-n"), label="Images", count=True, main=True),
     ] = 1
-    decoder: Annotated[
-        Literal["full", "fast"],
+    speed: Annotated[
+        Literal["auto", "quality", "fast", "turbo"] | None,
         Field(
-            default="full",
-            description="'fast' decodes with the tiny autoencoder (TAESD): much faster, slightly softer.",
+            default=None,
+            description="quality: the model's own 25 steps; fast: LCM-LoRA, 4 steps, tiny autoencoder; turbo: "
+            "sd-turbo, 1 step; auto: fast on a CPU, quality on a GPU. Default: the server's (MUSELAB_SPEED).",
+        ),
+        Option(label="Speed", main=True, lead=True),
+    ] = None
+    decoder: Annotated[
+        Literal["full", "fast"] | None,
+        Field(
+            default=None,
+            description="'fast' decodes with the tiny autoencoder (TAESD): much faster, slightly softer. "
+            "Default: the speed tier's (fast and turbo: fast).",
         ),
         Option(
             flags=("--fast-decoder/--full-decoder",),
             label="Fast decoder (TAESD): much quicker, slightly softer",
             switch=("fast", "full"),
         ),
-    ] = "full"
+    ] = None
     decoder_model: Annotated[
         str | None,
         Field(
@@ -211,6 +222,17 @@ class ImageRequest(BaseRequest):
         ),
         Option(label="Fast decoder model (empty = default)"),
         ModelOf("decoder"),
+    ] = None
+    lcm_lora_model: Annotated[
+        str | None,
+        Field(
+            default=None,
+            max_length=500,
+            description="Hub id or folder of the fast tier's LCM-LoRA; default from settings "
+            "(latent-consistency/lcm-lora-sdv1-5).",
+        ),
+        Option(label="LCM-LoRA (empty = default)", studio=False),
+        ModelOf("lcm-lora"),
     ] = None
     loras: Annotated[
         list[str],

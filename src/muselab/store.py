@@ -275,6 +275,22 @@ class HistoryStore:
         rows = self._connection().execute(query, (*args, limit, offset)).fetchall()
         return [self.get_job(row["id"]) for row in rows]  # type: ignore[misc]
 
+    def run_times(self, kind: str, limit: int = 200) -> list[dict[str, Any]]:
+        """This machine's latest succeeded jobs of `kind`, newest first: the resolved request, the
+        model's label, how it ran (`dtype`, e.g. "float32 (openvino)") and the seconds it ran once
+        its model was loaded (loading and conversions not counted)."""
+        rows = (
+            self._connection()
+            .execute(
+                "SELECT request, model, dtype, (julianday(finished_at) - julianday(started_at)) * 86400 AS seconds "
+                "FROM jobs WHERE kind=? AND status='succeeded' AND started_at IS NOT NULL "
+                "ORDER BY created_at DESC LIMIT ?",
+                (kind, limit),
+            )
+            .fetchall()
+        )
+        return [{**dict(row), "request": json.loads(row["request"])} for row in rows]
+
     def recover_interrupted(self) -> list[str]:
         """After a crash: jobs left queued or running by a process that is gone are marked interrupted.
 

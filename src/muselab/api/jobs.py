@@ -16,7 +16,9 @@ from starlette.concurrency import run_in_threadpool
 from muselab import __version__
 from muselab.api.common import JobId, ServiceDep, SettingsDep, submit, wait_for
 from muselab.api.errors import ApiError
+from muselab.families import request_types
 from muselab.jobs import Job, JobService
+from muselab.schemas import RequestError, parse_request
 
 service_router = APIRouter(tags=["service"])
 router = APIRouter(tags=["jobs"])
@@ -50,6 +52,30 @@ async def healthz(service: ServiceDep) -> dict[str, Any]:
 async def info(service: ServiceDep, settings: SettingsDep) -> dict[str, Any]:
     """The models, the device and dtype, and each kind's engine and weights (no folder names)."""
     return {"version": __version__, "max_queue": settings.max_queue, **service.info()}
+
+
+@service_router.post("/api/estimate/{kind}")
+async def estimate(
+    service: ServiceDep, kind: str, body: Annotated[dict[str, Any] | None, Body()] = None
+) -> dict[str, Any]:
+    """How long a request of `kind` would take on this machine, for each speed tier: `seconds`
+    and where the figure comes from (this machine's earlier runs, or its measured speed), and the
+    tier `auto` picks here (`chosen`). The body is the request as for /api/jobs/KIND; the prompt
+    may be left out."""
+    if kind not in request_types():
+        raise ApiError(404, f"No kind '{kind}'; the kinds are {', '.join(request_types())}.", "not_found")
+    data = {"prompt": "-", **(body or {}), "kind": kind}
+    try:
+        request = parse_request(request_types()[kind], data)
+    except RequestError as exc:
+        raise ApiError(422, str(exc)) from None
+    try:
+        estimate = await run_in_threadpool(service.estimate, request)
+    except RequestError as exc:  # a model this server does not offer
+        raise ApiError(422, str(exc)) from None
+    if estimate is None:
+        raise ApiError(404, f"'{kind}' requests have no speed tiers to estimate.", "not_found")
+    return estimate
 
 
 # ---------------------------------------------------------------- submitting

@@ -201,6 +201,8 @@ def generate(
     quiet_libraries()
     service = JobService(settings)
     try:
+        if not as_json:
+            show_expected_time(service, request)
         job = service.submit(request, source="cli", save=SaveOptions(output=output, **save_options))
     except RequestError as exc:  # what the request names on this machine (a LoRA file) will not do
         service.shutdown()
@@ -222,6 +224,20 @@ def generate(
     status = service.store.get_job(job.id)
     assert status is not None
     report(kind_family, status, paths, as_json)
+
+
+def show_expected_time(service: Any, request: Any) -> None:
+    """ "Expected: about 25 s (fast; from 3 earlier runs here)", for a kind with speed tiers."""
+    from muselab import expected
+
+    estimate = service.estimate(request, trusted=True)
+    if not estimate:
+        return
+    speed = getattr(request, "speed", None) if getattr(request, "speed", None) not in (None, "auto") else None
+    tier = speed or estimate.get("chosen")
+    figure = estimate["tiers"].get(tier or "") or {}
+    if figure.get("seconds") is not None:
+        err.print(f"Expected: about {expected.duration(figure['seconds'])} ({tier}; {figure['source']})")
 
 
 def show_progress(kind_family: Family, service: Any, job: Any, as_json: bool) -> None:

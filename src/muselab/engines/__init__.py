@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from muselab.config import Settings
 from muselab.engines.base import (
+    LOADING,
     Cancelled,
     CancelToken,
     Engine,
@@ -49,6 +50,7 @@ def load_engine(
         for part, tiny in family.tiny.items():
             configured = model if part == kind else settings.model_for(part)
             if configured == str(settings.tiny_models_dir / tiny.folder):
-                ensure_tiny_model(settings.tiny_models_dir, part)
+                with LOADING:  # built with diffusers and transformers, one thread at a time
+                    ensure_tiny_model(settings.tiny_models_dir, part)
     assert family.load is not None
     return family.load(model, settings, on_progress)

@@ -58,6 +58,7 @@ class RuntimePlan:
     safety_checker: bool = True  # images
     fast_decoder: str = FAST_DECODER  # images: the tiny autoencoder (TAESD) for decoder="fast" and previews
     lora_dir: Path | None = None  # images: where the LoRAs a request names are found
+    lcm_lora: str = "latent-consistency/lcm-lora-sdv1-5"  # images: the fast tier's LoRA (hub id or folder)
 
     @property
     def device(self) -> str:
@@ -111,6 +112,7 @@ def image_plan(settings: Settings, placement: Placement | None = None, model: st
         safety_checker=settings.safety_checker,
         fast_decoder=settings.fast_decoder(),
         lora_dir=settings.loras,
+        lcm_lora=settings.model_for("lcm-lora"),
     )
 
 
@@ -168,12 +170,15 @@ def engine_plan(kind: Kind, model: str, plan: RuntimePlan | Placement | None, op
         return plan
     options = dict(options)
     openvino_cache = options.pop("openvino_cache", None)
+    lcm_lora = options.pop("lcm_lora", None)
     if "fast_decoder" in options:
         options["fast_decoder_model"] = options.pop("fast_decoder")
     unknown = options.keys() - Settings.model_fields.keys()
     if unknown:
         raise TypeError(f"no such engine option: {', '.join(sorted(unknown))}")
     made = PLANS[kind](Settings(**{**_ENGINE_DEFAULTS, **options}), plan or choose_placement(), model)
+    if lcm_lora is not None:
+        made = dataclasses.replace(made, lcm_lora=str(lcm_lora))
     return made if openvino_cache is None else dataclasses.replace(made, openvino_cache=Path(openvino_cache))
 
 

@@ -94,6 +94,6 @@ def ensure_tiny_model(directory: str | Path, kind: str) -> Path:
 
     tiny = tiny_models()[kind]
     path = Path(directory) / tiny.folder
-    if not (path / "config.json").exists() and not (path / "model_index.json").exists():
+    if not path.is_dir() or not any(path.iterdir()):  # written whole (`save_atomically`) or not at all
         tiny.build(path, False)
     return path

@@ -30,6 +30,8 @@ class Backend(Protocol):
     def delete(self, output_id: str) -> str: ...
     def info(self) -> dict[str, Any]: ...
 
+    def estimate(self, kind: str, data: dict[str, Any]) -> dict[str, Any] | None: ...
+
 
 def validate(kind: str, data: dict[str, Any]) -> Any:
     """Check a request before sending it; RequestError says which field to change."""
@@ -101,6 +103,9 @@ class LocalBackend:
     def info(self) -> dict[str, Any]:
         return self.service.info()
 
+    def estimate(self, kind: str, data: dict[str, Any]) -> dict[str, Any] | None:
+        return self.service.estimate(validate(kind, data))
+
 
 class RemoteBackend:
     """Talks to `muselab serve` over HTTP (with its token when one is set)."""
@@ -155,3 +160,10 @@ class RemoteBackend:
 
     def info(self) -> dict[str, Any]:
         return {**self._call("GET", "/api/info").json(), "served_by": str(self.client.base_url)}
+
+    def estimate(self, kind: str, data: dict[str, Any]) -> dict[str, Any] | None:
+        body = validate(kind, data).model_dump(mode="json", exclude_none=True)
+        try:
+            return self._call("POST", f"/api/estimate/{kind}", json=body).json()
+        except BackendError:  # a server without tiers for this kind, or from before estimates
+            return None

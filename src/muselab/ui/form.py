@@ -24,6 +24,7 @@ def request_form(
     fields = family(kind).request.model_fields
     shown = [name for name, info in fields.items() if name not in ("kind", *placed) and field_option(info).studio]
     main = [name for name in shown if field_option(fields[name]).main]
+    main.sort(key=lambda name: not field_option(fields[name]).lead)
     values = {name: field_widget(kind, name) for name in main}
     if draw_placed is not None:
         values.update(draw_placed())
@@ -46,15 +47,13 @@ def field_widget(kind: str, name: str) -> Any:
     annotation, optional = _base(info.annotation)
     bounds = field_bounds(info)
     default = None if info.is_required() else info.default
-    if option.switch is not None:
+    if option.switch is not None and not optional:  # optional: unset leaves it to another setting
         st.session_state.setdefault(key, default == option.switch[0])
         on = st.toggle(label, key=key, help=info.description)
         return option.switch[0] if on else option.switch[1]
     if typing.get_origin(annotation) is Literal:
         st.session_state.setdefault(key, default)
-        return st.selectbox(
-            label, typing.get_args(annotation), key=key, help=info.description, placeholder="Model default"
-        )
+        return st.selectbox(label, typing.get_args(annotation), key=key, help=info.description, placeholder="Default")
     if annotation is bool:
         st.session_state.setdefault(key, bool(default))
         return st.toggle(label, key=key, help=info.description)
@@ -109,7 +108,7 @@ def reuse_settings(kind: str, request: dict[str, Any], extra: dict[str, Any] | N
         if info is None or name == "kind":
             continue
         option = field_option(info)
-        if option.switch is not None:
+        if option.switch is not None and not _base(info.annotation)[1]:
             value = value == option.switch[0]
         elif isinstance(value, str) and not value and _base(info.annotation)[1]:
             value = None

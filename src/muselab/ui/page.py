@@ -9,8 +9,11 @@ from typing import Any
 
 import streamlit as st
 
+from muselab import expected
 from muselab.families import family
-from muselab.ui.common import job_panel, rating, show_output, show_recipe, submit
+from muselab.schemas import RequestError
+from muselab.ui.backend import BackendError
+from muselab.ui.common import backend, job_panel, rating, show_output, show_recipe, submit
 from muselab.ui.form import request_form, reuse_settings
 
 
@@ -30,6 +33,7 @@ def family_page(
     if intro:
         st.write(intro)
     values = request_form(kind, placed, draw_placed)
+    expected_time(kind, values)
     if st.button("Generate", type="primary", key=f"{kind}.generate", icon=":material/play_arrow:"):
         submit(kind, values)
     status = job_panel(kind)
@@ -53,3 +57,21 @@ def family_page(
         on_click=reuse_settings,
         args=(kind, request, reuse_placed(request) if reuse_placed else None),
     )
+
+
+def expected_time(kind: str, values: dict[str, Any]) -> None:
+    """ "Expected here: Turbo ~6 s · Fast ~25 s · Quality ~6 min" for this request, and which tier
+    `auto` picks, for a family with speed tiers."""
+    if family(kind).estimate is None:
+        return
+    try:
+        estimate = backend().estimate(kind, {**values, "prompt": values.get("prompt") or "-"})
+    except (RequestError, BackendError):
+        return  # the form's own error says what to fix when Generate is pressed
+    if not estimate:
+        return
+    sources = {value["source"] for value in estimate["tiers"].values() if value.get("seconds") is not None}
+    note = f" ({sources.pop()})" if len(sources) == 1 else ""
+    picked = f" · auto picks {estimate['chosen']} here" if estimate.get("chosen") and not values.get("speed") else ""
+    why = f"{estimate['reason']}\n\n" if estimate.get("reason") else ""
+    st.caption(f"Expected here: {expected.describe(estimate)}{note}{picked}", help=why + expected.sources(estimate))

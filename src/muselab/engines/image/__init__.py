@@ -11,7 +11,11 @@ if TYPE_CHECKING:
 
 def load(model: str, settings: Settings, on_progress: ProgressCallback | None = None) -> Engine:
     """Load the image model `model` (hub id or folder) to run as `settings` say."""
-    from muselab.engines.image.engine import ImageEngine
+    from muselab.engines.image.engine import ImageEngine, default_loras
     from muselab.engines.runtime import image_plan
 
-    return ImageEngine.load(model, image_plan(settings, model=model), on_progress=on_progress)
+    plan = image_plan(settings, model=model)
+    # The LoRAs the speed tier a request gets by default fuses (fast: the LCM-LoRA), so that the
+    # first image, and the background preparation, load and convert the weights that will run.
+    loras = default_loras(plan, settings)
+    return ImageEngine.load(model, plan, on_progress=on_progress, loras=loras, loras_may_fail=True)

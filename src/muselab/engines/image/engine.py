@@ -13,6 +13,7 @@ import torch
 from muselab.config import model_label
 from muselab.devices import Placement
 from muselab.engines.base import (
+    LOADING,
     Cancelled,
     CancelToken,
     GenerationResult,
@@ -30,9 +31,11 @@ from muselab.engines.image.family import GENERIC_DEFAULTS
 from muselab.engines.image.lora import ChosenLora, chosen_loras, fuse_loras, with_prompt_loras
 from muselab.engines.image.lora import identity as lora_identity
 from muselab.engines.image.schedulers import make_scheduler, steps_in_float32
+from muselab.engines.image.speed import LCM_LORA_FILE, TIERS, apply_tier, check_steps
 from muselab.engines.runtime import RuntimePlan, engine_plan
 from muselab.engines.runtime import auto_uses_openvino as auto_uses_openvino  # the benchmark imports it from here
 from muselab.families import catalogue_entry
+from muselab.loras import LoraFile
 from muselab.quantize import return_freed_memory as release_memory
 from muselab.schemas import MAX_SEED, ImageRequest, RequestError
 
@@ -149,7 +152,7 @@ class ImageEngine:
         self.low_memory = plan.low_memory
         self._full_vae = pipe.vae
         self._fast_vaes: dict[str, Any] = {}
-        self._decoder_sources: dict[str, str] = {}
+        self._model_sources: dict[str, str] = {}
         self._preview_vae: Any = None  # TAESD for previews once found; False if it cannot be had
         self.fast_decoder, self.offline = plan.fast_decoder, plan.offline
         self._scheduler_config = dict(pipe.scheduler.config)
@@ -167,12 +170,15 @@ class ImageEngine:
         *,
         on_progress: ProgressCallback | None = None,
         loras: tuple[ChosenLora, ...] = (),
+        loras_may_fail: bool = False,
         **options: Any,
     ) -> ImageEngine:
         """Load a hub id or local folder (safetensors only) through diffusers' `from_pretrained`, to
         run as `plan` says (`runtime.image_plan`; with a placement or nothing, `options` make it),
-        with `loras` fused into its weights. `on_progress` hears about a one-time OpenVINO conversion."""
-        from diffusers import AutoPipelineForText2Image
+        with `loras` fused into its weights (`loras_may_fail`: loaded without them where they do not
+        fit the model, as for the default tier's). `on_progress` hears about a one-time OpenVINO conversion."""
+        with LOADING:  # diffusers' first import, one thread at a time (see LOADING)
+            from diffusers import AutoPipelineForText2Image
 
         plan = engine_plan("image", model, plan, options)
         plan.require()  # before a download: what cannot run here is not fetched either
@@ -199,7 +205,14 @@ class ImageEngine:
             model,
             "image",
         )
-        fuse_loras(pipe, loras)
+        try:
+            fuse_loras(pipe, loras)
+        except RequestError:
+            if not loras_may_fail:
+                raise
+            loras = ()
+            if openvino is not None:  # it was looked up for the fused UNet
+                plan, openvino = openvino_setup(plan, Path(source), on_progress)
         return cls(pipe, model, plan, openvino=openvino, loras=loras)
 
     def prepare(self, request: ImageRequest, on_progress: ProgressCallback | None = None) -> None:
@@ -207,9 +220,11 @@ class ImageEngine:
         loaded again with them (the weights int8 and OpenVINO work from must be the fused ones;
         on OpenVINO each set of LoRAs is a one-time conversion, cached, that `on_progress` hears of)."""
         wanted = chosen_loras(request, self.plan.lora_dir)
+        if TIERS[request.speed or "quality"].lcm_lora:
+            wanted = (self.lcm_lora(request.lcm_lora_model), *wanted)
         if lora_identity(wanted) == lora_identity(self.loras) and not self._needs_reload:
             return
-        kept = {name: getattr(self, name) for name in ("_fast_vaes", "_decoder_sources", "_preview_vae")}
+        kept = {name: getattr(self, name) for name in ("_fast_vaes", "_model_sources", "_preview_vae")}
         if self.plan.low_memory:  # one copy of the weights at a time, at the cost of a reload on failure
             self._needs_reload, self.pipe, self._full_vae = True, None, None
             release_memory()
@@ -245,13 +260,17 @@ class ImageEngine:
             self._fast_vaes[source] = vae.to(self.placement.device).eval()
         return self._fast_vaes[source]
 
-    def _decoder_label(self, source: str) -> str:
-        """How a fast decoder is named in a resolved request (a folder by its name, see
-        `model_label`), remembering which id or folder the name stands for."""
-        if source in self._decoder_sources:  # a label already (`generate` resolves a resolved request)
+    def lcm_lora(self, label: str | None = None) -> ChosenLora:
+        """The fast tier's LCM-LoRA: the one a resolved request names (by label), else the plan's."""
+        return lcm_lora_choice(self.plan, self._model_sources.get(label or "", label) or self.plan.lcm_lora)
+
+    def _source_label(self, source: str) -> str:
+        """How a fast decoder or an LCM-LoRA is named in a resolved request (a folder by its name,
+        see `model_label`), remembering which id or folder the name stands for."""
+        if source in self._model_sources:  # a label already (`generate` resolves a resolved request)
             return source
         label = model_label(source)
-        self._decoder_sources[label] = source
+        self._model_sources[label] = source
         return label
 
     def preview_decoder(self) -> Any:
@@ -275,7 +294,8 @@ class ImageEngine:
     def resolve(self, request: ImageRequest) -> ImageRequest:
         """Fill every unset field from the model's defaults, so the recipe is complete; LoRAs named
         by `<lora:...>` tags in the prompt join `loras`, each recorded with its hash."""
-        request = with_prompt_loras(request)
+        request = apply_tier(with_prompt_loras(request).model_copy(update={"speed": request.speed or "quality"}))
+        check_steps(request)
         return request.model_copy(
             update={
                 "lora_hashes": {lora.name: lora.file.hash for lora in chosen_loras(request, self.plan.lora_dir)},
@@ -286,8 +306,12 @@ class ImageEngine:
                 "steps": request.steps or self.defaults.steps,
                 "guidance": request.guidance if request.guidance is not None else self.defaults.guidance,
                 "scheduler": request.scheduler or self.defaults.scheduler,
-                "decoder_model": self._decoder_label(request.decoder_model or self.fast_decoder)
+                "decoder_model": self._source_label(request.decoder_model or self.fast_decoder)
                 if request.decoder == "fast"
+                else None,
+                "decoder": request.decoder or "full",
+                "lcm_lora_model": self._source_label(request.lcm_lora_model or self.plan.lcm_lora)
+                if TIERS[request.speed or "quality"].lcm_lora
                 else None,
             }
         )
@@ -312,7 +336,7 @@ class ImageEngine:
         # can be chosen per request.
         if request.decoder == "fast":
             assert request.decoder_model is not None
-            self.pipe.vae = self.fast_vae(self._decoder_sources.get(request.decoder_model, request.decoder_model))
+            self.pipe.vae = self.fast_vae(self._model_sources.get(request.decoder_model, request.decoder_model))
         else:
             self.pipe.vae = self._full_vae
         if self.low_memory or request.width * request.height > TILED_DECODE_PIXELS:
@@ -376,6 +400,31 @@ class ImageEngine:
         encoders = text_encoders(self.pipe)
         # The pipeline's latents take its prompt embeddings' dtype, i.e. the text encoder's.
         return noise.to(encoders[0].dtype if encoders else self.placement.dtype)
+
+
+def lcm_lora_choice(plan: RuntimePlan, source: str | None = None) -> ChosenLora:
+    """The fast tier's LCM-LoRA (`source`, default the plan's), downloaded the first time it is
+    needed (unless offline)."""
+    source = source or plan.lcm_lora
+    folder = Path(locate_model(source, plan.offline, "LCM-LoRA (the fast speed tier's)"))
+    path = folder / LCM_LORA_FILE
+    if not path.is_file():
+        raise ModelUnavailable(f"The LCM-LoRA folder '{source}' has no {LCM_LORA_FILE}.")
+    return ChosenLora(LoraFile(model_label(source), path), 1.0, "the fast speed tier's LCM-LoRA (SD 1.x)")
+
+
+def default_loras(plan: RuntimePlan, settings: Any) -> tuple[ChosenLora, ...]:
+    """What a request that names no LoRA and no speed gets fused: the LCM-LoRA where the default
+    tier is fast (and the model an SD 1.x one it fits); nothing where it cannot be had here."""
+    from muselab.engines.image.speed import choose_speed
+
+    speed = choose_speed(ImageRequest(prompt="-", model=plan.model), settings).speed
+    if not TIERS[speed or "quality"].lcm_lora:
+        return ()
+    try:
+        return (lcm_lora_choice(plan),)
+    except ModelUnavailable:
+        return ()  # the first fast request says what to download
 
 
 def tiny_decoder_upscale(config: Any) -> int:

@@ -33,6 +33,12 @@ CATALOGUE = (
         scheduler="DPM++ 2M Karras",
     ),
     CatalogueEntry(
+        "latent-consistency/lcm-lora-sdv1-5",
+        "lcm-lora",
+        "LCM-LoRA for SD 1.x: the fast speed tier's 4-step sampler (67 MB)",
+        default=True,
+    ),
+    CatalogueEntry(
         "stabilityai/sd-turbo",
         "image",
         "SD 2.1 distilled: 1-4 steps, no guidance, 512x512",
@@ -57,8 +63,10 @@ FAMILY = Family(
     tiny={
         "image": TinyModel("tiny-stable-diffusion", lazy("muselab.engines.image.tiny:build_tiny_stable_diffusion")),
         "decoder": TinyModel("tiny-taesd", lazy("muselab.engines.image.tiny:build_tiny_taesd")),
+        "lcm-lora": TinyModel("tiny-lcm-lora", lazy("muselab.engines.image.tiny:build_tiny_lcm_lora")),
     },
     max_steps=max_steps,
     settings=("quantize", "backend", "low_memory", "safety_checker"),
-    check=lazy("muselab.engines.image.lora:check_request"),
+    check=lazy("muselab.engines.image.speed:check_request"),
+    estimate=lazy("muselab.engines.image.estimate:estimate_tiers"),
 )

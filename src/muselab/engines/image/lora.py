@@ -15,13 +15,14 @@ from muselab.loras import LoraError, LoraFile, find, parse_choice, split_prompt
 from muselab.schemas import ImageRequest, RequestError
 
 if TYPE_CHECKING:
-    from muselab.config import Settings
+    pass
 
 
 @dataclass(frozen=True)
 class ChosenLora:
     file: LoraFile
     weight: float
+    purpose: str = ""  # what it is for, where the user did not name it (the fast tier's LCM-LoRA)
 
     @property
     def name(self) -> str:
@@ -59,13 +60,6 @@ def chosen_loras(request: ImageRequest, folder: Path | None) -> tuple[ChosenLora
     return tuple(chosen)
 
 
-def check_request(request: ImageRequest, settings: Settings) -> ImageRequest:
-    """Before a request queues: its prompt's LoRA tags moved to `loras`, each LoRA found."""
-    request = with_prompt_loras(request)
-    chosen_loras(request, settings.loras)
-    return request
-
-
 def identity(loras: tuple[ChosenLora, ...]) -> str:
     """Names a set of fused LoRAs (which files, by content, and how strongly) for caches: "" for none."""
     if not loras:
@@ -100,6 +94,10 @@ def _load_one(pipe: Any, lora: ChosenLora, adapter: str) -> str:
     except (RuntimeError, ValueError, KeyError, OSError) as exc:
         pipe.unload_lora_weights()
         message = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        if lora.purpose:
+            raise RequestError(
+                f"speed: {lora.purpose} does not fit this model; choose another speed (turbo, quality): {message}"
+            ) from None
         raise RequestError(
             f"loras: {lora.file.path} does not fit this model (is it a LoRA for another base model, "
             f"such as SDXL?): {message}"

@@ -148,3 +148,14 @@ def build_tiny_lora(
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path))
     return path
+
+
+def build_tiny_lcm_lora(path: str | Path, replace: bool = True) -> Path:
+    """A folder shaped like latent-consistency/lcm-lora-sdv1-5 (one pytorch_lora_weights.safetensors)
+    holding a LoRA for the tiny SD beside it: the fast tier's stand-in (random, like the tiny models)."""
+    from muselab.engines.image.speed import LCM_LORA_FILE
+    from muselab.testing.tiny import ensure_tiny_model
+
+    path = Path(path)
+    model = ensure_tiny_model(path.parent, "image")
+    return save_atomically(path, lambda tmp: build_tiny_lora(model, Path(tmp) / LCM_LORA_FILE, seed=11), replace)
