@@ -61,33 +61,10 @@ class MusicgenSampler:
         return self.decoder.layer_norm.weight.dtype
 
     @torch.inference_mode()
-    def generate(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        *,
-        max_new_tokens: int,
-        guidance_scale: float,
-        temperature: float,
-        top_k: int,
-        top_p: float,
-        on_token: Callable[[], None] | None = None,
-        generators: Sequence[torch.Generator] | None = None,
-    ) -> torch.Tensor:
-        """Audio (batch, channels, samples) for a batch of tokenized prompts (or, with `generators`,
-        one clip per generator: see `sample`). `on_token` runs after every token and may raise to
-        stop (cancellation)."""
-        tokens = self.sample(
-            input_ids,
-            attention_mask,
-            max_new_tokens=max_new_tokens,
-            guidance_scale=guidance_scale,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            on_token=on_token,
-            generators=generators,
-        )
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **sampling: Any) -> torch.Tensor:
+        """Audio (batch, channels, samples) for a batch of tokenized prompts: `sample` (which
+        takes `sampling`'s keywords), then each clip decoded."""
+        tokens = self.sample(input_ids, attention_mask, **sampling)
         return torch.cat([self.decode(tokens, clip) for clip in range(self.clips(tokens))])
 
     @torch.inference_mode()
