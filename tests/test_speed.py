@@ -95,6 +95,19 @@ def test_gflop_counts_match_the_published_sizes():
     assert 700 < work.unet < 900 and 2000 < work.decode < 3000
 
 
+def test_counted_work_is_kept_for_the_next_process(tmp_path, monkeypatch):
+    from muselab.engines.image import estimate
+
+    counted = estimate.model_work("stabilityai/sd-turbo", tmp_path)
+    assert list((tmp_path / "estimates").glob("work-*.json"))
+
+    def no_counting(*configs):
+        raise AssertionError("counted again")
+
+    monkeypatch.setattr(estimate, "_counted", no_counting)
+    assert estimate.model_work("stabilityai/sd-turbo", tmp_path) == counted
+
+
 def test_auto_yields_to_a_sampler_the_fast_tier_cannot_run(tiny_settings):
     from muselab.engines.image.speed import check_request, choose_speed
     from muselab.schemas import RequestError

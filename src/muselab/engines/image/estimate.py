@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import json
 import statistics
 from pathlib import Path
@@ -60,7 +61,7 @@ def estimate_tiers(request: ImageRequest, settings: Settings, runs: list[dict[st
         plan = image_plan(settings, model=model)
         backend = dataclasses.replace(plan.placement, quantize=plan.quantize, backend=plan.backend).dtype_name
         filled = _filled(apply_tier(tiered), model)
-        work = model_work(model)
+        work = model_work(model, settings.cache_dir)
         if work is None:
             missing = "the model is not on this machine yet"
             tiers[tier] = {"seconds": None, "source": missing, "model": model_label(model)}
@@ -111,10 +112,11 @@ def _kind_of_run(run: dict[str, Any]) -> tuple[str, str, str, str]:
     return run["model"], run["dtype"], request.get("speed") or "quality", request.get("decoder") or "full"
 
 
-def model_work(model: str) -> Work | None:
+def model_work(model: str, cache_dir: Path | None = None) -> Work | None:
     """The work of `model` (hub id or folder): counted on its own configs where they are on this
     machine, on the SD 1.x architecture for a catalogue model not downloaded yet (sd-turbo's SD 2.1
-    UNet and VAE cost the same within 1%), else None."""
+    UNet and VAE cost the same within 1%), else None. Kept in `cache_dir` once counted: a later
+    process reads it instead of importing diffusers and counting again."""
     from muselab.engines.base import LOADING, cached_snapshot
 
     folder = Path(model).expanduser()
@@ -128,15 +130,28 @@ def model_work(model: str) -> Work | None:
         configs = (json.dumps(SD1_UNET), json.dumps(SD1_VAE))
     else:
         return None
+    stored = None
+    if cache_dir is not None:
+        digest = hashlib.sha256("\n".join(configs).encode()).hexdigest()[:16]
+        stored = cache_dir / "estimates" / f"work-{digest}.json"
+        with contextlib.suppress(OSError, ValueError, TypeError):
+            return Work(**json.loads(stored.read_text()))
     # diffusers builds (and first imports) under process-wide state another thread's load would
     # trip on: one at a time. A load in progress holds it for seconds; the estimate waits that long
     # at most, else has no figure this time.
     if not LOADING.acquire(timeout=30):
         return None
     try:
-        return _counted(*configs)
+        work = _counted(*configs)
     finally:
         LOADING.release()
+    if stored is not None:
+        with contextlib.suppress(OSError):
+            stored.parent.mkdir(parents=True, exist_ok=True)
+            temporary = stored.with_suffix(".part")
+            temporary.write_text(json.dumps(dataclasses.asdict(work)))
+            temporary.replace(stored)  # whole or not at all, for a process reading it meanwhile
+    return work
 
 
 #: CompVis/stable-diffusion-v1-4's configs, for a catalogue model not downloaded yet.
