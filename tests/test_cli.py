@@ -71,6 +71,13 @@ def test_from_file_re_runs_the_recipe_exactly(cli_env, tmp_path):
     assert json.loads(changed.stdout)["request"]["seed"] == 5
 
 
+def test_output_ending_in_a_slash_is_a_folder_made_for_it(cli_env, tmp_path):
+    made = run_cli(["image", "a fox", "--preset", "tiny", "--speed", "turbo", "-o", "renders/"], cli_env, tmp_path)
+    assert made.returncode == 0, made.stderr
+    assert [path.suffix for path in (tmp_path / "renders").iterdir()] == [".png"]
+    assert not (tmp_path / "renders.png").exists()
+
+
 def test_image_from_file_and_override(cli_env, tmp_path):
     run_cli(
         ["image", "a boat", "--preset", "tiny", "--seed", "3", "--steps", "3", "-o", "boat.png"],

@@ -63,8 +63,12 @@ JsonOpt = Annotated[
     bool,
     typer.Option("--json", help="Print the result as JSON on stdout (progress as JSON lines on stderr)."),
 ]
+# A string, not a Path: a Path drops the trailing slash that says "a folder" (`-o renders/`).
 OutputOpt = Annotated[
-    Path | None, typer.Option("--output", "-o", help="Output file or folder; default <data dir>/outputs.")
+    str | None,
+    typer.Option(
+        "--output", "-o", help="Output file, or folder (an existing one, or ending in /); default <data dir>/outputs."
+    ),
 ]
 
 

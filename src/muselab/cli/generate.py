@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
 import signal
 import sys
 import typing
@@ -115,7 +116,7 @@ def command_for(kind_family: Family) -> Any:
 
     def run(**values: Any) -> None:
         save = {name: values[name] for name in SAVE_OPTIONS[kind_family.output] if name != "output"}
-        output = values["output"]
+        output = output_path(values["output"])
         if kind_family.output == "video" and output is not None and output.suffix:
             raise CliError(f"A scene writes three files: give -o a folder, not '{output}'.", EXIT_BAD_INPUT)
         options = {field: _to_field(request, field, values[parameter]) for parameter, field in fields.items()}
@@ -132,6 +133,16 @@ def command_for(kind_family: Family) -> Any:
     run.__doc__ = kind_family.summary
     run.__name__ = kind_family.kind
     return run
+
+
+def output_path(given: str | Path | None) -> Path | None:
+    """`-o` as a path; one ending in a slash is a folder, made if it is not there yet."""
+    if given is None or given == "":
+        return None
+    path = Path(given).expanduser()
+    if str(given).endswith(("/", os.sep)):
+        path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def _field_option(name: str, info: Any) -> Any:
