@@ -75,7 +75,7 @@ def estimate_tiers(request: ImageRequest, settings: Settings, runs: list[dict[st
             source = f"from {len(rates)} earlier run{'s' if len(rates) > 1 else ''} here"
         else:
             seconds = gflop / (_peak_gflops(plan.placement.device, plan.dtype) * STEP_EFFICIENCY)
-            source = "estimated from this machine's measured speed (no run of it here yet)"
+            source = "estimated from this machine's measured speed, no run of it here yet"
         tiers[tier] = {
             "seconds": round(seconds, 1 if seconds >= 10 else 2),
             "source": source,
