@@ -206,7 +206,9 @@ class ImageEngine:
             "image",
         )
         try:
-            fuse_loras(pipe, loras)
+            # peft and diffusers build the adapter layers under process-wide state (see LOADING).
+            with LOADING:
+                fuse_loras(pipe, loras)
         except RequestError:
             if not loras_may_fail:
                 raise
