@@ -61,45 +61,77 @@ def test_quick_bench_writes_every_documented_key(tiny_architectures, tmp_path):
     report = bench.run(quick=True, json_path=path, music_seconds=1.0, say=lines.append, isolate=False)
     saved = json.loads(path.read_text())
     assert saved["quick"] is True and saved["image"]["extrapolated"] is True
+    assert saved["parts"] == ["tiers", "music"]
+    assert saved["wall_s"] > 0
     for key in ("cpu", "cores", "gpu", "torch"):
         assert key in saved["machine"]
     for key in ("matmul_gflops_fp32", "matmul_gflops_bf16", "copy_gbps"):
         assert saved["peak"][key] > 0
-    image_keys = (
-        "baseline_s",
-        "default_s",
-        "baseline_unet_step_s",
-        "unet_step_peak_fraction",
-        "fast_s",
-        "baseline_peak_rss_gb",
-        "int8_peak_rss_gb",
-        "int8_psnr_db",
-    )
-    for key in image_keys:
-        assert isinstance(saved["image"][key], float), key
-    for key in ("baseline_rtf", "default_rtf", "int8_rtf", "int8_snr_db", "int8_logits_snr_db", "int8_dynamic_rtf"):
-        assert isinstance(saved["music"][key], float), key
     image, music = report["image"], report["music"]
+    for key in ("baseline_s", "default_s", "baseline_unet_step_s", "unet_step_peak_fraction", "baseline_peak_rss_gb"):
+        assert isinstance(saved["image"][key], float), key
     # The quick baseline is 50 steps at the measured step time, plus text encoding and decode.
     expected = image["baseline_text_encode_s"] + 50 * image["baseline_unet_step_s"] + image["baseline_decode_s"]
     assert math.isclose(image["baseline_s"], expected)
-    assert math.isclose(image["default_ratio"], image["baseline_s"] / image["default_s"])
+    tiers = saved["image"]["tiers"]
+    assert list(tiers) == ["quality", "balanced", "fast", "turbo"]
+    for name, tier in tiers.items():
+        for key in ("seconds_per_image", "ratio_to_baseline", "expected_s"):
+            assert isinstance(tier[key], float) and tier[key] > 0, (name, key)
+        assert math.isclose(tier["ratio_to_baseline"], image["baseline_s"] / tier["seconds_per_image"])
+    quality, balanced = tiers["quality"], tiers["balanced"]
+    assert math.isclose(image["default_ratio"], quality["ratio_to_baseline"])
+    # Balanced adds up 9 whole UNet calls and 16 shallow ones, each timed, as the tier runs them.
+    assert (balanced["unet_calls"], balanced["whole_unet_calls"], balanced["unet_batch"]) == (25, 9, 2)
+    assert 0 < balanced["shallow_step_s"] < balanced["unet_step_s"]
+    added = (
+        balanced["text_encode_s"]
+        + 9 * balanced["unet_step_s"]
+        + 16 * balanced["shallow_step_s"]
+        + image["default_decode_s"]
+    )
+    assert math.isclose(balanced["seconds_per_image"], added)
+    assert (tiers["fast"]["unet_calls"], tiers["fast"]["unet_batch"], tiers["turbo"]["unet_calls"]) == (4, 1, 1)
+    # PSNR against quality for the same seed: exact for quality, near for balanced, none for another model.
+    assert quality["psnr_vs_quality_db"] is None and tiers["turbo"]["psnr_vs_quality_db"] is None
+    assert 15 < balanced["psnr_vs_quality_db"] < 90
+    # The expected time is what the product's estimate says before any run (the probe reads 100).
+    assert all(tier["expected_s"] > 0 for tier in tiers.values())
+    assert tiers["balanced"]["expected_s"] < tiers["quality"]["expected_s"]
+    table = bench.markdown_table(report)
+    assert "speed tier" in table and "| **balanced** |" in table and "9 whole + 16 shallow" in table
+    if image["default_backend"] == "openvino":
+        assert image["default_dtype"].endswith("(openvino)") and image["default_convert_s"] > 0
+        assert image["turbo_dtype"].endswith("(openvino)") and image["turbo_convert_s"] > 0
+        assert "one-time OpenVINO conversion (cached)" in table
+    for key in ("baseline_rtf", "default_rtf", "int8_rtf", "int8_snr_db", "int8_logits_snr_db", "int8_dynamic_rtf"):
+        assert isinstance(saved["music"][key], float), key
     # int8 really changed the numbers, but not beyond recognition.
     assert 10 < music["int8_logits_snr_db"] < 200
-    assert image["int8_psnr_db"] > 10
     assert "+int8" in music["int8_weights"]
     # Four clips of one request are timed against one, side by side; they sample as one batch
     # except on PyTorch's int8-dynamic (see MusicEngine.batches_clips).
     assert isinstance(saved["music"]["clips4_over_one"], float) and music["clips4_over_one"] > 0
     unbatched = music["default_backend"] == "torch" and music["default_weights"].endswith("int8-dynamic")
     assert saved["music"]["clips_per_batch"] == (1 if unbatched else 4)
-    assert "4 clips of" in bench.markdown_table(report)
+    assert "4 clips of" in table
     # Music's default runs side by side with the same settings on PyTorch.
     assert music["torch_backend"] == "torch" and isinstance(music["torch_rtf"], float)
     if music["default_backend"] == "openvino":
         assert music["default_weights"].endswith("(openvino)") and music["default_convert_s"] > 0
-        assert "one-time OpenVINO conversion of the decoder" in bench.markdown_table(report)
+        assert "one-time OpenVINO conversion of the decoder" in table
         assert len(music["openvino_token_speedups"]) == 2 and music["openvino_token_speedup"] > 0
+    assert any("image baseline" in line for line in lines) and any("music default" in line for line in lines)
+    assert any("image tier balanced" in line for line in lines)
+
+
+def test_the_image_part_puts_the_default_beside_pytorch_and_int8_weights(tiny_architectures, tmp_path):
+    report = bench.run(quick=True, parts=("image", "fast"), say=lambda line: None, isolate=False)
+    image = report["image"]
+    for key in ("baseline_s", "default_s", "fast_s", "int8_peak_rss_gb", "int8_psnr_db"):
+        assert isinstance(image[key], float), key
+    assert math.isclose(image["default_ratio"], image["baseline_s"] / image["default_s"])
+    assert image["int8_psnr_db"] > 10
     # Where OpenVINO is the default, its step is also timed against PyTorch's in one process.
     if image["default_backend"] == "openvino":
         assert len(image["openvino_step_speedups"]) == 2 and image["openvino_step_speedup"] > 0
@@ -121,7 +153,6 @@ def test_quick_bench_writes_every_documented_key(tiny_architectures, tmp_path):
         assert image["default_dtype"].endswith("(openvino)") and image["default_convert_s"] > 0
     # Every timed image part says how fast the machine was around it (drift moves ratios).
     assert image["baseline_speed_gflops"] == image["default_speed_gflops"] == [100.0, 100.0]
-    assert any("image baseline" in line for line in lines) and any("music default" in line for line in lines)
 
 
 def test_the_table_lands_between_the_markers_of_the_docs(tiny_architectures, tmp_path):

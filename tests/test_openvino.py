@@ -46,7 +46,9 @@ def test_first_load_converts_with_progress_and_caches_whole_models(converted, ov
     assert steps == sorted(steps) and steps[-1] == events[-1].total
     assert any("Converting the unet" in event.note for event in events)
     folders = sorted(p.name for p in ov_settings.openvino_cache.iterdir())
-    assert len(folders) == 2 and not any(".partial" in name for name in folders)
+    # The UNet (with its deep features out), its shallow path (the balanced tier's) and the decoder.
+    assert [name.split("-")[:2] for name in folders] == [["unet", "none"], ["unet", "shallow"], ["vae", "none"]]
+    assert not any(".partial" in name for name in folders)
     assert all((ov_settings.openvino_cache / name / "model.bin").stat().st_size > 0 for name in folders)
     assert engine.load_timings["convert_s"] > 0
 
@@ -195,10 +197,11 @@ def test_cancel_during_conversion_leaves_no_half_model(tiny_dir, tmp_path):
     status, seen, settings = cancel_while_loading(tiny_dir, tmp_path, "Converting the vae", backend="openvino")
     assert status["status"] == "cancelled"
     assert seen and seen[0].stage == "converting"
-    # The finished UNet stays cached (the next load skips it); the decoder was never started.
-    leftovers = [p.name for p in settings.openvino_cache.iterdir()]
-    assert len(leftovers) == 1 and leftovers[0].startswith("unet-")
-    assert (settings.openvino_cache / leftovers[0] / "model.xml").exists()
+    # The finished UNet and its shallow path stay cached (the next load skips them); the decoder
+    # was never started.
+    leftovers = sorted(p.name for p in settings.openvino_cache.iterdir())
+    assert [name.split("-")[:2] for name in leftovers] == [["unet", "none"], ["unet", "shallow"]]
+    assert all((settings.openvino_cache / name / "model.xml").exists() for name in leftovers)
 
 
 def runtime_precisions(unet: OpenVinoUNet) -> set[str]:
@@ -269,8 +272,9 @@ def test_cancel_while_calibrating_keeps_the_float_unet_and_no_half_model(tiny_di
         tiny_dir, tmp_path, calibrating, quantize="int8-full", backend="openvino"
     )
     assert status["status"] == "cancelled"
-    cached = [p.name for p in settings.openvino_cache.iterdir()]
-    assert len(cached) == 1 and "-none-" in cached[0]  # the float UNet, ready for the next try
+    cached = sorted(p.name for p in settings.openvino_cache.iterdir())
+    # The float UNet (and the balanced tier's shallow path), ready for the next try.
+    assert [name.split("-")[:2] for name in cached] == [["unet", "none"], ["unet", "shallow"]]
 
 
 def test_cli_converts_int8_full_ahead_of_time_and_refuses_it_on_pytorch(cli_env, tmp_path):

@@ -138,3 +138,130 @@ def test_the_default_tier_is_loaded_with_the_model_so_the_first_image_loads_once
     pipe = engine.pipe
     result = engine.generate(engine.resolve(ImageRequest(prompt="fox", seed=1, speed="fast")))
     assert engine.pipe is pipe and result.request.steps == 4  # no second load for the first image
+
+
+def test_the_shallow_path_over_a_steps_own_deep_features_is_the_whole_unet():
+    """Step caching's split is exact: what the shallow steps compute is the UNet's own last layer,
+    so any difference in a balanced picture comes from reusing features, not from the split."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from muselab.engines.image.step_cache import DeepUNet, ShallowUNet
+
+    for down, up in (
+        (("DownBlock2D", "CrossAttnDownBlock2D"), ("CrossAttnUpBlock2D", "UpBlock2D")),
+        (("CrossAttnDownBlock2D", "DownBlock2D"), ("UpBlock2D", "CrossAttnUpBlock2D")),
+    ):
+        torch.manual_seed(0)
+        unet = UNet2DConditionModel(
+            block_out_channels=(32, 64),
+            layers_per_block=2,
+            sample_size=16,
+            cross_attention_dim=32,
+            attention_head_dim=8,
+            norm_num_groups=32,
+            down_block_types=down,
+            up_block_types=up,
+        ).eval()
+        sample, text, timestep = torch.randn(2, 4, 16, 16), torch.randn(2, 77, 32), torch.tensor(420.0)
+        with torch.no_grad():
+            whole = unet(sample, timestep, text).sample
+            deep, features = DeepUNet(unet)(sample, timestep, text)
+            shallow = ShallowUNet(unet)(sample, timestep, text, features)
+            next_step = ShallowUNet(unet)(sample * 0.9, timestep, text, features)
+        assert torch.equal(deep, whole) and torch.allclose(shallow, whole, atol=1e-5)
+        assert not torch.allclose(next_step, whole, atol=1e-3)  # a shallow step follows the fresh latents
+
+
+class CountedSplit:
+    """Counts the deep and shallow calls a balanced image makes."""
+
+    def __init__(self, monkeypatch, target):
+        self.deep = self.shallow = 0
+        deep, shallow = target.deep, target.shallow
+
+        def counted_deep(this, *args):
+            self.deep += 1
+            return deep(this, *args)
+
+        def counted_shallow(this, *args):
+            self.shallow += 1
+            return shallow(this, *args)
+
+        monkeypatch.setattr(target, "deep", counted_deep)
+        monkeypatch.setattr(target, "shallow", counted_shallow)
+
+
+@pytest.mark.parametrize("backend", ["torch", "openvino"])
+def test_balanced_runs_the_whole_unet_every_third_step_and_stays_near_quality(
+    tiny_settings, backend, monkeypatch, tmp_path
+):
+    from muselab.engines.image.engine import ImageEngine
+    from muselab.engines.image.openvino import OpenVinoUNet
+    from muselab.engines.image.step_cache import TorchSplitUNet
+
+    engine = ImageEngine.load(tiny_settings.model_for("image"), offline=True, backend=backend)
+    counted = CountedSplit(monkeypatch, OpenVinoUNet if backend == "openvino" else TorchSplitUNet)
+    quality = engine.generate(ImageRequest(prompt="a fox", seed=4, speed="quality"))
+    assert (counted.deep, counted.shallow) == (0, 0)
+    steps = []
+    balanced = engine.generate(
+        ImageRequest(prompt="a fox", seed=4, speed="balanced", num_images=2), on_progress=steps.append
+    )
+    resolved = balanced.request
+    assert (resolved.speed, resolved.steps, resolved.scheduler) == ("balanced", 25, quality.request.scheduler)
+    assert (counted.deep, counted.shallow) == (2 * 9, 2 * 16)  # steps 0, 3, ..., 24 whole; a fresh cache per image
+    assert len(steps) == 2 * 25
+    difference = np.abs(pixels(balanced) - pixels(quality))
+    assert 0 < difference.mean() < 8  # the reused features show, a little
+    again = engine.generate(ImageRequest(prompt="a fox", seed=4, speed="balanced"))
+    assert np.array_equal(pixels(again), pixels(balanced))  # nothing leaks from one image's cache to the next
+    assert engine.pipe.unet.__class__.__name__ in ("UNet2DConditionModel", "OpenVinoUNet")  # put back
+
+
+def test_balanced_on_openvino_converts_its_shallow_path_with_progress_and_matches_pytorch(tiny_settings, tmp_path):
+    from muselab.engines.image.engine import ImageEngine
+
+    notes = []
+    on_openvino = ImageEngine.load(
+        tiny_settings.model_for("image"),
+        offline=True,
+        backend="openvino",
+        openvino_cache=tmp_path,
+        on_progress=lambda event: notes.append(event.note),
+    )
+    assert any("shallow path (for the balanced speed)" in note for note in notes)
+    assert len(list(tmp_path.glob("unet-shallow-*/model.xml"))) == 1
+    on_torch = ImageEngine.load(tiny_settings.model_for("image"), offline=True, backend="torch")
+    request = ImageRequest(prompt="a fox", seed=6, speed="balanced")
+    same = np.abs(pixels(on_openvino.generate(request)) - pixels(on_torch.generate(request)))
+    assert same.max() <= 2
+    cached = ImageEngine.load(
+        tiny_settings.model_for("image"), offline=True, backend="openvino", openvino_cache=tmp_path
+    )
+    assert cached.pipe.unet.shallow_part is not None  # the second load reads it from the cache
+
+
+def test_balanced_refuses_a_unet_it_cannot_split_naming_the_speed(image_engine, monkeypatch):
+    from diffusers.configuration_utils import FrozenDict
+
+    from muselab.engines.image.step_cache import unsupported_reason
+    from muselab.schemas import RequestError
+
+    assert unsupported_reason(image_engine.pipe.unet.config) is None
+    lcm_style = FrozenDict({**image_engine.pipe.unet.config, "time_cond_proj_dim": 256})
+    assert "guidance embedding" in unsupported_reason(lcm_style)
+    monkeypatch.setattr(image_engine.pipe.unet, "_internal_dict", lcm_style)
+    with pytest.raises(RequestError, match="speed: balanced reuses the UNet's deep features"):
+        image_engine.generate(ImageRequest(prompt="a fox", seed=1, speed="balanced", steps=3))
+
+
+def test_the_balanced_estimate_counts_its_shallow_steps():
+    from muselab.engines.image.estimate import _gflop, model_work
+
+    work = model_work("CompVis/stable-diffusion-v1-4")
+    assert work is not None and 0.05 * work.unet < work.shallow < 0.12 * work.unet
+    quality = _gflop(ImageRequest(prompt="-", speed="quality", steps=25, guidance=7.5, decoder="full"), work)
+    balanced = _gflop(ImageRequest(prompt="-", speed="balanced", steps=25, guidance=7.5, decoder="full"), work)
+    # 9 whole UNet calls and 16 shallow ones against 25 whole: about 2.2x less UNet work.
+    assert 2.0 < quality / balanced < 2.6

@@ -10,6 +10,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from muselab.families import catalogue, tiny_models
+from muselab.schemas import SPEED_CHOICES, Speed
 
 Kind = Literal["music", "image"]
 Preset = Literal["default", "tiny"]
@@ -63,11 +64,7 @@ class Settings(BaseSettings):
         description="Models of other kinds (a plugin family's), by kind, as JSON: "
         'MUSELAB_MODELS=\'{"sine": "/path/to/folder"}\'.',
     )
-    speed: Literal["auto", "quality", "fast", "turbo"] = Field(
-        default="auto",
-        description="Image speed tier when a request names none: quality (the model's own 25 steps), fast "
-        "(LCM-LoRA, 4 steps), turbo (sd-turbo, 1 step); auto is fast on a CPU, quality on a GPU.",
-    )
+    speed: Speed = Field(default="auto", description=f"Image speed tier when a request names none. {SPEED_CHOICES}")
     device: DeviceChoice = "auto"
     dtype: DtypeChoice = "auto"
     quantize: QuantizeChoice = Field(

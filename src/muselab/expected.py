@@ -1,5 +1,5 @@
-"""Expected times as people read them: "Turbo ~6 s · Fast ~25 s · Quality ~6 min", from a
-family's estimate (`Family.estimate`: {tiers: {tier: {seconds, source, ...}}, chosen})."""
+"""Expected times as people read them: "Turbo ~6 s · Fast ~25 s · Balanced ~2 min · Quality ~6 min",
+from a family's estimate (`Family.estimate`: {tiers: {tier: {seconds, source, ...}}, chosen})."""
 
 from __future__ import annotations
 

@@ -14,6 +14,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from muselab.loras import MAX_LORAS, format_choice, parse_choice
 
+#: The image speed tiers (engines/image/speed.py), for requests and for the server's default.
+Speed = Literal["auto", "quality", "balanced", "fast", "turbo"]
+SPEED_CHOICES = (
+    "quality: the model's own 25 steps; balanced: the same with the UNet's deep features reused "
+    "between steps (DeepCache); fast: LCM-LoRA, 4 steps, tiny autoencoder; turbo: sd-turbo, 1 step; "
+    "auto: fast on a CPU, quality on a GPU."
+)
+
 MAX_SEED = 2**32 - 1
 MAX_PROMPT_CHARS = 2000
 
@@ -194,11 +202,10 @@ class ImageRequest(BaseRequest):
         Option(flags=("--images", "-n"), label="Images", count=True, main=True),
     ] = 1
     speed: Annotated[
-        Literal["auto", "quality", "fast", "turbo"] | None,
+        Speed | None,
         Field(
             default=None,
-            description="quality: the model's own 25 steps; fast: LCM-LoRA, 4 steps, tiny autoencoder; turbo: "
-            "sd-turbo, 1 step; auto: fast on a CPU, quality on a GPU. Default: the server's (MUSELAB_SPEED).",
+            description=f"{SPEED_CHOICES} Default: the server's (MUSELAB_SPEED).",
         ),
         Option(label="Speed", main=True, lead=True),
     ] = None

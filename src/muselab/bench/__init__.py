@@ -3,6 +3,8 @@
 Full-size architectures with random weights (`bench.architectures`): every matmul and convolution
 costs what it costs with the real checkpoints, nothing is downloaded, and the output is noise.
 
+- **tiers** (`tiers`): the speed tiers (quality, balanced, fast, turbo) as the product runs them,
+  each against the baseline, with the expected time the product would have shown; the default set.
 - **baseline**: what a plain script does. Images: `StableDiffusionPipeline` in float32 with the
   checkpoint's PNDM scheduler, 50 steps, guidance 7.5, VAE decode. Music: float32
   `MusicgenForConditionalGeneration.generate` with the checkpoint's sampling settings.
@@ -44,6 +46,7 @@ from muselab.bench.isolation import Say, run_part, save, say_with_time
 from muselab.bench.music import bench_music
 from muselab.bench.probes import machine_info, measure_peaks, peak_for
 from muselab.bench.report import DOCS_END, DOCS_START, markdown_table, update_docs
+from muselab.bench.tiers import bench_tiers
 from muselab.devices import choose_placement
 
 __all__ = ["DOCS_END", "DOCS_START", "markdown_table", "run", "update_docs"]
@@ -69,7 +72,7 @@ def run(
     say = say or say_with_time
     placement = choose_placement()
     if parts is None:  # on a GPU, `--compile` is one more option to measure
-        parts = ("image", "fast", "music", *(("compiled",) if placement.device == "cuda" else ()))
+        parts = ("tiers", "music", *(("compiled",) if placement.device == "cuda" else ()))
     started = time.perf_counter()
     report: dict[str, Any] = {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -90,12 +93,16 @@ def run(
     # extrapolates; a GPU runs whole images in seconds, so it times them all.
     steps = 2 if quick and placement.device == "cpu" else None
     with tempfile.TemporaryDirectory(prefix="muselab-bench-") as scratch:
+        if "tiers" in parts:
+            report["image"] = bench_tiers(placement, quick, Path(scratch) / "tiers", say, isolate)
+            save(report, json_path)
         configurations = [
             *(IMAGE_CONFIGURATIONS if "image" in parts else ()),
             *(INT8_FULL_CONFIGURATION if "int8-full" in parts else ()),
         ]
         if configurations:
-            report["image"] = bench_image(placement, steps, Path(scratch), say, isolate, tuple(configurations))
+            part = bench_image(placement, steps, Path(scratch), say, isolate, tuple(configurations))
+            report.setdefault("image", {}).update(part)
             save(report, json_path)
         if "fast-int8-full" in parts:
             part = run_part(bench_fast_int8_full, {"scratch": scratch}, isolate, say)
@@ -129,7 +136,7 @@ def run(
         image["unet_step_peak_fraction"] = (
             flop / image["default_unet_step_s"] / 1e9 / peak_for(report["peak"], placement.dtype)
         )
-    report["total_seconds"] = time.perf_counter() - started
+    report["total_seconds"] = report["wall_s"] = time.perf_counter() - started
     report["load_average_at_end"] = os.getloadavg()
     save(report, json_path)
     return report

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from muselab.engines.image.family import SD1_UNET, SD1_VAE
 from muselab.engines.image.tiny import sd1_scheduler
 from muselab.engines.music.tiny import build_musicgen_processor, randomize_codebooks, set_musicgen_generation_defaults
 from muselab.testing.tiny import build_tiny_clip_tokenizer
@@ -167,19 +168,6 @@ def build_sd_turbo_random(dtype: torch.dtype = torch.float32, verbose: bool = Tr
     return _build_sd_random("sd-turbo", SD_TURBO_UNET, SD_TURBO_TEXT_ENCODER, scheduler, dtype, verbose)
 
 
-#: CompVis/stable-diffusion-v1-4's UNet configuration (860M parameters).
-SD1_UNET: dict[str, Any] = {
-    "sample_size": 64,
-    "in_channels": 4,
-    "out_channels": 4,
-    "block_out_channels": (320, 640, 1280, 1280),
-    "layers_per_block": 2,
-    "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    "attention_head_dim": 8,
-    "cross_attention_dim": 768,
-    "norm_num_groups": 32,
-}
 #: stabilityai/sd-turbo's UNet (SD 2.1 shapes, 865M parameters).
 SD_TURBO_UNET: dict[str, Any] = {
     **SD1_UNET,
@@ -222,18 +210,7 @@ def _build_sd_random(
     # which cost more than half of the build (13 s of 21 for the SD 1.x UNet alone).
     with _default_dtype(dtype), no_init_weights():
         unet = UNet2DConditionModel(**unet_config)
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            block_out_channels=(128, 256, 512, 512),
-            layers_per_block=2,
-            latent_channels=4,
-            sample_size=512,
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            norm_num_groups=32,
-            scaling_factor=0.18215,
-        )
+        vae = AutoencoderKL(**SD1_VAE)
         text_encoder = CLIPTextModel(
             CLIPTextConfig(
                 vocab_size=49408,

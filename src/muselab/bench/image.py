@@ -33,13 +33,14 @@ BASELINE_STEPS = 50
 DEFAULT_SAMPLER = "DPM++ 2M Karras"
 
 
-def time_text_encoding(pipe: Any, device: str) -> float:
+def time_text_encoding(pipe: Any, device: str, guided: bool = True) -> float:
+    """The prompt's encoding, with the negative prompt's where `guided` (classifier-free guidance)."""
     times = []
     with torch.inference_mode():
         for _ in range(3):
             synchronize(device)
             started = time.perf_counter()
-            pipe.encode_prompt(IMAGE_PROMPT, device=device, num_images_per_prompt=1, do_classifier_free_guidance=True)
+            pipe.encode_prompt(IMAGE_PROMPT, device=device, num_images_per_prompt=1, do_classifier_free_guidance=guided)
             synchronize(device)
             times.append(time.perf_counter() - started)
     return min(times)
@@ -158,11 +159,16 @@ def default_image_backend(placement: Placement, quantize: str) -> str:
 
 
 def image_baseline(
-    steps: int | None, say: Say, save_image: str | None = None, save_model: str | None = None
+    steps: int | None,
+    say: Say,
+    save_image: str | None = None,
+    save_model: str | None = None,
+    on_pytorch: bool = True,
 ) -> dict[str, Any]:
     """A plain script: float32 StableDiffusionPipeline, the checkpoint's PNDM, 50 steps, VAE decode.
-    Then, on the same pipeline, muselab's defaults on PyTorch (`torch_*` figures; the picture to
-    `save_image`), and the pipeline saved to `save_model` for the parts that load it."""
+    Then, on the same pipeline and where `on_pytorch`, muselab's defaults on PyTorch (`torch_*`
+    figures; the picture to `save_image`), and the pipeline saved to `save_model` for the parts
+    that load it."""
     from muselab.bench import architectures
     from muselab.engines.image.engine import ImageEngine
 
@@ -203,8 +209,9 @@ def image_baseline(
         "baseline_peak_rss_gb": memory.gib(),  # before saving, whose buffers would count too
         "baseline_speed_gflops": [speed_before, speed_after],
     }
-    engine = ImageEngine(pipe, "sd1.x-random", choose_placement(dtype="float32"))
-    figures.update({f"torch_{key}": value for key, value in time_engine(engine, steps, say, save_image).items()})
+    if on_pytorch:
+        engine = ImageEngine(pipe, "sd1.x-random", choose_placement(dtype="float32"))
+        figures.update({f"torch_{key}": value for key, value in time_engine(engine, steps, say, save_image).items()})
     if save_model:
         say("image: saving the pipeline for the parts that load it (not timed)")
         pipe.save_pretrained(save_model, safe_serialization=True)

@@ -36,7 +36,9 @@ def markdown_table(report: dict[str, Any]) -> str:
     ]
     main: list[str] = []  # the rows under `header`; a run of the int8-full parts alone has none
     image = report.get("image", {})
-    if "default_s" in image:
+    if "tiers" in image:
+        lines += ["", *tier_table(image)]
+    if {"default_s", "torch_s", "int8_s"} <= image.keys():  # the image part: the default beside PyTorch, int8
         flop = unet_step_flop()
         baseline_fraction = flop / image["baseline_unet_step_s"] / 1e9 / peak["matmul_gflops_fp32"]
         converted = "default_convert_s" in image
@@ -239,6 +241,68 @@ def markdown_table(report: dict[str, Any]) -> str:
             ),
         ]
     return "\n".join(lines)
+
+
+TIER_RUNS = {
+    "quality": "the model's sampler, 25 steps, CFG",
+    "balanced": "the same, deep UNet features reused between steps (DeepCache)",
+    "fast": "LCM sampler, 4 steps, no CFG, TAESD decode",
+    "turbo": "sd-turbo, 1 step, TAESD decode",
+}
+
+
+def tier_table(image: dict[str, Any]) -> list[str]:
+    """The speed tiers against the baseline (the `tiers` part)."""
+    lines = [
+        "| speed tier (512x512) | what it runs | seconds per image | ratio to the baseline "
+        "| expected before Generate | UNet calls x batch | PSNR vs quality, same seed |",
+        "|---|---|---|---|---|---|---|",
+        _row(
+            "baseline (plain script)",
+            "fp32, PNDM 50 steps, CFG, full VAE",
+            _seconds(image["baseline_s"]),
+            "1x",
+            "",
+            "50 x 2",
+            "",
+        ),
+    ]
+    for tier, values in image["tiers"].items():
+        calls = f"{values['unet_calls']} x {values['unet_batch']}"
+        if "whole_unet_calls" in values:
+            shallow = values["unet_calls"] - values["whole_unet_calls"]
+            calls = (
+                f"{values['whole_unet_calls']} whole + {shallow} shallow x {values['unet_batch']} "
+                f"({_seconds(values['unet_step_s'])} and {_seconds(values['shallow_step_s'])} a call)"
+            )
+        expected = values.get("expected_s")
+        psnr_db = values.get("psnr_vs_quality_db")
+        lines.append(
+            _row(
+                f"**{tier}**",
+                TIER_RUNS.get(tier, ""),
+                _seconds(values["seconds_per_image"]),
+                f"**{values['ratio_to_baseline']:.1f}x**",
+                f"{_seconds(expected)} ({100 * values['expected_over_measured']:.0f}% of measured)" if expected else "",
+                calls,
+                "reference" if tier == "quality" else (f"{psnr_db:.1f} dB" if psnr_db is not None else "another model"),
+            )
+        )
+    conversions = [
+        f"{name} {image[key]:.0f} s"
+        for name, key in (("SD 1.x", "default_convert_s"), ("sd-turbo", "turbo_convert_s"))
+        if image.get(key)
+    ]
+    if conversions:
+        note = "not in the per-image times"
+        lines.append(_row("one-time OpenVINO conversion (cached)", ", ".join(conversions), "", "", "", "", note))
+    if image.get("psnr_side") and image.get("extrapolated"):
+        side, (width, height) = image["psnr_side"], image["size"]
+        lines += [
+            "",
+            f"PSNR compares whole {side}x{side} pictures of each tier (quick mode times steps at {width}x{height}).",
+        ]
+    return lines
 
 
 def _quick_means(report: dict[str, Any]) -> str:

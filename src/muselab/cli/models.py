@@ -206,10 +206,11 @@ def bench(
     only: Annotated[
         str | None,
         typer.Option(
-            help="Parts to run, comma-separated: image, fast, music, int8-full and fast-int8-full (int8 "
-            "activations for SD 1.x and for the sd-turbo fast path; their one-time calibration takes "
-            "minutes, so they are not in the default set), compiled (the UNet under torch.compile; "
-            "in the default set on a CUDA GPU). Default: image, fast, music (and compiled on a GPU)."
+            help="Parts to run, comma-separated: tiers (the speed tiers against the plain script), music, "
+            "image (the default on PyTorch and with int8 weights beside it), fast (sd-turbo on PyTorch), "
+            "int8-full and fast-int8-full (int8 activations for SD 1.x and for sd-turbo; their one-time "
+            "calibration takes minutes), compiled (the UNet under torch.compile; in the default set on a "
+            "CUDA GPU). Default: tiers, music (and compiled on a GPU)."
         ),
     ] = None,
     music_seconds: Annotated[float | None, typer.Option(help="Seconds of audio (default 5 quick, 10 full).")] = None,
@@ -219,7 +220,7 @@ def bench(
     from muselab import bench as benchmark
 
     parts = tuple(part.strip() for part in only.split(",") if part.strip()) if only else None
-    known = ("image", "fast", "music", "int8-full", "fast-int8-full", "compiled")
+    known = ("tiers", "image", "fast", "music", "int8-full", "fast-int8-full", "compiled")
     unknown = set(parts or ()) - set(known)
     if unknown:
         raise CliError(f"--only: unknown part(s) {', '.join(sorted(unknown))}; choose from {', '.join(known)}.", 2)

@@ -227,5 +227,9 @@ class _CompiledModule(torch.nn.Module):
                         self.request.wait()  # raises at once: cancelled
                     self._stale = True
                     raise Cancelled()
-        # The request reuses its output buffer on the next call: copy before handing it out.
-        return torch.from_numpy(np.array(self.request.get_output_tensor(0).data, copy=True)).to(self._dtype)
+        return self.output(0)
+
+    def output(self, index: int) -> torch.Tensor:
+        """Output `index` of the last run. The request reuses its output buffers on the next call:
+        copied before handing it out."""
+        return torch.from_numpy(np.array(self.request.get_output_tensor(index).data, copy=True)).to(self._dtype)

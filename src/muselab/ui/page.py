@@ -60,7 +60,7 @@ def family_page(
 
 
 def expected_time(kind: str, values: dict[str, Any]) -> None:
-    """ "Expected here: Turbo ~6 s · Fast ~25 s · Quality ~6 min" for this request, and which tier
+    """ "Expected here: Turbo ~6 s · Fast ~25 s · Balanced ~2 min · Quality ~6 min" for this request, and which tier
     `auto` picks, for a family with speed tiers."""
     if family(kind).estimate is None:
         return

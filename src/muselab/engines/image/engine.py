@@ -32,6 +32,8 @@ from muselab.engines.image.lora import ChosenLora, chosen_loras, fuse_loras, wit
 from muselab.engines.image.lora import identity as lora_identity
 from muselab.engines.image.schedulers import make_scheduler, steps_in_float32
 from muselab.engines.image.speed import LCM_LORA_FILE, TIERS, apply_tier, check_steps
+from muselab.engines.image.step_cache import StepCachedUNet, TorchSplitUNet
+from muselab.engines.image.step_cache import unsupported_reason as step_cache_obstacle
 from muselab.engines.runtime import RuntimePlan, engine_plan
 from muselab.engines.runtime import auto_uses_openvino as auto_uses_openvino  # the benchmark imports it from here
 from muselab.families import catalogue_entry
@@ -346,6 +348,7 @@ class ImageEngine:
         else:
             self.pipe.vae.disable_tiling()
         preview_vae = self.preview_decoder() if preview_every else None
+        split = self.split_unet() if TIERS[request.speed or "quality"].step_cache else None
         clock = ProgressClock(request.steps * request.num_images, on_progress, items=request.num_images)
         started = time.perf_counter()
         outputs: list[ImageOutput] = []
@@ -363,6 +366,9 @@ class ImageEngine:
                 clock.advance(index, preview=preview)
                 return tensors
 
+            unet = self.pipe.unet
+            if split is not None:  # a fresh cache for each image
+                self.pipe.unet = StepCachedUNet(unet, split)
             try:
                 with cancellable(cancel):
                     result = self.pipe(
@@ -381,9 +387,24 @@ class ImageEngine:
                     )
             except Cancelled:
                 raise Cancelled(completed=outputs) from None
+            finally:
+                self.pipe.unet = unet
             flagged = bool(result.nsfw_content_detected and result.nsfw_content_detected[0])
             outputs.append(ImageOutput(image=result.images[0], seed=seed, flagged=flagged))
         return engine_result(self, request, outputs, started)
+
+    def split_unet(self) -> Any:
+        """The UNet as its deep and shallow paths, for the balanced tier's step caching."""
+        unet = self.pipe.unet
+        problem = step_cache_obstacle(unet.config)
+        if problem is None and hasattr(unet, "shallow_part") and unet.shallow_part is None:
+            problem = "its converted UNet has no shallow path"
+        if problem is not None:
+            raise RequestError(
+                f"speed: balanced reuses the UNet's deep features between steps, and '{self.model_name}' "
+                f"cannot: {problem}. Choose quality, fast or turbo."
+            )
+        return unet if hasattr(unet, "shallow_part") else TorchSplitUNet(unet)
 
     def initial_noise(self, request: ImageRequest, generator: torch.Generator) -> torch.Tensor:
         """The seed's starting latents, drawn in float32 from its CPU `generator` whatever the

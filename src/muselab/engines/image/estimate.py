@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from muselab.config import model_label
-from muselab.engines.image.family import GENERIC_DEFAULTS
-from muselab.engines.image.speed import apply_tier, auto_choice, choose_speed, turbo_model
+from muselab.engines.image.family import GENERIC_DEFAULTS, SD1_UNET, SD1_VAE
+from muselab.engines.image.speed import TIERS, apply_tier, auto_choice, choose_speed, turbo_model
+from muselab.engines.image.step_cache import full_calls
 from muselab.families import catalogue_entry
 from muselab.schemas import ImageRequest
 
@@ -29,16 +30,20 @@ if TYPE_CHECKING:
 STEP_EFFICIENCY = 0.9
 #: Runs of the same model, backend and tier an estimate from history uses (the latest).
 HISTORY_RUNS = 5
-ORDER = ("turbo", "fast", "quality")
+#: Names how `Work` is counted, so a stored count from an older way is counted again.
+WORK_VERSION = "2: with the shallow path"
+ORDER = ("turbo", "fast", "balanced", "quality")
 
 
 @dataclasses.dataclass(frozen=True)
 class Work:
-    """GFLOP of one UNet row (one image, no CFG pair) and of one full VAE decode, at `side` pixels."""
+    """GFLOP of one UNet row (one image, no CFG pair), of its shallow path alone (the balanced
+    tier's cached steps; 0 where the UNet has none) and of one full VAE decode, at `side` pixels."""
 
     unet: float
     decode: float
     side: int
+    shallow: float = 0.0
 
 
 def estimate_tiers(request: ImageRequest, settings: Settings, runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -100,7 +105,12 @@ def _gflop(request: ImageRequest, work: Work) -> float:
     area = (request.width or work.side) * (request.height or work.side) / work.side**2
     rows = 2 if (request.guidance or 0) > 1 else 1  # classifier-free guidance runs the UNet twice
     decode = work.decode if request.decoder == "full" else 0.0  # TAESD costs about 1% of it
-    return request.num_images * area * (request.steps or 1) * rows * work.unet + request.num_images * area * decode
+    steps = request.steps or 1
+    unet = steps * work.unet
+    if TIERS[request.speed or "quality"].step_cache and work.shallow:
+        deep = full_calls(steps)
+        unet = deep * work.unet + (steps - deep) * work.shallow
+    return request.num_images * area * (rows * unet + decode)
 
 
 def _parsed(run: dict[str, Any]) -> ImageRequest:
@@ -132,7 +142,7 @@ def model_work(model: str, cache_dir: Path | None = None) -> Work | None:
         return None
     stored = None
     if cache_dir is not None:
-        digest = hashlib.sha256("\n".join(configs).encode()).hexdigest()[:16]
+        digest = hashlib.sha256("\n".join((WORK_VERSION, *configs)).encode()).hexdigest()[:16]
         stored = cache_dir / "estimates" / f"work-{digest}.json"
         with contextlib.suppress(OSError, ValueError, TypeError):
             return Work(**json.loads(stored.read_text()))
@@ -154,26 +164,6 @@ def model_work(model: str, cache_dir: Path | None = None) -> Work | None:
     return work
 
 
-#: CompVis/stable-diffusion-v1-4's configs, for a catalogue model not downloaded yet.
-SD1_UNET = {
-    "sample_size": 64,
-    "block_out_channels": [320, 640, 1280, 1280],
-    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-    "cross_attention_dim": 768,
-}
-SD1_VAE = {
-    "in_channels": 3,
-    "out_channels": 3,
-    "block_out_channels": [128, 256, 512, 512],
-    "layers_per_block": 2,
-    "latent_channels": 4,
-    "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "up_block_types": ["UpDecoderBlock2D"] * 4,
-    "sample_size": 512,
-}
-
-
 @functools.lru_cache(maxsize=16)
 def _counted(unet_config: str, vae_config: str) -> Work:
     """Count the FLOPs of one UNet row and one VAE decode at the model's native size, on PyTorch's
@@ -181,6 +171,8 @@ def _counted(unet_config: str, vae_config: str) -> Work:
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from torch.utils.flop_counter import FlopCounterMode
+
+    from muselab.engines.image.step_cache import ShallowUNet, unsupported_reason
 
     unet_options = {key: value for key, value in json.loads(unet_config).items() if not key.startswith("_")}
     vae_options = {key: value for key, value in json.loads(vae_config).items() if not key.startswith("_")}
@@ -195,7 +187,16 @@ def _counted(unet_config: str, vae_config: str) -> Work:
             unet(latent, torch.tensor(500), text)
         with FlopCounterMode(display=False) as vae_flops:
             vae.decode(torch.empty(1, int(vae.config.latent_channels), side, side))
-    return Work(unet_flops.get_total_flops() / 1e9, vae_flops.get_total_flops() / 1e9, side * scale)
+        with FlopCounterMode(display=False) as shallow_flops:
+            if unsupported_reason(unet.config) is None:
+                features = torch.empty(1, int(unet.config.block_out_channels[0]), side, side)
+                ShallowUNet(unet)(latent, torch.tensor(500), text, features)
+    return Work(
+        unet_flops.get_total_flops() / 1e9,
+        vae_flops.get_total_flops() / 1e9,
+        side * scale,
+        shallow_flops.get_total_flops() / 1e9,
+    )
 
 
 @functools.cache

@@ -2,8 +2,37 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from muselab.families import CatalogueEntry, Family, TinyModel, lazy
 from muselab.schemas import ImageRequest
+
+#: CompVis/stable-diffusion-v1-4's UNet and VAE configs: the SD 1.x architecture the benchmark
+#: builds with random weights, and that an estimate counts for a catalogue model not downloaded yet.
+SD1_UNET: dict[str, Any] = {
+    "sample_size": 64,
+    "in_channels": 4,
+    "out_channels": 4,
+    "block_out_channels": (320, 640, 1280, 1280),
+    "layers_per_block": 2,
+    "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    "attention_head_dim": 8,
+    "cross_attention_dim": 768,
+    "norm_num_groups": 32,
+}
+SD1_VAE: dict[str, Any] = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "block_out_channels": (128, 256, 512, 512),
+    "layers_per_block": 2,
+    "latent_channels": 4,
+    "sample_size": 512,
+    "down_block_types": ("DownEncoderBlock2D",) * 4,
+    "up_block_types": ("UpDecoderBlock2D",) * 4,
+    "norm_num_groups": 32,
+    "scaling_factor": 0.18215,
+}
 
 #: Sampler settings for a model that is not in the catalogue (any SD 1.x/2.x id or folder).
 GENERIC_DEFAULTS = CatalogueEntry("", "image", "", steps=25, guidance=7.5, scheduler="DPM++ 2M Karras")

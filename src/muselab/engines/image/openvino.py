@@ -36,7 +36,9 @@ import numpy as np
 import torch
 
 from muselab.engines.base import ProgressCallback
+from muselab.engines.image import step_cache
 from muselab.engines.image.schedulers import make_scheduler
+from muselab.engines.image.step_cache import DeepUNet, ShallowUNet
 from muselab.engines.openvino_runtime import (
     TRACING_LOCK,
     ConversionProgress,
@@ -53,7 +55,7 @@ if TYPE_CHECKING:
 
 
 #: Bump when the conversion below changes, so stale cached IR is never used.
-CONVERSION_VERSION = 2  # 2: float32 inputs and outputs whatever the weights (bfloat16 IR could not be fed)
+CONVERSION_VERSION = 3  # 2: float32 inputs and outputs whatever the weights; 3: the UNet's deep features out too
 
 #: What the UNet's int8 activations are calibrated on (`--quantize int8-full`): a few short images
 #: with the default sampler, every UNet call recorded. Varied subjects, so the ranges are not one
@@ -66,24 +68,6 @@ CALIBRATION_PROMPTS = (
 CALIBRATION_STEPS = 4
 #: Bump when the calibration recipe (prompts, steps, NNCF settings) changes: it names the cached IR.
 CALIBRATION_VERSION = 1
-
-
-class _UNetForExport(torch.nn.Module):
-    """The UNet with the three inputs SD 1.x/2.x pipelines pass and a plain tensor out, float32 in
-    and out whatever the weights' dtype: the runtime is fed from numpy, which has no bfloat16, so a
-    graph with bfloat16 inputs (traced from a bfloat16 UNet) could not be fed at all.
-    `INFERENCE_PRECISION_HINT` still makes it compute in bfloat16 where that was chosen."""
-
-    def __init__(self, unet: torch.nn.Module):
-        super().__init__()
-        self.unet = unet
-
-    def forward(
-        self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
-    ) -> torch.Tensor:
-        dtype = self.unet.dtype
-        output = self.unet(sample.to(dtype), timestep, encoder_hidden_states.to(dtype), return_dict=False)[0]
-        return output.float()
 
 
 class _DecoderForExport(torch.nn.Module):
@@ -105,6 +89,14 @@ def _unet_example(unet: Any) -> tuple[torch.Tensor, ...]:
         torch.tensor(500.0, dtype=torch.float32),
         torch.randn(2, 77, config.cross_attention_dim),
     )
+
+
+def _shallow_example(unet: Any) -> tuple[torch.Tensor, ...]:
+    """The UNet's example and the deep features its last layer takes (as many channels as the
+    first block's, at the latents' size)."""
+    sample, timestep, text = _unet_example(unet)
+    features = torch.randn(2, unet.config.block_out_channels[0], *sample.shape[-2:])
+    return sample, timestep, text, features
 
 
 def _decoder_example(vae: Any) -> tuple[torch.Tensor, ...]:
@@ -150,7 +142,9 @@ def convert(
     instead: no PyTorch module is needed and nothing is traced again."""
     import openvino as ov
 
-    name = target.name.split("-")[0]
+    name, how = [*target.name.split("-"), ""][:2]
+    if how == "shallow":
+        name = f"{name}'s shallow path (for the balanced speed)"
     if converted is not None:
         say(f"Reading the converted {name}")
         model = ov.Core().read_model(converted / "model.xml")
@@ -238,11 +232,35 @@ def record_unet_inputs(pipe: Any, unet: OpenVinoUNet, say: ConversionProgress) -
 
 
 class OpenVinoUNet(_CompiledModule):
-    """A stand-in for diffusers' UNet2DConditionModel (SD 1.x/2.x), backed by OpenVINO."""
+    """A stand-in for diffusers' UNet2DConditionModel (SD 1.x/2.x), backed by OpenVINO. Its graph
+    also returns the deep features the balanced tier's step caching keeps (`step_cache.DeepUNet`);
+    with `shallow` (the converted `step_cache.ShallowUNet`), it runs that tier's shallow steps."""
 
-    def __init__(self, compiled: Any, config: Any, dtype: torch.dtype, recompile: Callable[[], Any] | None = None):
+    def __init__(
+        self,
+        compiled: Any,
+        config: Any,
+        dtype: torch.dtype,
+        recompile: Callable[[], Any] | None = None,
+        shallow: _CompiledModule | None = None,
+    ):
         super().__init__(compiled, dtype, recompile)
         self.config = config
+        self.shallow_part = shallow
+
+    def deep(self, sample: torch.Tensor, timestep: Any, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        output = self.forward(sample, timestep, text, return_dict=False)[0]
+        return output, self.output(1)
+
+    def shallow(self, sample: torch.Tensor, timestep: Any, text: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        assert self.shallow_part is not None
+        step = torch.as_tensor(timestep, dtype=torch.float32).reshape(-1)[:1].reshape(())
+        return self.shallow_part.run(
+            sample.detach().float().numpy(),
+            step.numpy(),
+            text.detach().float().numpy(),
+            features.detach().float().numpy(),
+        )
 
     def forward(
         self,
@@ -287,6 +305,13 @@ def converted_unet_folder(source: Path, cache_dir: Path, quantize: str, dtype: t
     return cache_dir / cache_key(source / "unet", quantize, dtype, conversion)
 
 
+def shallow_unet_folder(source: Path, cache_dir: Path, dtype: torch.dtype, loras: str = "") -> Path:
+    """Where the shallow path of `source`'s UNet (the balanced tier's, `step_cache.ShallowUNet`) is
+    cached: always float, as it is under a tenth of the UNet's work."""
+    conversion = f"{CONVERSION_VERSION}+{loras}" if loras else CONVERSION_VERSION
+    return cache_dir / cache_key(source / "unet", "shallow", dtype, conversion)
+
+
 def cached_unet_source(
     source: Path, cache_dir: Path, quantize: str, dtype: torch.dtype, loras: str = ""
 ) -> Path | None:
@@ -325,6 +350,9 @@ def openvino_setup(
     if problem is not None:
         return plan.without_openvino(problem), None
     cached = cached_unet_source(source, plan.openvino_cache, plan.quantize, plan.dtype, loras) is not None
+    if step_cache.unsupported_reason(unet_config) is None:
+        shallow = shallow_unet_folder(source, plan.openvino_cache, plan.dtype, loras)
+        cached = cached and (shallow / "model.xml").exists()
     return plan, OpenVinoSetup(source, unet_config, cached, on_progress, loras)
 
 
@@ -346,11 +374,11 @@ def _convert_unet(
     if quantize != "int8-full":
         # int8 weights are compressed from the cached float IR where there is one: no second trace.
         converted = float_dir if quantize == "int8" and float_cached else None
-        module = None if converted is not None else _UNetForExport(pipe.unet.eval())
+        module = None if converted is not None else DeepUNet(pipe.unet.eval())
         convert(module, () if module is None else _unet_example(pipe.unet), unet_dir, quantize, say, converted)
         return
     if not float_cached:
-        convert(_UNetForExport(pipe.unet.eval()), _unet_example(pipe.unet), float_dir, "none", say)
+        convert(DeepUNet(pipe.unet.eval()), _unet_example(pipe.unet), float_dir, "none", say)
     import openvino as ov
 
     from muselab.quantize import return_freed_memory
@@ -390,14 +418,21 @@ def use_openvino(
     unet_dir = converted_unet_folder(source, cache_dir, quantize, dtype, loras)
     float_dir = converted_unet_folder(source, cache_dir, "none", dtype, loras)
     decoder_dir = cache_dir / cache_key(source / "vae", "none", dtype, CONVERSION_VERSION)
-    missing = [folder for folder in (unet_dir, decoder_dir) if not (folder / "model.xml").exists()]
+    unet_config = unet_config if pipe.unet is None else pipe.unet.config
+    splits = step_cache.unsupported_reason(unet_config) is None
+    shallow_dir = shallow_unet_folder(source, cache_dir, dtype, loras) if splits else None
+    wanted = (unet_dir, decoder_dir, *((shallow_dir,) if shallow_dir else ()))
+    missing = [folder for folder in wanted if not (folder / "model.xml").exists()]
     stages = 3 * len(missing) + 1
     if quantize == "int8-full" and unet_dir in missing and not (float_dir / "model.xml").exists():
         stages += 3  # the float UNet first: the calibration images run on it
     # Progress only when there is one-time work; a cached load is quick and quiet.
     say = ConversionProgress(stages, on_progress if missing else None)
     started = time.perf_counter()
-    unet_config = unet_config if pipe.unet is None else pipe.unet.config
+    if shallow_dir in missing:  # first: int8-full's conversion lets go of the PyTorch UNet
+        if pipe.unet is None:
+            raise OpenVinoUnavailable(f"The UNet's shallow path is gone from {cache_dir}; load the model again.")
+        convert(ShallowUNet(pipe.unet.eval()), _shallow_example(pipe.unet), shallow_dir, "none", say)
     if unet_dir in missing:
         _convert_unet(pipe, unet_dir, float_dir, cache_dir, quantize, dtype, say, unet_config)
     if decoder_dir in missing:
@@ -406,8 +441,16 @@ def use_openvino(
     timings["convert_s"] = time.perf_counter() - started
     say("Compiling the OpenVINO models")
     started = time.perf_counter()
+    shallow = None
+    if shallow_dir is not None:
+        recompile = functools.partial(compile_ir, shallow_dir, dtype)
+        shallow = _CompiledModule(recompile(), dtype, recompile=recompile)
     unet = OpenVinoUNet(
-        compile_ir(unet_dir, dtype), unet_config, dtype, recompile=functools.partial(compile_ir, unet_dir, dtype)
+        compile_ir(unet_dir, dtype),
+        unet_config,
+        dtype,
+        recompile=functools.partial(compile_ir, unet_dir, dtype),
+        shallow=shallow,
     )
     decoder = OpenVinoDecoder(
         compile_ir(decoder_dir, dtype), dtype, recompile=functools.partial(compile_ir, decoder_dir, dtype)

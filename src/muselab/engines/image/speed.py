@@ -2,6 +2,9 @@
 way published work has measured; docs/PERFORMANCE.md cites it and has this machine's timings.
 
 - quality: the model's own sampler (25 DPM++ 2M Karras steps, CFG 7.5: two UNet rows a step).
+- balanced: the same sampler and steps with the UNet's deep features reused between neighbouring
+  steps (DeepCache, Ma et al., CVPR 2024; `step_cache`): the whole UNet every third step, a shallow
+  path (under a tenth of its work) on the others.
 - fast: the LCM-LoRA (Luo et al. 2023, "LCM-LoRA: A Universal Stable-Diffusion Acceleration
   Module") fused into the SD 1.x model, 4 LCM steps at guidance 1 (one UNet row, no CFG pair), the
   tiny autoencoder (TAESD) to decode.
@@ -37,10 +40,16 @@ class Tier:
     scheduler: str | None = None
     decoder: str = "full"
     lcm_lora: bool = False
+    step_cache: bool = False
 
 
 TIERS = {
     "quality": Tier("quality", "the model's own sampler and steps, with guidance (two UNet rows a step)"),
+    "balanced": Tier(
+        "balanced",
+        "the model's own sampler and steps, the UNet's deep features reused between steps (DeepCache)",
+        step_cache=True,
+    ),
     "fast": Tier(
         "fast",
         "LCM-LoRA on the SD 1.x model: 4 LCM steps without guidance (one UNet row), tiny autoencoder",
