@@ -6,6 +6,7 @@ It saves a screenshot of every page, at 1280x800 and 400x800, under test-output/
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import subprocess
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from PIL import Image
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 SHOTS = Path(__file__).resolve().parents[1] / "test-output" / "screenshots"
@@ -159,6 +161,12 @@ def test_the_studio_in_a_real_browser(studio, browser, tmp_path):
     go(page, studio, "image", "Image")
     page.get_by_label("Describe the picture", exact=True).fill("a red fox in snow, watercolor")
     page.keyboard.press("Tab")
+    # Before Generate: what each tier would take here, and the tier chosen on the first control.
+    expected = page.get_by_text("Expected here:").first
+    expected.wait_for()
+    assert all(f"{tier} ~" in expected.inner_text() for tier in ("Turbo", "Fast", "Balanced", "Quality"))
+    page.get_by_label("Speed", exact=True).click()
+    page.get_by_role("option", name="balanced", exact=True).click()
     generate(page)
     png_button = page.get_by_role("button", name="PNG").first
     png_button.wait_for(timeout=120_000)
@@ -168,6 +176,8 @@ def test_the_studio_in_a_real_browser(studio, browser, tmp_path):
     saved = tmp_path / "fox.png"
     png.value.save_as(saved)
     assert saved.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    recipe = json.loads(Image.open(saved).text["muselab"])["request"]
+    assert (recipe["speed"], recipe["steps"]) == ("balanced", 25)  # the tier picked in the page
     shoot(page, "image")
 
     go(page, studio, "scene", "Scene")
