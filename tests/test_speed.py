@@ -265,3 +265,34 @@ def test_the_balanced_estimate_counts_its_shallow_steps():
     balanced = _gflop(ImageRequest(prompt="-", speed="balanced", steps=25, guidance=7.5, decoder="full"), work)
     # 9 whole UNet calls and 16 shallow ones against 25 whole: about 2.2x less UNet work.
     assert 2.0 < quality / balanced < 2.6
+
+
+def test_a_scene_picture_takes_the_machines_tier_so_the_image_model_is_not_reloaded(tiny_dir, tmp_path, monkeypatch):
+    """A scene's picture is an image like any other: `auto` is fast on a CPU, as for the Image page,
+    so the model loaded with the LCM-LoRA serves both; the tier is in the scene's recipe."""
+    from muselab.engines.image.engine import ImageEngine
+    from muselab.schemas import SceneRequest
+    from test_jobs import scene_service
+
+    loads = []
+    load = ImageEngine.load.__func__
+
+    def counted(cls, *args, **kwargs):
+        loads.append(kwargs.get("loras"))
+        return load(cls, *args, **kwargs)
+
+    monkeypatch.setattr(ImageEngine, "load", classmethod(counted))
+    service, _ = scene_service(tiny_dir, tmp_path)
+    try:
+        scene = SceneRequest(prompt="a quiet harbour", music_prompt="calm piano", duration=1, seed=3)
+        status = service.wait(service.submit(scene).id, 180)
+        assert status["status"] == "succeeded", status.get("error")
+        assert (status["request"]["speed"], status["request"]["steps"]) == ("fast", 4)
+        image = service.wait(service.submit(ImageRequest(prompt="a fox", seed=1)).id, 120)
+        assert image["status"] == "succeeded" and image["request"]["speed"] == "fast"
+        assert len(loads) == 1  # one load (with the LCM-LoRA) served the scene and the image
+        quality = service.wait(service.submit(scene.model_copy(update={"speed": "quality"})).id, 180)
+        assert (quality["request"]["speed"], quality["request"]["steps"]) == ("quality", 25)
+        assert len(loads) == 2 and loads[-1] == ()  # the model's own weights for quality
+    finally:
+        service.shutdown()

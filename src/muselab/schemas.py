@@ -16,11 +16,17 @@ from muselab.loras import MAX_LORAS, format_choice, parse_choice
 
 #: The image speed tiers (engines/image/speed.py), for requests and for the server's default.
 Speed = Literal["auto", "quality", "balanced", "fast", "turbo"]
+
 SPEED_CHOICES = (
     "quality: the model's own 25 steps; balanced: the same with the UNet's deep features reused "
     "between steps (DeepCache); fast: LCM-LoRA, 4 steps, tiny autoencoder; turbo: sd-turbo, 1 step; "
     "auto: fast on a CPU, quality on a GPU."
 )
+
+
+def speed_field(what: str = "") -> Any:
+    return Field(default=None, description=f"{what}{SPEED_CHOICES} Default: the server's (MUSELAB_SPEED).")
+
 
 MAX_SEED = 2**32 - 1
 MAX_PROMPT_CHARS = 2000
@@ -201,14 +207,7 @@ class ImageRequest(BaseRequest):
         Field(default=1, ge=1, le=8, description="How many images; image i uses seed + i."),
         Option(flags=("--images", "-n"), label="Images", count=True, main=True),
     ] = 1
-    speed: Annotated[
-        Speed | None,
-        Field(
-            default=None,
-            description=f"{SPEED_CHOICES} Default: the server's (MUSELAB_SPEED).",
-        ),
-        Option(label="Speed", main=True, lead=True),
-    ] = None
+    speed: Annotated[Speed | None, speed_field(), Option(label="Speed", main=True, lead=True)] = None
     decoder: Annotated[
         Literal["full", "fast"] | None,
         Field(
@@ -322,6 +321,7 @@ class SceneRequest(BaseRequest):
         Field(default=None, ge=1, le=150, description="Denoising steps for the picture."),
         Option(label="Steps (empty = model default)"),
     ] = None
+    speed: Annotated[Speed | None, speed_field("The picture's speed tier. "), Option(label="Picture speed")] = None
     image_model: Annotated[
         str | None,
         Field(default=None, max_length=500, description="Hub id or folder of the image model; default from settings."),
@@ -343,6 +343,7 @@ class SceneRequest(BaseRequest):
             width=self.width,
             height=self.height,
             steps=self.steps,
+            speed=self.speed,
             model=self.image_model,
         )
 

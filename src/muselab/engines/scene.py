@@ -86,6 +86,7 @@ class SceneEngine:
                 "width": picture.width,
                 "height": picture.height,
                 "steps": picture.steps,
+                "speed": picture.speed,
                 # By label, as clients name them (the request came naming the ids or folders).
                 "image_model": model_label(self.models["image"]),
                 "music_model": model_label(self.models["music"]),
@@ -173,6 +174,15 @@ def max_steps(request: SceneRequest) -> int:
     return image.max_steps(request.image_request()) + music.max_steps(request.music_request())
 
 
+def check_request(request: SceneRequest, settings: Any) -> SceneRequest:
+    """The picture's speed tier decided as an image's is (`speed.check_request`: `auto` by this
+    machine, turbo's own model where the scene names no image model)."""
+    from muselab.engines.image.speed import check_request as check_image
+
+    picture = check_image(request.image_request(), settings)
+    return request.model_copy(update={"speed": picture.speed, "image_model": picture.model})
+
+
 def compose(parts: Parts, request: SceneRequest, settings: Any) -> SceneEngine:
     assert request.image_model is not None and request.music_model is not None
     return SceneEngine(parts, request.image_model, request.music_model, sequential=settings.low_memory)
@@ -189,5 +199,6 @@ FAMILY = Family(
     icon=":material/movie:",
     max_steps=max_steps,
     compose=compose,
+    check=check_request,
     settings=("quantize", "backend", "low_memory"),
 )
