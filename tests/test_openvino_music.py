@@ -91,6 +91,25 @@ def test_the_clips_of_a_request_run_as_one_batch_through_the_compiled_step(mono,
         np.testing.assert_array_equal(clip.audio, alone.outputs[0].audio)
 
 
+def test_each_layer_scales_only_its_own_cross_attention_keys(mono):
+    """Each layer's cross-attention keys and values are inputs of their own. Stacked in one tensor
+    of all layers and indexed per layer, OpenVINO moved the keys' scaling above the indexing: every
+    layer scaled every layer's keys, each token (24x the work with musicgen-small, growing with
+    the clips of a batch and the prompt's length)."""
+    _, on_openvino = mono
+    compiled = on_openvino.sampler.compiled.compiled
+    layers = len(on_openvino.sampler.decoder.layers)
+    names = {port.get_any_name() for port in compiled.inputs}
+    assert {f"cross_{kind}_{layer}" for layer in range(layers) for kind in ("key", "value")} <= names
+    stacked = [
+        op.get_friendly_name()
+        for op in compiled.get_runtime_model().get_ordered_ops()
+        for port in op.inputs()
+        if port.get_partial_shape().rank.is_static and port.get_partial_shape().rank.get_length() > 4
+    ]
+    assert stacked == []
+
+
 @pytest.mark.parametrize("seed", [7, 8, 9])
 def test_a_clip_after_one_with_another_number_of_rows_is_unaffected(seed):
     """Unguided steps (1 row) and then a guided clip (2 rows) on one decoder: the guided clip must

@@ -148,16 +148,21 @@ CLIPS_SECONDS = 2.0
 def batch_of_clips(engine: Any, request: MusicRequest, say: Say) -> dict[str, Any]:
     """Four clips of one request (sampled as one batch) against one clip of the same length, on
     the same engine, timed in turn (four, one, four): `clips4_over_one` is the mean of the two
-    four-clip times over the one-clip time; 4 would mean batching gained nothing."""
+    four-clip times over the one-clip time; 4 would mean batching gained nothing. Beside it, the
+    median token of each (`clips4_ms_per_token`: one step of the batch, all its rows), which is
+    most of either time; the rest is mostly EnCodec, run once per clip."""
     one = request.model_copy(update={"duration": min(request.duration, CLIPS_SECONDS), "num_clips": 1})
     four = one.model_copy(update={"num_clips": 4})
     # Warm-up for the batch's shapes (8 rows where guided): kernel choice, OpenVINO's plans.
     engine.generate(four.model_copy(update={"duration": 0.5}))
 
+    tokens: dict[int, list[float]] = {1: [], 4: []}
+
     def seconds(clips: MusicRequest) -> float:
-        started = time.perf_counter()
-        engine.generate(clips)  # ends with the audio on the CPU: the GPU's work is done
-        return time.perf_counter() - started
+        clock = StepTimes(synchronize_gpu=False)
+        engine.generate(clips, on_progress=clock.on_progress)  # ends with the audio on the CPU
+        tokens[clips.num_clips].append(clock.step_seconds())
+        return time.perf_counter() - clock.start
 
     times: dict[int, list[float]] = {1: [], 4: []}
 
@@ -169,12 +174,15 @@ def batch_of_clips(engine: Any, request: MusicRequest, say: Say) -> dict[str, An
     batch = engine.clips_per_batch(four, engine.tokens_for(four.duration))
     say(
         f"music: 4 clips of {one.duration:g} s in one request ({4 // batch} batch(es) of {batch}): "
-        f"{ratio:.2f}x the time of one clip ({statistics.mean(times[4]):.1f} s against {times[1][0]:.1f} s)"
+        f"{ratio:.2f}x the time of one clip ({statistics.mean(times[4]):.1f} s against {times[1][0]:.1f} s; "
+        f"{1000 * statistics.mean(tokens[4]):.0f} against {1000 * tokens[1][0]:.0f} ms a token)"
     )
     return {
         "clips4_over_one": ratio,
         "clips4_s": statistics.mean(times[4]),
         "clips1_s": times[1][0],
+        "clips4_ms_per_token": 1000 * statistics.mean(tokens[4]),
+        "clips1_ms_per_token": 1000 * tokens[1][0],
         "clips_audio_seconds": one.duration,
         "clips_per_batch": batch,
     }

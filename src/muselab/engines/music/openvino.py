@@ -35,9 +35,14 @@ from muselab.engines.openvino_runtime import (
 )
 
 #: Bump when the traced step (here or `MusicgenSampler.logits`) changes: cached conversions are keyed on it.
-MUSIC_CONVERSION_VERSION = 1
+#: 2: each layer's cross-attention keys and values are inputs of their own (see `_DecoderStepForExport`).
+MUSIC_CONVERSION_VERSION = 2
 
-_INPUTS = ("step_tokens", "position", "cross_keys", "cross_values", "cross_mask")
+_INPUTS = ("step_tokens", "position", "cross_mask")
+
+
+def _cross(layer: int, kind: str) -> str:
+    return f"cross_{kind}_{layer}"
 
 
 def _past(layer: int, kind: str) -> str:
@@ -50,27 +55,33 @@ def _present(layer: int, kind: str) -> str:
 
 class _DecoderStepForExport(torch.nn.Module):
     """One decoder step with the KV cache as explicit tensors: past keys/values in, past plus this
-    token's out (made into runtime state after conversion)."""
+    token's out (made into runtime state after conversion).
+
+    Each layer's cross-attention keys and values come in as inputs of their own (key, value, layer
+    by layer), not as one tensor of all layers indexed per layer: with one tensor, OpenVINO moved
+    the attention's scaling of the keys up through that indexing, and so every layer scaled every
+    layer's keys, 24 times the work a token needs (a few ms a token, growing with clips and prompt)."""
 
     def __init__(self, sampler: Any):
         super().__init__()
         self.sampler = sampler
         self.decoder = sampler.decoder  # registered, so the tracer sees the weights as parameters
         self.lm_heads = sampler.lm_heads
+        self.layers = len(sampler.decoder.layers)
 
     def forward(
         self,
         step_tokens: torch.Tensor,
         position: torch.Tensor,
-        cross_keys: torch.Tensor,
-        cross_values: torch.Tensor,
         cross_mask: torch.Tensor,
-        *past: torch.Tensor,
+        *tensors: torch.Tensor,
     ) -> tuple[torch.Tensor, ...]:
         sampler = self.sampler
         presents: list[torch.Tensor] = []
+        cross, past = tensors[: 2 * self.layers], tensors[2 * self.layers :]
         # Inputs and logits are float32 whatever the weights are (numpy has no bfloat16).
-        cross_keys, cross_values = cross_keys.to(sampler.dtype), cross_values.to(sampler.dtype)
+        cross_keys = [keys.to(sampler.dtype) for keys in cross[0::2]]
+        cross_values = [values.to(sampler.dtype) for values in cross[1::2]]
 
         def attend_self(index: int, attention: Any, normed: torch.Tensor) -> torch.Tensor:
             key = torch.cat([past[2 * index], sampler._heads(attention.k_proj(normed))], dim=2)
@@ -86,14 +97,13 @@ class _DecoderStepForExport(torch.nn.Module):
 def _example(sampler: Any, text_length: int = 5, past_length: int = 3) -> tuple[torch.Tensor, ...]:
     layers, heads, head_dim = len(sampler.decoder.layers), sampler.num_heads, sampler.head_dim
     dtype = sampler.dtype
-    cross = torch.randn(layers, 1, heads, text_length, head_dim)
+    cross = [torch.randn(1, heads, text_length, head_dim) for _ in range(2 * layers)]
     past = [torch.randn(2, heads, past_length, head_dim, dtype=dtype) for _ in range(2 * layers)]
     return (
         torch.zeros(2, sampler.num_codebooks, dtype=torch.long),
         torch.tensor([past_length]),
-        cross,
-        cross.clone(),
         torch.ones(1, 1, 1, text_length, dtype=torch.bool),
+        *cross,
         *past,
     )
 
@@ -111,8 +121,9 @@ def convert_decoder(sampler: Any, quantize: str, share_weights: bool = True) -> 
         warnings.simplefilter("ignore")  # tracer warnings about shape checks baked in as constants
         step = _DecoderStepForExport(sampler).eval()
         model = ov.convert_model(step, example_input=_example(sampler), share_weights=share_weights)
+    cross_names = [_cross(layer, kind) for layer in range(layers) for kind in ("key", "value")]
     past_names = [_past(layer, kind) for layer in range(layers) for kind in ("key", "value")]
-    for port, name in zip(model.inputs, [*_INPUTS, *past_names], strict=True):
+    for port, name in zip(model.inputs, [*_INPUTS, *cross_names, *past_names], strict=True):
         port.get_tensor().set_names({name})
     present_names = [_present(layer, kind) for layer in range(layers) for kind in ("key", "value")]
     for port, name in zip(model.outputs, ["logits", *present_names], strict=True):
@@ -120,9 +131,8 @@ def convert_decoder(sampler: Any, quantize: str, share_weights: bool = True) -> 
     dynamic = {
         "step_tokens": [-1, sampler.num_codebooks],
         "position": [1],
-        "cross_keys": [layers, -1, heads, -1, head_dim],
-        "cross_values": [layers, -1, heads, -1, head_dim],
         "cross_mask": [-1, 1, 1, -1],
+        **{name: [-1, heads, -1, head_dim] for name in cross_names},
         **{name: [-1, heads, -1, head_dim] for name in past_names},
     }
     model.reshape({name: ov.PartialShape(shape) for name, shape in dynamic.items()})
@@ -164,15 +174,16 @@ class OpenVinoMusicDecoder:
         self.request = request = self.compiled.create_infer_request()
         # Set once per batch; the step function below only sets what changes per token.
         position = np.zeros(1, dtype=np.int64)
-        self._inputs = [
-            np.ascontiguousarray(torch.stack(cross_keys).float().numpy()),
-            np.ascontiguousarray(torch.stack(cross_values).float().numpy()),
-            np.ascontiguousarray(cross_mask.numpy()),
-            np.arange(rows, dtype=np.int32),
-            position,
-        ]
-        names = ("cross_keys", "cross_values", "cross_mask", "beam_idx", "position")
-        for name, array in zip(names, self._inputs, strict=True):
+        inputs = {
+            "cross_mask": np.ascontiguousarray(cross_mask.numpy()),
+            "beam_idx": np.arange(rows, dtype=np.int32),
+            "position": position,
+        }
+        for layer, (keys, values) in enumerate(zip(cross_keys, cross_values, strict=True)):
+            inputs[_cross(layer, "key")] = np.ascontiguousarray(keys.float().numpy())
+            inputs[_cross(layer, "value")] = np.ascontiguousarray(values.float().numpy())
+        self._inputs = list(inputs.values())
+        for name, array in inputs.items():
             request.set_tensor(name, ov.Tensor(array, shared_memory=True))
 
         def step(step_tokens: torch.Tensor, index: int) -> torch.Tensor:
