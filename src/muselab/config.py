@@ -128,6 +128,11 @@ class Settings(BaseSettings):
     api_token: str | None = Field(default=None, description="Required as 'Authorization: Bearer ...' when set.")
     cors_origins: list[str] = Field(default_factory=list, description="Web origins allowed to call the API.")
     max_body_bytes: int = Field(default=64 * 1024, ge=1024)
+    max_upload_body_bytes: int = Field(
+        default=32 * 2**20,
+        ge=1024,
+        description="Body limit of the routes that take a picture (a starting image): 20 MB in base64.",
+    )
     client_timeout: float = Field(
         default=30.0,
         gt=0,
@@ -150,6 +155,11 @@ class Settings(BaseSettings):
     @property
     def loras(self) -> Path:
         return self.lora_dir or self.data_dir / "loras"
+
+    @property
+    def inputs(self) -> Path:
+        """Pictures clients sent to start from, kept by content hash (`muselab.uploads`)."""
+        return self.data_dir / "inputs"
 
     @property
     def openvino_cache(self) -> Path:

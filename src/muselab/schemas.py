@@ -31,6 +31,9 @@ def speed_field(what: str = "") -> Any:
 MAX_SEED = 2**32 - 1
 MAX_PROMPT_CHARS = 2000
 
+ResizeMode = Literal["just resize", "crop and resize", "resize and fill"]
+#: A base64 picture at the upload limit (muselab.uploads: 20 MB) with a data-URL prefix.
+MAX_UPLOAD_CHARS = 28_000_000
 SchedulerName = Literal["DPM++ 2M Karras", "DPM++ 2M", "Euler a", "Euler", "DDIM", "PNDM", "LCM"]
 SCHEDULERS: tuple[str, ...] = SchedulerName.__args__  # type: ignore[attr-defined]
 
@@ -55,6 +58,7 @@ class Option:
     main: bool = False  # in the studio, on the page itself rather than under "Advanced settings"
     metavar: str = ""  # how the CLI's help shows the option's value
     lead: bool = False  # in the studio, the page's first control
+    upload: str = ""  # "image": the value is a picture; the CLI reads it from the file named
 
 
 @dataclass(frozen=True)
@@ -255,6 +259,38 @@ class ImageRequest(BaseRequest):
         Field(default_factory=dict, description="Filled in when the picture is made: each LoRA's A1111 hash."),
         Option(cli=False, studio=False),
     ]
+    init_image: Annotated[
+        str | None,
+        Field(
+            default=None,
+            max_length=MAX_UPLOAD_CHARS,
+            description="A picture to start from (img2img): PNG, JPEG or WebP in base64 (a "
+            "'data:image/png;base64,' prefix is fine), at most 20 MB and 16 megapixels; or the "
+            "'sha256:...' reference of one sent before. Kept by content hash; the recipe names it.",
+        ),
+        Option(flags=("--init",), label="Start from a picture", metavar="FILE", upload="image", studio=False),
+    ] = None
+    strength: Annotated[
+        float | None,
+        Field(
+            default=None,
+            ge=0.0,
+            le=1.0,
+            description="With a starting picture: how far to move from it (A1111's denoising strength), "
+            "0 keeps it, 1 ignores it; the steps run are steps x strength. Default 0.75.",
+        ),
+        Option(label="Strength (with a starting picture)", step=0.05, studio=False),
+    ] = None
+    resize_mode: Annotated[
+        ResizeMode | None,
+        Field(
+            default=None,
+            description="With a starting picture of another shape than width x height: 'just resize' "
+            "(default; stretches it), 'crop and resize' (fills the frame, cropping the overflow) or "
+            "'resize and fill' (fits it whole, the margins filled with its stretched edges), as in A1111.",
+        ),
+        Option(label="Resize mode", studio=False),
+    ] = None
 
     @field_validator("loras", mode="before")
     @classmethod

@@ -47,10 +47,56 @@ class A1111Txt2Img(BaseModel):
     n_iter: int = Field(default=1, ge=1, le=8)
 
 
+class A1111Img2Img(A1111Txt2Img):
+    """A1111's img2img body as `webuiapi` sends it; unknown fields are accepted and ignored."""
+
+    init_images: list[str] = Field(default_factory=list, max_length=8)
+    denoising_strength: float = Field(default=0.75, ge=0, le=1)
+    resize_mode: int = Field(default=0, ge=0, le=3)
+    mask: str | None = None
+
+
+#: A1111's resize_mode numbers (3, "just resize (latent upscale)", resizes the picture here too).
+_RESIZE_MODES = {0: "just resize", 1: "crop and resize", 2: "resize and fill", 3: "just resize"}
+
+
 @router.post("/sdapi/v1/txt2img")
 async def a1111_txt2img(service: ServiceDep, body: A1111Txt2Img) -> dict[str, Any]:
     """AUTOMATIC1111's txt2img: base64 PNGs (with their `parameters` chunk) and the `info` JSON."""
+    return await _images(service, body, _fields(body))
+
+
+@router.post("/sdapi/v1/img2img")
+async def a1111_img2img(service: ServiceDep, body: A1111Img2Img) -> dict[str, Any]:
+    """AUTOMATIC1111's img2img: the first of `init_images` (base64, with or without a data URL
+    prefix) denoised from `denoising_strength`; answered as txt2img is."""
+    if not body.init_images:
+        raise ApiError(
+            422, "init_images: send the picture to start from (base64 PNG, JPEG or WebP).", "invalid_request"
+        )
+    if body.mask:
+        raise ApiError(422, "mask: inpainting is not built yet; send img2img without a mask.", "invalid_request")
     fields = {
+        **_fields(body),
+        "init_image": body.init_images[0],
+        "strength": body.denoising_strength,
+        "resize_mode": _RESIZE_MODES[body.resize_mode],
+    }
+    return await _images(service, body, fields)
+
+
+async def _images(service: Any, body: A1111Txt2Img, fields: dict[str, Any]) -> dict[str, Any]:
+    status = await generate_images(service, fields, source="a1111")
+    parameters = body.model_dump(exclude={"init_images", "mask"})  # not the pictures back again
+    return {
+        "images": [read_b64(service, output) for output in status["outputs"]],
+        "parameters": parameters,
+        "info": json.dumps(_info(status)),
+    }
+
+
+def _fields(body: A1111Txt2Img) -> dict[str, Any]:
+    return {
         "prompt": body.prompt,
         "negative_prompt": body.negative_prompt,
         "seed": None if body.seed == -1 else body.seed,
@@ -60,12 +106,6 @@ async def a1111_txt2img(service: ServiceDep, body: A1111Txt2Img) -> dict[str, An
         "height": body.height,
         "scheduler": _a1111_scheduler(body),
         "num_images": min(body.batch_size * body.n_iter, 8),
-    }
-    status = await generate_images(service, fields, source="a1111")
-    return {
-        "images": [read_b64(service, output) for output in status["outputs"]],
-        "parameters": body.model_dump(),
-        "info": json.dumps(_info(status)),
     }
 
 

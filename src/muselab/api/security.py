@@ -37,6 +37,11 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+#: The routes whose body may carry a picture (a starting image in base64): up to
+#: `max_upload_body_bytes`; every other route keeps `max_body_bytes`.
+UPLOAD_PATHS = frozenset({"/api/jobs/image", "/api/estimate/image", "/sdapi/v1/img2img"})
+
+
 class SecurityMiddleware:
     """Stops other web pages and other machines from driving a local server.
 
@@ -59,7 +64,7 @@ class SecurityMiddleware:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         refusal = self._refuse(scope, headers)
         if refusal is None and scope["method"] in BODY_METHODS:
-            body, refusal = await self._read_body(receive)
+            body, refusal = await self._read_body(receive, self.body_limit(scope["path"]))
             if refusal is None:
                 receive = _replay(body, receive)
         if refusal is not None:
@@ -93,12 +98,19 @@ class SecurityMiddleware:
                 length = int(headers.get("content-length", "0"))
             except ValueError:
                 return 400, "Invalid Content-Length header.", "invalid_request"
-            if length > self.settings.max_body_bytes:
-                return self._too_large()
+            if length > self.body_limit(scope["path"]):
+                return self._too_large(self.body_limit(scope["path"]))
         return None
 
-    def _too_large(self) -> tuple[int, str, str]:
-        return 413, f"Request body too large (limit {self.settings.max_body_bytes} bytes).", "too_large"
+    def body_limit(self, path: str) -> int:
+        """Bodies are small JSON, but for the routes that take a picture (`UPLOAD_PATHS`)."""
+        if path in UPLOAD_PATHS:
+            return max(self.settings.max_body_bytes, self.settings.max_upload_body_bytes)
+        return self.settings.max_body_bytes
+
+    @staticmethod
+    def _too_large(limit: int) -> tuple[int, str, str]:
+        return 413, f"Request body too large (limit {limit} bytes).", "too_large"
 
     def _origin_allowed(self, origin: str, host_header: str) -> bool:
         if origin in self.settings.cors_origins:
@@ -106,7 +118,7 @@ class SecurityMiddleware:
         parsed = urlsplit(origin)
         return parsed.scheme in ("http", "https") and parsed.netloc == host_header
 
-    async def _read_body(self, receive: Receive) -> tuple[bytes, tuple[int, str, str] | None]:
+    async def _read_body(self, receive: Receive, limit: int) -> tuple[bytes, tuple[int, str, str] | None]:
         """The whole body, read before the app sees it: cut off past the size limit (a chunked
         body has no Content-Length to check first) or past the time limit (a body trickled a
         byte at a time would hold a connection, and the job queue's slot, for as long as it likes)."""
@@ -127,8 +139,8 @@ class SecurityMiddleware:
                 return b"", (400, "The client went away before sending the whole body.", "invalid_request")
             chunk = message.get("body", b"")
             size += len(chunk)
-            if size > self.settings.max_body_bytes:
-                return b"", self._too_large()
+            if size > limit:
+                return b"", self._too_large(limit)
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(chunks), None

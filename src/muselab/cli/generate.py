@@ -170,7 +170,26 @@ def _to_field(request: Any, field: str, value: Any) -> Any:
     option = field_option(request.model_fields[field])
     if option.switch is not None and value is not None:
         return option.switch[0] if value else option.switch[1]
+    if option.upload and value is not None:
+        return read_upload(value, option.flags[0] if option.flags else f"--{field.replace('_', '-')}")
     return value
+
+
+def read_upload(value: str, flag: str) -> str:
+    """A file named on the command line, as the base64 the request carries (a stored input's
+    'sha256:...' reference as it is). The job service checks the picture itself."""
+    import base64
+
+    from muselab.uploads import MAX_UPLOAD_BYTES, is_reference
+
+    if is_reference(value):
+        return value
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise CliError(f"{flag} {value}: no such file.", EXIT_BAD_INPUT)
+    if path.stat().st_size > MAX_UPLOAD_BYTES:
+        raise CliError(f"{flag} {value}: over {MAX_UPLOAD_BYTES // 2**20} MB.", EXIT_BAD_INPUT)
+    return base64.b64encode(path.read_bytes()).decode("ascii")
 
 
 def parse(kind: str, from_file: Path | None, options: dict[str, Any]) -> Any:

@@ -58,6 +58,7 @@ class RuntimePlan:
     safety_checker: bool = True  # images
     fast_decoder: str = FAST_DECODER  # images: the tiny autoencoder (TAESD) for decoder="fast" and previews
     lora_dir: Path | None = None  # images: where the LoRAs a request names are found
+    inputs_dir: Path | None = None  # images: where the pictures a request starts from are kept
     lcm_lora: str = "latent-consistency/lcm-lora-sdv1-5"  # images: the fast tier's LoRA (hub id or folder)
 
     @property
@@ -112,6 +113,7 @@ def image_plan(settings: Settings, placement: Placement | None = None, model: st
         safety_checker=settings.safety_checker,
         fast_decoder=settings.fast_decoder(),
         lora_dir=settings.loras,
+        inputs_dir=settings.inputs,
         lcm_lora=settings.model_for("lcm-lora"),
     )
 

@@ -28,6 +28,15 @@ from muselab.engines.base import (
     wants_previews,
 )
 from muselab.engines.image.family import GENERIC_DEFAULTS
+from muselab.engines.image.img2img import (
+    DEFAULT_RESIZE_MODE,
+    DEFAULT_STRENGTH,
+    denoising_steps,
+    fitted_size,
+    image_to_image,
+    round_trip,
+    starting_picture,
+)
 from muselab.engines.image.lora import ChosenLora, chosen_loras, fuse_loras, with_prompt_loras
 from muselab.engines.image.lora import identity as lora_identity
 from muselab.engines.image.schedulers import make_scheduler, steps_in_float32
@@ -292,21 +301,42 @@ class ImageEngine:
         return Path(self.model.rstrip("/")).name
 
     def steps(self, request: ImageRequest) -> int:
-        """The progress steps `request` takes: its denoising steps for each image."""
-        return (request.steps or self.defaults.steps or 1) * request.num_images
+        """The progress steps `request` takes: its denoising steps for each image (from a starting
+        picture, the share its strength runs; at least one, the VAE's round trip)."""
+        steps = request.steps or self.defaults.steps or 1
+        if request.init_image is not None:
+            steps = max(1, denoising_steps(steps, DEFAULT_STRENGTH if request.strength is None else request.strength))
+        return steps * request.num_images
 
     def resolve(self, request: ImageRequest) -> ImageRequest:
         """Fill every unset field from the model's defaults, so the recipe is complete; LoRAs named
         by `<lora:...>` tags in the prompt join `loras`, each recorded with its hash."""
         request = apply_tier(with_prompt_loras(request).model_copy(update={"speed": request.speed or "quality"}))
         check_steps(request)
+        width, height = request.width, request.height
+        if request.init_image is not None:
+            if not (width and height):  # the input's shape, at the model's size
+                from muselab.uploads import InputStore
+
+                assert self.plan.inputs_dir is not None
+                picture = InputStore(self.plan.inputs_dir).load(request.init_image, "init_image")
+                fitted = fitted_size(picture.size, self.native_size)
+                width, height = width or fitted[0], height or fitted[1]
+            request = request.model_copy(
+                update={
+                    "strength": DEFAULT_STRENGTH if request.strength is None else request.strength,
+                    "resize_mode": request.resize_mode or DEFAULT_RESIZE_MODE,
+                }
+            )
+        else:
+            request = request.model_copy(update={"strength": None, "resize_mode": None})
         return request.model_copy(
             update={
                 "lora_hashes": {lora.name: lora.file.hash for lora in chosen_loras(request, self.plan.lora_dir)},
                 "model": model_label(self.model),
                 "seed": request.seed if request.seed is not None else secrets.randbelow(MAX_SEED + 1),
-                "width": request.width or self.native_size,
-                "height": request.height or self.native_size,
+                "width": width or self.native_size,
+                "height": height or self.native_size,
                 "steps": request.steps or self.defaults.steps,
                 "guidance": request.guidance if request.guidance is not None else self.defaults.guidance,
                 "scheduler": request.scheduler or self.defaults.scheduler,
@@ -332,8 +362,9 @@ class ImageEngine:
         request = self.resolve(request)
         assert request.seed is not None and request.steps is not None
         self.prepare(request)  # where the job service has not (a direct call, a test, the benchmark)
+        per_image = self.steps(request) // request.num_images
         if preview_every is None:
-            preview_every = max(1, request.steps // 8) if wants_previews(on_progress) else 0
+            preview_every = max(1, per_image // 8) if wants_previews(on_progress) else 0
         cancel = cancel or CancelToken()
         self.pipe.scheduler = steps_in_float32(make_scheduler(request.scheduler, self._scheduler_config))
         # One engine runs one generation at a time (the job service's run lock), so the decoder
@@ -349,7 +380,10 @@ class ImageEngine:
             self.pipe.vae.disable_tiling()
         preview_vae = self.preview_decoder() if preview_every else None
         split = self.split_unet() if TIERS[request.speed or "quality"].step_cache else None
-        clock = ProgressClock(request.steps * request.num_images, on_progress, items=request.num_images)
+        start = starting_picture(request, self.plan.inputs_dir)
+        # From a starting picture: the image-to-image pipeline over the same components, as set above.
+        pipe = self.pipe if start is None else image_to_image(self.pipe)
+        clock = ProgressClock(per_image * request.num_images, on_progress, items=request.num_images)
         started = time.perf_counter()
         outputs: list[ImageOutput] = []
         for index in range(request.num_images):
@@ -366,29 +400,37 @@ class ImageEngine:
                 clock.advance(index, preview=preview)
                 return tensors
 
-            unet = self.pipe.unet
+            if start is not None and denoising_steps(request.steps, request.strength or 0.0) == 0:
+                # Strength 0: nothing to denoise; the picture through the VAE, as A1111 returns it.
+                clock.advance(index)
+                outputs.append(ImageOutput(image=round_trip(pipe, start, generator), seed=seed))
+                continue
+            if start is None:
+                # The same generator, past the starting noise: a sampler's own draws continue the
+                # seed's sequence, as when the pipeline draws the starting noise itself.
+                inputs = {"width": request.width, "height": request.height}
+                inputs["latents"] = self.initial_noise(request, generator)
+            else:
+                inputs = {"image": start, "strength": request.strength}
+            unet = pipe.unet
             if split is not None:  # a fresh cache for each image
-                self.pipe.unet = StepCachedUNet(unet, split)
+                pipe.unet = StepCachedUNet(unet, split)
             try:
                 with cancellable(cancel):
-                    result = self.pipe(
+                    result = pipe(
                         prompt=request.prompt,
                         negative_prompt=request.negative_prompt or None,
-                        width=request.width,
-                        height=request.height,
                         num_inference_steps=request.steps,
                         guidance_scale=request.guidance,
-                        latents=self.initial_noise(request, generator),
-                        # The same generator, past the starting noise: a sampler's own draws continue
-                        # the seed's sequence, as when the pipeline draws the starting noise itself.
                         generator=generator,
                         callback_on_step_end=on_step_end,
                         callback_on_step_end_tensor_inputs=["latents"],
+                        **inputs,
                     )
             except Cancelled:
                 raise Cancelled(completed=outputs) from None
             finally:
-                self.pipe.unet = unet
+                pipe.unet = unet
             flagged = bool(result.nsfw_content_detected and result.nsfw_content_detected[0])
             outputs.append(ImageOutput(image=result.images[0], seed=seed, flagged=flagged))
         return engine_result(self, request, outputs, started)

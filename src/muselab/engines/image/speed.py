@@ -146,10 +146,16 @@ def check_steps(request: ImageRequest) -> None:
 
 def check_request(request: ImageRequest, settings: Settings) -> ImageRequest:
     """Before a request queues: its speed tier decided (and its model, for turbo), its prompt's
-    LoRA tags moved to `loras`, each LoRA found, and its steps within what its sampler takes."""
+    LoRA tags moved to `loras`, each LoRA found, its steps within what its sampler takes, and its
+    starting picture (an untrusted upload) checked and kept, named by its hash from then on."""
     from muselab.engines.image.lora import chosen_loras, with_prompt_loras
+    from muselab.uploads import InputStore
 
     request = choose_speed(with_prompt_loras(request), settings)
     chosen_loras(request, settings.loras)
     check_steps(apply_tier(request))
+    if request.init_image is not None:  # checked and kept once, at submit: the job names it by hash
+        request = request.model_copy(
+            update={"init_image": InputStore(settings.inputs).accept(request.init_image, "init_image")}
+        )
     return request
