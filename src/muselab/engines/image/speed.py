@@ -76,11 +76,12 @@ def auto_speed(device: str, lcm_lora_here: bool = True) -> tuple[str, str]:
 
 
 def lcm_lora_here(settings: Settings) -> bool:
-    """Whether the fast tier's LCM-LoRA can be had: on disk, in the cache, or downloadable."""
+    """Whether the fast tier's LCM-LoRA can be had: on disk, in the cache, downloadable, or the
+    tiny preset's (built with the tiny models when first loaded, so not on disk yet on a first run)."""
     from muselab.engines.base import cached_snapshot
 
     source = lcm_lora(settings)
-    if Path(source).expanduser().is_dir() or not settings.is_offline():
+    if settings.preset == "tiny" or Path(source).expanduser().is_dir() or not settings.is_offline():
         return True
     try:
         return cached_snapshot(source) is not None
