@@ -272,16 +272,22 @@ def test_a_time_limit_is_answered_as_what_it_is(tiny_dir, tmp_path):
         assert "MUSELAB_JOB_TIMEOUT" in response.json()["error"]["message"]
 
 
-def test_an_oversized_chunked_body_is_refused_like_one_with_a_length(client):
-    def chunks():
-        yield b'{"prompt": "'
-        for _ in range(100):
-            yield b"x" * 1000
-        yield b'"}'
+def chunked_body(kilobytes: int):
+    yield b'{"prompt": "'
+    for _ in range(kilobytes):
+        yield b"x" * 1000
+    yield b'"}'
 
-    response = client.post("/api/jobs/image", content=chunks(), headers={"content-type": "application/json"})
+
+def test_an_oversized_chunked_body_is_refused_like_one_with_a_length(client, tiny_dir, tmp_path):
+    headers = {"content-type": "application/json"}
+    response = client.post("/api/jobs/music", content=chunked_body(100), headers=headers)
     assert response.status_code == 413 and "too large" in response.json()["error"]["message"]
     assert client.get("/api/jobs").json()["recent"] == []
+    # The picture routes' larger limit holds for chunked bodies too.
+    with make_client(tiny_dir, tmp_path, max_upload_body_bytes=200_000) as small:
+        response = small.post("/api/jobs/image", content=chunked_body(300), headers=headers)
+        assert response.status_code == 413 and "limit 200000 bytes" in response.json()["error"]["message"]
 
 
 def test_docs_load_no_script_from_another_site(client):
