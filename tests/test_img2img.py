@@ -252,3 +252,13 @@ def test_a1111_img2img_as_webuiapi_sends_it(tiny_dir, tmp_path):
         assert masked.status_code == 422 and "mask:" in masked.json()["error"]["message"]
         empty = client.post("/sdapi/v1/img2img", json={**body, "init_images": []})
         assert empty.status_code == 422 and "init_images" in empty.json()["error"]["message"]
+
+
+def test_the_expected_time_counts_the_steps_a_strength_runs():
+    from muselab.engines.image.estimate import _gflop, model_work
+
+    work = model_work("CompVis/stable-diffusion-v1-4")
+    assert work is not None
+    plain = ImageRequest(prompt="-", steps=20, guidance=1.0, decoder="fast", speed="quality")
+    half = plain.model_copy(update={"init_image": "sha256:" + "0" * 64, "strength": 0.5})
+    assert _gflop(half, work) == pytest.approx(_gflop(plain, work) / 2)
