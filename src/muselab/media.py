@@ -71,6 +71,11 @@ def a1111_parameters(request: dict[str, Any], model_name: str) -> str:
     pairs += [
         ("CFG scale", _plain_number(request["guidance"])),
         ("Seed", request["seed"]),
+        *(
+            [("Variation seed", request["subseed"]), ("Variation seed strength", _plain_number(strength))]
+            if (strength := request.get("subseed_strength") or 0) > 0 and request.get("subseed") is not None
+            else []
+        ),
         ("Size", f"{request['width']}x{request['height']}"),
         ("Model", model_name),
     ]
@@ -112,6 +117,9 @@ def parse_a1111_parameters(text: str) -> dict[str, Any]:
         request["guidance"] = float(pairs["CFG scale"])
     if "Seed" in pairs:
         request["seed"] = int(pairs["Seed"])
+    if "Variation seed" in pairs and "Variation seed strength" in pairs:
+        request["subseed"] = int(pairs["Variation seed"])
+        request["subseed_strength"] = float(pairs["Variation seed strength"])
     if "Size" in pairs:
         width, height = pairs["Size"].split("x")
         request["width"], request["height"] = int(width), int(height)

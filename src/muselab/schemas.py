@@ -259,6 +259,28 @@ class ImageRequest(BaseRequest):
         Field(default_factory=dict, description="Filled in when the picture is made: each LoRA's A1111 hash."),
         Option(cli=False, studio=False),
     ]
+    subseed: Annotated[
+        int | None,
+        Field(
+            default=None,
+            ge=0,
+            le=MAX_SEED,
+            description="A second seed to vary the picture with (A1111's variation seed): its starting "
+            "noise is blended into the seed's by subseed_strength. Random if unset and a strength is given.",
+        ),
+        Option(label="Variation seed", studio=False),
+    ] = None
+    subseed_strength: Annotated[
+        float,
+        Field(
+            default=0.0,
+            ge=0.0,
+            le=1.0,
+            description="How much of the variation seed's noise (A1111's spherical blend): 0 is the seed's "
+            "picture, 1 the variation seed's, small values explore near a picture you like.",
+        ),
+        Option(label="Variation strength", step=0.05, studio=False),
+    ] = 0.0
     init_image: Annotated[
         str | None,
         Field(

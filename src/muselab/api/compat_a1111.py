@@ -45,6 +45,8 @@ class A1111Txt2Img(BaseModel):
     scheduler: str | None = Field(default=None, max_length=100)
     batch_size: int = Field(default=1, ge=1, le=8)
     n_iter: int = Field(default=1, ge=1, le=8)
+    subseed: int = Field(default=-1, ge=-1, le=MAX_SEED)
+    subseed_strength: float = Field(default=0.0, ge=0, le=1)
 
 
 class A1111Img2Img(A1111Txt2Img):
@@ -106,6 +108,8 @@ def _fields(body: A1111Txt2Img) -> dict[str, Any]:
         "height": body.height,
         "scheduler": _a1111_scheduler(body),
         "num_images": min(body.batch_size * body.n_iter, 8),
+        "subseed": None if body.subseed == -1 else body.subseed,
+        "subseed_strength": body.subseed_strength,
     }
 
 
@@ -139,8 +143,12 @@ def _info(status: dict[str, Any]) -> dict[str, Any]:
         "all_negative_prompts": [resolved["negative_prompt"]] * len(outputs),
         "seed": seeds[0] if seeds else None,
         "all_seeds": seeds,
-        "subseed": -1,
-        "all_subseeds": [-1] * len(outputs),
+        "subseed": resolved.get("subseed") if resolved.get("subseed") is not None else -1,
+        "all_subseeds": [
+            (resolved["subseed"] + index) % (MAX_SEED + 1) if resolved.get("subseed") is not None else -1
+            for index in range(len(outputs))
+        ],
+        "subseed_strength": resolved.get("subseed_strength") or 0,
         "width": resolved["width"],
         "height": resolved["height"],
         "sampler_name": resolved["scheduler"],

@@ -335,6 +335,10 @@ class ImageEngine:
                 "lora_hashes": {lora.name: lora.file.hash for lora in chosen_loras(request, self.plan.lora_dir)},
                 "model": model_label(self.model),
                 "seed": request.seed if request.seed is not None else secrets.randbelow(MAX_SEED + 1),
+                # A variation seed only where it is used; drawn like the seed where none is given.
+                "subseed": (request.subseed if request.subseed is not None else secrets.randbelow(MAX_SEED + 1))
+                if request.subseed_strength > 0
+                else None,
                 "width": width or self.native_size,
                 "height": height or self.native_size,
                 "steps": request.steps or self.defaults.steps,
@@ -409,7 +413,7 @@ class ImageEngine:
                 # The same generator, past the starting noise: a sampler's own draws continue the
                 # seed's sequence, as when the pipeline draws the starting noise itself.
                 inputs = {"width": request.width, "height": request.height}
-                inputs["latents"] = self.initial_noise(request, generator)
+                inputs["latents"] = self.initial_noise(request, generator, index)
             else:
                 inputs = {"image": start, "strength": request.strength}
             unet = pipe.unet
@@ -448,7 +452,7 @@ class ImageEngine:
             )
         return unet if hasattr(unet, "shallow_part") else TorchSplitUNet(unet)
 
-    def initial_noise(self, request: ImageRequest, generator: torch.Generator) -> torch.Tensor:
+    def initial_noise(self, request: ImageRequest, generator: torch.Generator, index: int = 0) -> torch.Tensor:
         """The seed's starting latents, drawn in float32 from its CPU `generator` whatever the
         engine's dtype and device, then cast: so one seed starts every placement from the same
         noise (in float32, exactly the noise the pipeline would have drawn). Left to the
@@ -462,9 +466,30 @@ class ImageEngine:
             request.width // self.pipe.vae_scale_factor,
         )
         noise = torch.randn(shape, generator=generator, dtype=torch.float32)
+        if request.subseed_strength > 0 and request.subseed is not None:
+            # A1111's variation seed: image i blends in subseed + i's noise, as its seed is seed + i.
+            other = torch.Generator("cpu").manual_seed((request.subseed + index) % (MAX_SEED + 1))
+            noise = slerp(request.subseed_strength, noise, torch.randn(shape, generator=other, dtype=torch.float32))
         encoders = text_encoders(self.pipe)
         # The pipeline's latents take its prompt embeddings' dtype, i.e. the text encoder's.
         return noise.to(encoders[0].dtype if encoders else self.placement.dtype)
+
+
+def slerp(weight: float, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """A1111's spherical blend of two noises (`modules/processing.py:slerp`), over the same axis it
+    uses (dim 1 of each 3-D noise), so a variation seed reproduces A1111's variations."""
+    low, high = low[0], high[0]
+    low_norm = low / torch.norm(low, dim=1, keepdim=True)
+    high_norm = high / torch.norm(high, dim=1, keepdim=True)
+    dot = (low_norm * high_norm).sum(1)
+    if dot.mean() > 0.9995:
+        return (low * (1 - weight) + high * weight)[None]
+    omega = torch.acos(dot)
+    so = torch.sin(omega)
+    blended = (torch.sin((1.0 - weight) * omega) / so).unsqueeze(1) * low + (torch.sin(weight * omega) / so).unsqueeze(
+        1
+    ) * high
+    return blended[None]
 
 
 def lcm_lora_choice(plan: RuntimePlan, source: str | None = None) -> ChosenLora:
