@@ -180,10 +180,10 @@ def tier_runs(folder: str, cache: str, backend: str, quick: bool, say: Say) -> d
         else:  # balanced: a whole call, then shallow ones (its first three steps)
             intervals, _, _ = _timed_steps(engine, request, 3)
             whole_step, shallow_step = tiers["quality"]["unet_step_s"], float(np.median(intervals[1:]))
-            deep = full_calls(steps)
+            deep = values["whole_unet_calls"] = full_calls(steps)
             values.update({"unet_step_s": whole_step, "shallow_step_s": shallow_step})
             values["seconds_per_image"] = guided + deep * whole_step + (steps - deep) * shallow_step + decode
-        if tier == "balanced":
+        if tier == "balanced" and not quick:  # made whole above: its calls, as the quick branch records them
             values["whole_unet_calls"] = full_calls(steps)
         values["text_encode_s"] = guided if rows == 2 else single
         say(f"image tier {tier}: {values['seconds_per_image']:.1f} s per image")

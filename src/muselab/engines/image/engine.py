@@ -30,12 +30,13 @@ from muselab.engines.base import (
 from muselab.engines.image.family import GENERIC_DEFAULTS
 from muselab.engines.image.img2img import (
     DEFAULT_RESIZE_MODE,
-    DEFAULT_STRENGTH,
     denoising_steps,
     fitted_size,
     image_to_image,
     round_trip,
     starting_picture,
+    steps_run,
+    strength_of,
 )
 from muselab.engines.image.lora import ChosenLora, chosen_loras, fuse_loras, with_prompt_loras
 from muselab.engines.image.lora import identity as lora_identity
@@ -303,10 +304,7 @@ class ImageEngine:
     def steps(self, request: ImageRequest) -> int:
         """The progress steps `request` takes: its denoising steps for each image (from a starting
         picture, the share its strength runs; at least one, the VAE's round trip)."""
-        steps = request.steps or self.defaults.steps or 1
-        if request.init_image is not None:
-            steps = max(1, denoising_steps(steps, DEFAULT_STRENGTH if request.strength is None else request.strength))
-        return steps * request.num_images
+        return steps_run(request, request.steps or self.defaults.steps or 1) * request.num_images
 
     def resolve(self, request: ImageRequest) -> ImageRequest:
         """Fill every unset field from the model's defaults, so the recipe is complete; LoRAs named
@@ -324,7 +322,7 @@ class ImageEngine:
                 width, height = width or fitted[0], height or fitted[1]
             request = request.model_copy(
                 update={
-                    "strength": DEFAULT_STRENGTH if request.strength is None else request.strength,
+                    "strength": strength_of(request),
                     "resize_mode": request.resize_mode or DEFAULT_RESIZE_MODE,
                 }
             )

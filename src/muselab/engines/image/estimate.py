@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from muselab.config import model_label
 from muselab.engines.image.family import GENERIC_DEFAULTS, SD1_UNET, SD1_VAE
-from muselab.engines.image.img2img import DEFAULT_STRENGTH, denoising_steps
+from muselab.engines.image.img2img import steps_run
 from muselab.engines.image.speed import TIERS, apply_tier, auto_choice, choose_speed, turbo_model
 from muselab.engines.image.step_cache import full_calls
 from muselab.families import catalogue_entry
@@ -106,10 +106,7 @@ def _gflop(request: ImageRequest, work: Work) -> float:
     area = (request.width or work.side) * (request.height or work.side) / work.side**2
     rows = 2 if (request.guidance or 0) > 1 else 1  # classifier-free guidance runs the UNet twice
     decode = work.decode if request.decoder == "full" else 0.0  # TAESD costs about 1% of it
-    steps = request.steps or 1
-    if request.init_image is not None:  # from a picture: the share of the steps its strength runs
-        strength = DEFAULT_STRENGTH if request.strength is None else request.strength
-        steps = max(1, denoising_steps(steps, strength))
+    steps = steps_run(request, request.steps or 1)
     unet = steps * work.unet
     if TIERS[request.speed or "quality"].step_cache and work.shallow:
         deep = full_calls(steps)

@@ -18,6 +18,19 @@ def denoising_steps(steps: int, strength: float) -> int:
     return min(int(steps * strength), steps)
 
 
+def strength_of(request: ImageRequest) -> float:
+    """The request's strength, A1111's default where it names none."""
+    return DEFAULT_STRENGTH if request.strength is None else request.strength
+
+
+def steps_run(request: ImageRequest, steps: int) -> int:
+    """How many of `steps` an image of `request` takes: all of them, or from a starting picture the
+    share its strength runs (at least one: strength 0 is the VAE's round trip)."""
+    if request.init_image is None:
+        return steps
+    return max(1, denoising_steps(steps, strength_of(request)))
+
+
 def fitted_size(size: tuple[int, int], longest: int) -> tuple[int, int]:
     """`size` scaled so its longer side is `longest`, each side a multiple of 8 (at least 64)."""
     width, height = size
