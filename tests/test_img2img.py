@@ -248,8 +248,9 @@ def test_a1111_img2img_as_webuiapi_sends_it(tiny_dir, tmp_path):
         assert recipe["init_image"].startswith("sha256:")
         assert "init_images" not in result["parameters"]  # the picture is not sent back again
         assert json.loads(result["info"])["all_seeds"] == [7]
-        masked = client.post("/sdapi/v1/img2img", json={**body, "mask": start})
-        assert masked.status_code == 422 and "mask:" in masked.json()["error"]["message"]
+        small = "data:image/png;base64," + base64.b64encode(png_bytes(Image.new("L", (32, 32), 255))).decode()
+        masked = client.post("/sdapi/v1/img2img", json={**body, "mask": small})
+        assert masked.status_code == 422 and "mask: must be the size of init_image (64x64)" in masked.text
         empty = client.post("/sdapi/v1/img2img", json={**body, "init_images": []})
         assert empty.status_code == 422 and "init_images" in empty.json()["error"]["message"]
 

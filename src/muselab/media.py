@@ -79,6 +79,16 @@ def a1111_parameters(request: dict[str, Any], model_name: str) -> str:
         ("Size", f"{request['width']}x{request['height']}"),
         ("Model", model_name),
     ]
+    if request.get("strength") is not None:
+        pairs.append(("Denoising strength", _plain_number(request["strength"])))
+    if request.get("mask"):
+        pairs.append(("Mask blur", request.get("mask_blur", 4)))
+    if request.get("enable_hr") and not request.get("init_image"):
+        pairs += [
+            ("Hires upscale", _plain_number(request.get("hr_scale", 2.0))),
+            ("Hires steps", request.get("hr_second_pass_steps", 0)),
+            ("Hires upscaler", request.get("hr_upscaler", "Lanczos")),
+        ]
     if request.get("decoder") == "fast":
         pairs.append(("VAE", "TAESD"))
     hashes = request.get("lora_hashes") or {}
@@ -93,8 +103,9 @@ def a1111_parameters(request: dict[str, Any], model_name: str) -> str:
     return "\n".join(lines)
 
 
-def parse_a1111_parameters(text: str) -> dict[str, Any]:
-    """Read A1111 'parameters' text back into an image request (as a dict)."""
+def a1111_fields(text: str) -> dict[str, str]:
+    """A1111 'parameters' text as A1111's PNG Info shows it: Prompt, Negative prompt (if any),
+    then each `Key: value` of its last line."""
     lines = text.strip().split("\n")
     settings_line = lines[-1] if len(lines) > 1 and re.match(r"^\s*Steps:", lines[-1]) else ""
     body = lines[:-1] if settings_line else lines
@@ -108,9 +119,18 @@ def parse_a1111_parameters(text: str) -> dict[str, Any]:
         (key.strip(), json.loads(value) if value.startswith('"') else value.strip())
         for key, value in re.findall(r'\s*([\w \-/]+):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)', settings_line)
     )
-    request: dict[str, Any] = {"prompt": "\n".join(prompt_lines).strip()}
+    fields = {"Prompt": "\n".join(prompt_lines).strip()}
     if negative_lines:
-        request["negative_prompt"] = "\n".join(negative_lines).strip()
+        fields["Negative prompt"] = "\n".join(negative_lines).strip()
+    return fields | pairs
+
+
+def parse_a1111_parameters(text: str) -> dict[str, Any]:
+    """Read A1111 'parameters' text back into an image request (as a dict)."""
+    pairs = a1111_fields(text)
+    request: dict[str, Any] = {"prompt": pairs["Prompt"]}
+    if "Negative prompt" in pairs:
+        request["negative_prompt"] = pairs["Negative prompt"]
     if "Steps" in pairs:
         request["steps"] = int(pairs["Steps"])
     if "CFG scale" in pairs:
@@ -129,7 +149,28 @@ def parse_a1111_parameters(text: str) -> dict[str, Any]:
         request["model_name"] = pairs["Model"]
     if pairs.get("VAE", "").lower().startswith("taesd"):
         request["decoder"] = "fast"
+    if "Denoising strength" in pairs:
+        request["strength"] = float(pairs["Denoising strength"])
+    if "Mask blur" in pairs:
+        request["mask_blur"] = int(pairs["Mask blur"])
+    if "Hires upscale" in pairs:
+        request["enable_hr"], request["hr_scale"] = True, float(pairs["Hires upscale"])
+        request["hr_upscaler"] = "Latent" if pairs.get("Hires upscaler", "").startswith("Latent") else "Lanczos"
+        request["hr_second_pass_steps"] = int(pairs.get("Hires steps", 0))
     return request
+
+
+def png_text(data: bytes) -> dict[str, str]:
+    """The text chunks of a PNG held in memory (empty for a picture of another format)."""
+    import io
+
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return {str(key): str(value) for key, value in (getattr(image, "text", {}) or {}).items()}
+    except OSError as exc:
+        raise MetadataError(f"image: not a readable picture: {exc}") from None
 
 
 def _scheduler_from_a1111(sampler: str, schedule: str | None) -> str:

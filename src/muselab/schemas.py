@@ -32,6 +32,10 @@ MAX_SEED = 2**32 - 1
 MAX_PROMPT_CHARS = 2000
 
 ResizeMode = Literal["just resize", "crop and resize", "resize and fill"]
+#: A1111's "masked content": what the masked area starts from before it is repainted.
+InpaintingFill = Literal["fill", "original", "latent noise", "latent nothing"]
+OutpaintSide = Literal["left", "right", "up", "down"]
+HiresUpscaler = Literal["Lanczos", "Latent"]
 #: A base64 picture at the upload limit (muselab.uploads: 20 MB) with a data-URL prefix.
 MAX_UPLOAD_CHARS = 28_000_000
 SchedulerName = Literal["DPM++ 2M Karras", "DPM++ 2M", "Euler a", "Euler", "DDIM", "PNDM", "LCM"]
@@ -298,8 +302,9 @@ class ImageRequest(BaseRequest):
             default=None,
             ge=0.0,
             le=1.0,
-            description="With a starting picture: how far to move from it (A1111's denoising strength), "
-            "0 keeps it, 1 ignores it; the steps run are steps x strength. Default 0.75.",
+            description="With a starting picture, or hires fix's second pass: how far to move from it "
+            "(A1111's denoising strength), 0 keeps it, 1 ignores it; the steps run are steps x strength. "
+            "Default 0.75.",
         ),
         Option(label="Strength (with a starting picture)", step=0.05, studio=False),
     ] = None
@@ -313,6 +318,107 @@ class ImageRequest(BaseRequest):
         ),
         Option(label="Resize mode", studio=False),
     ] = None
+    mask: Annotated[
+        str | None,
+        Field(
+            default=None,
+            max_length=MAX_UPLOAD_CHARS,
+            description="Inpainting: a mask the size of the starting picture, white where it is repainted "
+            "(black is kept); PNG, JPEG or WebP, sent as init_image is.",
+        ),
+        Option(label="Mask (white = repaint)", metavar="FILE", upload="image", studio=False),
+    ] = None
+    inpainting_mask_invert: Annotated[
+        bool,
+        Field(default=False, description="Inpainting: repaint the black of the mask instead (A1111's mask invert)."),
+        Option(flags=("--invert-mask",), label="Repaint the black of the mask", studio=False),
+    ] = False
+    mask_blur: Annotated[
+        int,
+        Field(default=4, ge=0, le=64, description="Inpainting: pixels the mask's edge is blurred by (A1111's 4)."),
+        Option(label="Mask blur", studio=False),
+    ] = 4
+    inpainting_fill: Annotated[
+        InpaintingFill | None,
+        Field(
+            default=None,
+            description="Inpainting: what the masked area starts from (A1111's masked content): 'original' "
+            "(default), 'fill' (the picture's colours blurred in), 'latent noise' or 'latent nothing'.",
+        ),
+        Option(flags=("--masked-content",), label="Masked content", studio=False),
+    ] = None
+    inpaint_full_res: Annotated[
+        bool,
+        Field(
+            default=False,
+            description="Inpainting: repaint only the masked area, cropped around the mask and repainted at "
+            "full size, then pasted back (A1111's 'only masked').",
+        ),
+        Option(flags=("--only-masked",), label="Only masked (repaint the area at full size)", studio=False),
+    ] = False
+    inpaint_full_res_padding: Annotated[
+        int,
+        Field(default=32, ge=0, le=256, description="Inpainting, only masked: pixels of context around the mask."),
+        Option(flags=("--only-masked-padding",), label="Only masked padding (pixels)", studio=False),
+    ] = 32
+    outpaint: Annotated[
+        int,
+        Field(
+            default=0,
+            ge=0,
+            le=1024,
+            multiple_of=8,
+            description="Outpainting: pixels to grow the starting picture by on each of outpaint_sides; "
+            "the new area is painted to match (inpainting of the padded canvas).",
+        ),
+        Option(label="Outpaint (pixels)", studio=False),
+    ] = 0
+    outpaint_sides: Annotated[
+        list[OutpaintSide],
+        Field(
+            default_factory=lambda: ["left", "right", "up", "down"],
+            min_length=1,
+            max_length=4,
+            description="Outpainting: the sides to grow (left, right, up, down; default all four).",
+        ),
+        Option(flags=("--outpaint-side",), label="Outpaint sides", studio=False),
+    ]
+    enable_hr: Annotated[
+        bool,
+        Field(
+            default=False,
+            description="Hires fix: make the picture at width x height, upscale it by hr_scale, then "
+            "denoise it again at the larger size (strength, hr_second_pass_steps), as A1111 does.",
+        ),
+        Option(flags=("--hires",), label="Hires fix", studio=False),
+    ] = False
+    hr_scale: Annotated[
+        float,
+        Field(default=2.0, ge=1.0, le=4.0, description="Hires fix: how much larger (each side; at most 2048)."),
+        Option(label="Hires scale", step=0.25, studio=False),
+    ] = 2.0
+    hr_upscaler: Annotated[
+        HiresUpscaler,
+        Field(
+            default="Lanczos",
+            description="Hires fix: 'Lanczos' upscales the picture, 'Latent' the latents (wants strength 0.5 or more).",
+        ),
+        Option(label="Hires upscaler", studio=False),
+    ] = "Lanczos"
+    hr_second_pass_steps: Annotated[
+        int,
+        Field(default=0, ge=0, le=150, description="Hires fix: the second pass's steps before strength (0 = steps)."),
+        Option(flags=("--hires-steps",), label="Hires steps (0 = the same)", studio=False),
+    ] = 0
+    emphasis: Annotated[
+        dict[str, list[tuple[str, float]]],
+        Field(
+            default_factory=dict,
+            description="Filled in when the picture is made: the prompts' A1111 emphasis, as (text, weight) "
+            "pieces, for each prompt that has any.",
+        ),
+        Option(cli=False, studio=False),
+    ]
 
     @field_validator("loras", mode="before")
     @classmethod

@@ -100,10 +100,18 @@ class InputStore:
     def accept(self, value: str, field: str, mode: str = "RGB") -> str:
         """A client's picture (base64) checked and stored, or a reference checked to exist: the
         reference a request then carries."""
+        return self.kept(value, self.read(value, field, mode))
+
+    def read(self, value: str, field: str, mode: str = "RGB") -> Any:
+        """The picture a request's field holds (base64, or a stored input's reference), checked and
+        decoded but not stored: a request with several pictures stores none until all are good."""
         if is_reference(value):
-            self.load(value, field, mode)
-            return value
-        return self.keep(decode_image(decode_base64(value, field), field, mode))
+            return self.load(value, field, mode)
+        return decode_image(decode_base64(value, field), field, mode)
+
+    def kept(self, value: str, image: Any) -> str:
+        """The reference for a field's picture read by `read`: stored now if it was sent."""
+        return value if is_reference(value) else self.keep(image)
 
     def load(self, reference: str, field: str, mode: str = "RGB") -> Any:
         """The stored picture a reference names."""

@@ -13,7 +13,7 @@ from muselab.api.common import ServiceDep, SettingsDep, generate_images, read_b6
 from muselab.api.errors import ApiError
 from muselab.config import model_label
 from muselab.loras import available
-from muselab.schemas import MAX_PROMPT_CHARS, MAX_SEED, SCHEDULERS
+from muselab.schemas import MAX_PROMPT_CHARS, MAX_SEED, MAX_UPLOAD_CHARS, SCHEDULERS
 
 router = APIRouter(tags=["compatibility"])
 
@@ -47,17 +47,29 @@ class A1111Txt2Img(BaseModel):
     n_iter: int = Field(default=1, ge=1, le=8)
     subseed: int = Field(default=-1, ge=-1, le=MAX_SEED)
     subseed_strength: float = Field(default=0.0, ge=0, le=1)
+    enable_hr: bool = False
+    hr_scale: float = Field(default=2.0, ge=1, le=4)
+    hr_upscaler: str | None = Field(default=None, max_length=100)
+    hr_second_pass_steps: int = Field(default=0, ge=0, le=150)
+    denoising_strength: float | None = Field(default=None, ge=0, le=1)
 
 
 class A1111Img2Img(A1111Txt2Img):
     """A1111's img2img body as `webuiapi` sends it; unknown fields are accepted and ignored."""
 
     init_images: list[str] = Field(default_factory=list, max_length=8)
-    denoising_strength: float = Field(default=0.75, ge=0, le=1)
+    denoising_strength: float | None = Field(default=0.75, ge=0, le=1)
     resize_mode: int = Field(default=0, ge=0, le=3)
     mask: str | None = None
+    mask_blur: int = Field(default=4, ge=0, le=64)
+    inpainting_fill: int = Field(default=1, ge=0, le=3)
+    inpaint_full_res: bool = False
+    inpaint_full_res_padding: int = Field(default=32, ge=0, le=256)
+    inpainting_mask_invert: int = Field(default=0, ge=0, le=1)
 
 
+#: A1111's inpainting_fill numbers ("masked content").
+_MASKED_CONTENT = ("fill", "original", "latent noise", "latent nothing")
 #: A1111's resize_mode numbers (3, "just resize (latent upscale)", resizes the picture here too).
 _RESIZE_MODES = {0: "just resize", 1: "crop and resize", 2: "resize and fill", 3: "just resize"}
 
@@ -76,15 +88,46 @@ async def a1111_img2img(service: ServiceDep, body: A1111Img2Img) -> dict[str, An
         raise ApiError(
             422, "init_images: send the picture to start from (base64 PNG, JPEG or WebP).", "invalid_request"
         )
-    if body.mask:
-        raise ApiError(422, "mask: inpainting is not built yet; send img2img without a mask.", "invalid_request")
     fields = {
         **_fields(body),
         "init_image": body.init_images[0],
         "strength": body.denoising_strength,
         "resize_mode": _RESIZE_MODES[body.resize_mode],
+        "enable_hr": False,  # A1111's img2img has no hires fix
     }
+    if body.mask:
+        fields |= {
+            "mask": body.mask,
+            "mask_blur": body.mask_blur,
+            "inpainting_fill": _MASKED_CONTENT[body.inpainting_fill],
+            "inpaint_full_res": body.inpaint_full_res,
+            "inpaint_full_res_padding": body.inpaint_full_res_padding,
+            "inpainting_mask_invert": bool(body.inpainting_mask_invert),
+        }
     return await _images(service, body, fields)
+
+
+class A1111PngInfo(BaseModel):
+    image: str = Field(max_length=MAX_UPLOAD_CHARS)
+
+
+@router.post("/sdapi/v1/png-info")
+async def a1111_png_info(body: A1111PngInfo) -> dict[str, Any]:
+    """AUTOMATIC1111's PNG Info: a picture's generation text (`info`), its `parameters` parsed into
+    A1111's keys, and its other text chunks (`items`). The picture is read in memory and never kept."""
+    from muselab.media import MetadataError, a1111_fields, png_text
+    from muselab.schemas import RequestError
+    from muselab.uploads import decode_base64, decode_image
+
+    try:
+        data = decode_base64(body.image, "image")
+        decode_image(data, "image")  # a picture, within the limits, before its chunks are read
+        text = png_text(data)
+    except (RequestError, MetadataError) as error:
+        raise ApiError(422, str(error), "invalid_request") from None
+    info = text.get("parameters", "")
+    items = {key: value for key, value in text.items() if key != "parameters"}
+    return {"info": info, "items": items, "parameters": a1111_fields(info) if info else {}}
 
 
 async def _images(service: Any, body: A1111Txt2Img, fields: dict[str, Any]) -> dict[str, Any]:
@@ -110,6 +153,13 @@ def _fields(body: A1111Txt2Img) -> dict[str, Any]:
         "num_images": min(body.batch_size * body.n_iter, 8),
         "subseed": None if body.subseed == -1 else body.subseed,
         "subseed_strength": body.subseed_strength,
+        "enable_hr": body.enable_hr,
+        "hr_scale": body.hr_scale,
+        # A1111's upscaler names: its latent ones ("Latent", "Latent (bicubic)"...) upscale the
+        # latents; every other (ESRGAN and friends, not here) the picture, here with Lanczos.
+        "hr_upscaler": "Latent" if (body.hr_upscaler or "").startswith("Latent") else "Lanczos",
+        "hr_second_pass_steps": body.hr_second_pass_steps,
+        "strength": body.denoising_strength if body.enable_hr else None,
     }
 
 

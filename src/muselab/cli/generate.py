@@ -11,7 +11,7 @@ import signal
 import sys
 import typing
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import typer
 
@@ -158,7 +158,10 @@ def _field_option(name: str, info: Any) -> Any:
 
 
 def _optional(annotation: Any) -> Any:
-    """`annotation`, also taking None: an option not given leaves the field to the recipe or default."""
+    """`annotation`, also taking None: an option not given leaves the field to the recipe or default.
+    A list of choices is a list of strings to typer (it takes no other); the request checks each."""
+    if typing.get_origin(annotation) is list and typing.get_origin(typing.get_args(annotation)[0]) is Literal:
+        annotation = list[str]
     if type(None) in typing.get_args(annotation):
         return annotation
     return annotation | None

@@ -27,6 +27,8 @@ from muselab.engines.base import (
     locate_model,
     wants_previews,
 )
+from muselab.engines.image import hires
+from muselab.engines.image.emphasis import pipeline_inputs, weights_record
 from muselab.engines.image.family import GENERIC_DEFAULTS
 from muselab.engines.image.img2img import (
     DEFAULT_RESIZE_MODE,
@@ -38,8 +40,18 @@ from muselab.engines.image.img2img import (
     steps_run,
     strength_of,
 )
+from muselab.engines.image.inpaint import (
+    DEFAULT_FILL,
+    INPAINTING_CHANNELS,
+    OUTPAINT_FILL,
+    canvas,
+    edits_region,
+    inpaint_inputs,
+    inpainting_pipeline,
+)
 from muselab.engines.image.lora import ChosenLora, chosen_loras, fuse_loras, with_prompt_loras
 from muselab.engines.image.lora import identity as lora_identity
+from muselab.engines.image.previews import latents_to_preview, tiny_decoder_upscale
 from muselab.engines.image.schedulers import make_scheduler, steps_in_float32
 from muselab.engines.image.speed import LCM_LORA_FILE, TIERS, apply_tier, check_steps
 from muselab.engines.image.step_cache import StepCachedUNet, TorchSplitUNet
@@ -53,17 +65,6 @@ from muselab.schemas import MAX_SEED, ImageRequest, RequestError
 
 if TYPE_CHECKING:
     from muselab.engines.image.openvino import OpenVinoSetup
-
-# Approximate RGB of SD 1.x/2.x latents: a free preview while sampling (no VAE call).
-_LATENT_RGB = torch.tensor(
-    [
-        [0.3512, 0.2297, 0.3227],
-        [0.3250, 0.4974, 0.2350],
-        [-0.2829, 0.1762, 0.2721],
-        [-0.2120, -0.2616, -0.7177],
-    ]
-)
-
 
 #: Above this many pixels the VAE decodes in tiles, so a large image never needs the whole
 #: decoder's activations (several GB at 2048x2048) at once.
@@ -303,8 +304,22 @@ class ImageEngine:
 
     def steps(self, request: ImageRequest) -> int:
         """The progress steps `request` takes: its denoising steps for each image (from a starting
-        picture, the share its strength runs; at least one, the VAE's round trip)."""
-        return steps_run(request, request.steps or self.defaults.steps or 1) * request.num_images
+        picture, the share its strength runs; at least one, the VAE's round trip), with hires fix's
+        second pass."""
+        steps = request.steps or self.defaults.steps or 1
+        return (steps_run(request, steps) + hires.second_pass_steps(request, steps)) * request.num_images
+
+    def inputs(self, request: ImageRequest) -> tuple[Any, Any]:
+        """The request's starting picture and mask (each None where it has none), as stored."""
+        from muselab.uploads import InputStore
+
+        if request.init_image is None:
+            return None, None
+        if self.plan.inputs_dir is None:
+            raise ValueError("this engine was given no inputs folder to find starting pictures in")
+        store = InputStore(self.plan.inputs_dir)
+        mask = None if request.mask is None else store.load(request.mask, "mask", "L")
+        return store.load(request.init_image, "init_image"), mask
 
     def resolve(self, request: ImageRequest) -> ImageRequest:
         """Fill every unset field from the model's defaults, so the recipe is complete; LoRAs named
@@ -312,24 +327,38 @@ class ImageEngine:
         request = apply_tier(with_prompt_loras(request).model_copy(update={"speed": request.speed or "quality"}))
         check_steps(request)
         width, height = request.width, request.height
-        if request.init_image is not None:
-            if not (width and height):  # the input's shape, at the model's size
-                from muselab.uploads import InputStore
-
-                assert self.plan.inputs_dir is not None
-                picture = InputStore(self.plan.inputs_dir).load(request.init_image, "init_image")
-                fitted = fitted_size(picture.size, self.native_size)
-                width, height = width or fitted[0], height or fitted[1]
-            request = request.model_copy(
-                update={
-                    "strength": strength_of(request),
-                    "resize_mode": request.resize_mode or DEFAULT_RESIZE_MODE,
-                }
+        edits = edits_region(request)
+        if self.pipe.unet.config.in_channels == INPAINTING_CHANNELS and not edits:
+            raise RequestError(
+                f"mask: '{self.model_name}' is an inpainting model: it repaints the masked area of a starting "
+                "picture; send init_image and a mask (or outpaint), or choose another model"
             )
-        else:
-            request = request.model_copy(update={"strength": None, "resize_mode": None})
+        if request.init_image is not None and not (width and height):
+            # The input's shape (the repainted region's, for an edit), at the model's size.
+            picture, mask = self.inputs(request)
+            area = canvas(request, picture, mask).region_size if edits else picture.size
+            fitted = fitted_size(area, self.native_size)
+            width, height = width or fitted[0], height or fitted[1]
+        uses_strength = request.init_image is not None or request.enable_hr
+        fill = request.inpainting_fill or (OUTPAINT_FILL if request.mask is None else DEFAULT_FILL)
+        request = request.model_copy(
+            update={
+                "strength": strength_of(request) if uses_strength else None,
+                "resize_mode": (request.resize_mode or DEFAULT_RESIZE_MODE)
+                if request.init_image is not None and not edits
+                else None,
+                "inpainting_fill": fill if edits else None,
+            }
+        )
+        asked = hires.second_pass_steps(request, request.steps or self.defaults.steps or 1, before_strength=True)
+        if hires.applies(request) and denoising_steps(asked, request.strength or 0.0) < 1:
+            raise RequestError(
+                "strength: hires fix's second pass runs hr_second_pass_steps (or steps) x strength steps, "
+                "none here; raise either"
+            )
         return request.model_copy(
             update={
+                "emphasis": weights_record(request.prompt, request.negative_prompt),
                 "lora_hashes": {lora.name: lora.file.hash for lora in chosen_loras(request, self.plan.lora_dir)},
                 "model": model_label(self.model),
                 "seed": request.seed if request.seed is not None else secrets.randbelow(MAX_SEED + 1),
@@ -376,15 +405,23 @@ class ImageEngine:
             self.pipe.vae = self.fast_vae(self._model_sources.get(request.decoder_model, request.decoder_model))
         else:
             self.pipe.vae = self._full_vae
-        if self.low_memory or request.width * request.height > TILED_DECODE_PIXELS:
+        if self.low_memory or hires.largest_area(request) > TILED_DECODE_PIXELS:
             self.pipe.vae.enable_tiling()
         else:
             self.pipe.vae.disable_tiling()
         preview_vae = self.preview_decoder() if preview_every else None
         split = self.split_unet() if TIERS[request.speed or "quality"].step_cache else None
-        start = starting_picture(request, self.plan.inputs_dir)
-        # From a starting picture: the image-to-image pipeline over the same components, as set above.
-        pipe = self.pipe if start is None else image_to_image(self.pipe)
+        start = starting_picture(request, self.plan.inputs_dir) if not edits_region(request) else None
+        edit = canvas(request, *self.inputs(request)) if edits_region(request) else None
+        if edit is not None:  # the region to repaint, at the size it is denoised at
+            region = edit.cropped(edit.picture, request.width, request.height)
+            region_mask = edit.cropped(edit.mask, request.width, request.height)
+            pipe = inpainting_pipeline(self.pipe)
+        else:
+            # From a starting picture: the image-to-image pipeline over the same components, as set above.
+            pipe = self.pipe if start is None else image_to_image(self.pipe)
+        # A1111's emphasis and long prompts as embeddings (once for every image); plain prompts as text.
+        prompts = pipeline_inputs(self.pipe, request.prompt, request.negative_prompt)
         clock = ProgressClock(per_image * request.num_images, on_progress, items=request.num_images)
         started = time.perf_counter()
         outputs: list[ImageOutput] = []
@@ -402,37 +439,54 @@ class ImageEngine:
                 clock.advance(index, preview=preview)
                 return tensors
 
-            if start is not None and denoising_steps(request.steps, request.strength or 0.0) == 0:
-                # Strength 0: nothing to denoise; the picture through the VAE, as A1111 returns it.
-                clock.advance(index)
-                outputs.append(ImageOutput(image=round_trip(pipe, start, generator), seed=seed))
-                continue
-            if start is None:
-                # The same generator, past the starting noise: a sampler's own draws continue the
-                # seed's sequence, as when the pipeline draws the starting noise itself.
-                inputs = {"width": request.width, "height": request.height}
-                inputs["latents"] = self.initial_noise(request, generator, index)
-            else:
-                inputs = {"image": start, "strength": request.strength}
-            unet = pipe.unet
-            if split is not None:  # a fresh cache for each image
-                pipe.unet = StepCachedUNet(unet, split)
+            def denoise(pipe: Any, steps: int, generator: Any = generator, **inputs: Any) -> Any:
+                unet = pipe.unet
+                if split is not None:  # a fresh cache for each image
+                    pipe.unet = StepCachedUNet(unet, split)
+                try:
+                    with cancellable(cancel):
+                        return pipe(
+                            **prompts,
+                            num_inference_steps=steps,
+                            guidance_scale=request.guidance,
+                            generator=generator,
+                            callback_on_step_end=on_step_end,
+                            callback_on_step_end_tensor_inputs=["latents"],
+                            **inputs,
+                        )
+                finally:
+                    pipe.unet = unet
+
+            strength = request.strength or 0.0
             try:
-                with cancellable(cancel):
-                    result = pipe(
-                        prompt=request.prompt,
-                        negative_prompt=request.negative_prompt or None,
-                        num_inference_steps=request.steps,
-                        guidance_scale=request.guidance,
-                        generator=generator,
-                        callback_on_step_end=on_step_end,
-                        callback_on_step_end_tensor_inputs=["latents"],
-                        **inputs,
-                    )
+                if (start is not None or edit is not None) and denoising_steps(request.steps, strength) == 0:
+                    # Strength 0: nothing to denoise; the picture through the VAE, as A1111 returns it.
+                    clock.advance(index)
+                    image = round_trip(pipe, start if edit is None else region, generator)
+                    outputs.append(ImageOutput(image=image if edit is None else edit.paste(image), seed=seed))
+                    continue
+                if edit is not None:
+                    fill = request.inpainting_fill or DEFAULT_FILL
+                    painted = inpaint_inputs(pipe, region, region_mask, fill, generator)
+                    size = {"width": request.width, "height": request.height}
+                    result = denoise(pipe, request.steps, strength=strength, **size, **painted.as_kwargs())
+                    result.images[0] = edit.paste(result.images[0])
+                elif start is not None:
+                    result = denoise(pipe, request.steps, image=start, strength=strength)
+                else:
+                    # The same generator, past the starting noise: a sampler's own draws continue the
+                    # seed's sequence, as when the pipeline draws the starting noise itself.
+                    first = {"width": request.width, "height": request.height}
+                    first["latents"] = self.initial_noise(request, generator, index)
+                    if request.enable_hr:
+                        first["output_type"] = "latent" if request.hr_upscaler == "Latent" else "pil"
+                    result = denoise(pipe, request.steps, **first)
+                    if request.enable_hr:
+                        upscaled = hires.upscaled(result.images, request)
+                        second = hires.second_pass_steps(request, request.steps, before_strength=True)
+                        result = denoise(image_to_image(self.pipe), second, image=upscaled, strength=strength)
             except Cancelled:
                 raise Cancelled(completed=outputs) from None
-            finally:
-                pipe.unet = unet
             flagged = bool(result.nsfw_content_detected and result.nsfw_content_detected[0])
             outputs.append(ImageOutput(image=result.images[0], seed=seed, flagged=flagged))
         return engine_result(self, request, outputs, started)
@@ -513,43 +567,6 @@ def default_loras(plan: RuntimePlan, settings: Any) -> tuple[ChosenLora, ...]:
         return (lcm_lora_choice(plan),)
     except ModelUnavailable:
         return ()  # the first fast request says what to download
-
-
-def tiny_decoder_upscale(config: Any) -> int:
-    """How many pixels a tiny autoencoder (TAESD) draws per latent pixel, per side."""
-    return int(config.upsampling_scaling_factor ** (len(config.decoder_block_out_channels) - 1))
-
-
-def latents_to_preview(latents: torch.Tensor, tiny_vae: Any = None, max_side: int = 128) -> Any:
-    """A picture of the first latent in the batch: decoded by the tiny autoencoder (TAESD) when one
-    is given (a fraction of a second), else a rough linear projection to RGB (free)."""
-    from PIL import Image
-
-    if tiny_vae is not None:
-        config = tiny_vae.config
-        upscale = tiny_decoder_upscale(config)
-        latent = latents[:1]
-        # A thumbnail needs no more latent pixels than its own side over the decoder's upscale:
-        # shrink big latents first, so a preview costs milliseconds whatever the image size.
-        shrink = max(latent.shape[-2:]) * upscale / max_side
-        if shrink > 1:
-            size = [max(1, round(side / shrink)) for side in latent.shape[-2:]]
-            latent = torch.nn.functional.interpolate(latent.float(), size=size, mode="area")
-        # The thumbnail's latents are far smaller than a tile: decode them whole even where the
-        # same decoder was left tiling by a big image's final decode.
-        tiling, tiny_vae.use_tiling = tiny_vae.use_tiling, False
-        try:
-            with torch.inference_mode():
-                decoded = tiny_vae.decode(latent.to(tiny_vae.dtype) / config.scaling_factor).sample[0]
-        finally:
-            tiny_vae.use_tiling = tiling
-        rgb = decoded.float().cpu().permute(1, 2, 0)
-    else:
-        rgb = torch.einsum("chw,cr->hwr", latents[0].float().cpu(), _LATENT_RGB)
-    rgb = ((rgb + 1) / 2).clamp(0, 1).mul(255).to(torch.uint8).numpy()
-    image = Image.fromarray(rgb)
-    image.thumbnail((max_side, max_side))
-    return image
 
 
 def compile_unet(unet: Any, device: str) -> Any:

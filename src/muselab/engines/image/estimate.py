@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from muselab.config import model_label
+from muselab.engines.image import hires
 from muselab.engines.image.family import GENERIC_DEFAULTS, SD1_UNET, SD1_VAE
 from muselab.engines.image.img2img import steps_run
 from muselab.engines.image.speed import TIERS, apply_tier, auto_choice, choose_speed, turbo_model
@@ -111,7 +112,13 @@ def _gflop(request: ImageRequest, work: Work) -> float:
     if TIERS[request.speed or "quality"].step_cache and work.shallow:
         deep = full_calls(steps)
         unet = deep * work.unet + (steps - deep) * work.shallow
-    return request.num_images * area * (rows * unet + decode)
+    work_per_image = area * (rows * unet + decode)
+    if hires.applies(request):  # the second pass, at the larger size
+        side = {"width": request.width or work.side, "height": request.height or work.side}
+        width, height = hires.hires_size(request.model_copy(update=side))
+        second = hires.second_pass_steps(request, request.steps or 1)
+        work_per_image += width * height / work.side**2 * (rows * second * work.unet + decode)
+    return request.num_images * work_per_image
 
 
 def _parsed(run: dict[str, Any]) -> ImageRequest:

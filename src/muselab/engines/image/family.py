@@ -62,6 +62,14 @@ CATALOGUE = (
         scheduler="DPM++ 2M Karras",
     ),
     CatalogueEntry(
+        "stable-diffusion-v1-5/stable-diffusion-inpainting",
+        "image",
+        "Stable Diffusion 1.5 inpainting (9-channel UNet): repaints a masked area, needs init_image and mask",
+        steps=25,
+        guidance=7.5,
+        scheduler="DPM++ 2M Karras",
+    ),
+    CatalogueEntry(
         "latent-consistency/lcm-lora-sdv1-5",
         "lcm-lora",
         "LCM-LoRA for SD 1.x: the fast speed tier's 4-step sampler (67 MB)",
@@ -88,7 +96,7 @@ FAMILY = Family(
     summary='Make an image from a text prompt, e.g. muselab image "a red fox in snow, watercolor".',
     icon=":material/image:",
     catalogue=CATALOGUE,
-    architectures=("StableDiffusionPipeline",),
+    architectures=("StableDiffusionPipeline", "StableDiffusionInpaintPipeline"),
     tiny={
         "image": TinyModel("tiny-stable-diffusion", lazy("muselab.engines.image.tiny:build_tiny_stable_diffusion")),
         "decoder": TinyModel("tiny-taesd", lazy("muselab.engines.image.tiny:build_tiny_taesd")),

@@ -148,15 +148,22 @@ def check_steps(request: ImageRequest) -> None:
 def check_request(request: ImageRequest, settings: Settings) -> ImageRequest:
     """Before a request queues: its speed tier decided (and its model, for turbo), its prompt's
     LoRA tags moved to `loras`, each LoRA found, its steps within what its sampler takes, and its
-    starting picture (an untrusted upload) checked and kept, named by its hash from then on."""
+    starting picture and mask (untrusted uploads) checked, together, and only then kept, named by
+    their hashes from then on."""
+    from muselab.engines.image.inpaint import check_edit
     from muselab.engines.image.lora import chosen_loras, with_prompt_loras
     from muselab.uploads import InputStore
 
     request = choose_speed(with_prompt_loras(request), settings)
     chosen_loras(request, settings.loras)
     check_steps(apply_tier(request))
-    if request.init_image is not None:  # checked and kept once, at submit: the job names it by hash
-        request = request.model_copy(
-            update={"init_image": InputStore(settings.inputs).accept(request.init_image, "init_image")}
-        )
+    store = InputStore(settings.inputs)
+    picture = None if request.init_image is None else store.read(request.init_image, "init_image")
+    mask = None if request.mask is None else store.read(request.mask, "mask", "L")
+    check_edit(request, picture, mask)
+    if picture is not None:  # checked and kept once, at submit: the job names them by hash
+        update = {"init_image": store.kept(request.init_image, picture)}
+        if mask is not None:
+            update["mask"] = store.kept(request.mask, mask)
+        request = request.model_copy(update=update)
     return request

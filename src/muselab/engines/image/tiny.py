@@ -25,9 +25,10 @@ def sd1_scheduler() -> Any:
     )
 
 
-def build_tiny_stable_diffusion(path: str | Path, replace: bool = True) -> Path:
-    """Write a tiny SD 1.x-shaped pipeline (UNet, KL VAE, CLIP text, safety checker) to `path`."""
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+def build_tiny_stable_diffusion(path: str | Path, replace: bool = True, inpainting: bool = False) -> Path:
+    """Write a tiny SD 1.x-shaped pipeline (UNet, KL VAE, CLIP text, safety checker) to `path`;
+    `inpainting`: an inpainting checkpoint's (a 9-channel UNet: latents, mask, masked picture)."""
+    from diffusers import AutoencoderKL, StableDiffusionInpaintPipeline, StableDiffusionPipeline, UNet2DConditionModel
     from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPTextConfig, CLIPTextModel
 
@@ -37,7 +38,7 @@ def build_tiny_stable_diffusion(path: str | Path, replace: bool = True) -> Path:
         block_out_channels=(32, 64),
         layers_per_block=2,
         sample_size=32,
-        in_channels=4,
+        in_channels=9 if inpainting else 4,
         out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
@@ -83,7 +84,7 @@ def build_tiny_stable_diffusion(path: str | Path, replace: bool = True) -> Path:
     )
     safety_checker = StableDiffusionSafetyChecker(safety_config)
     feature_extractor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    pipe = StableDiffusionPipeline(
+    pipe = (StableDiffusionInpaintPipeline if inpainting else StableDiffusionPipeline)(
         unet=unet,
         vae=vae,
         text_encoder=text_encoder,
