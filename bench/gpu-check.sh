@@ -23,6 +23,8 @@ for file in tests/test_music_engine.py tests/test_image_engine.py; do
   CUDA_LAUNCH_BLOCKING=1 timeout "${TEST_TIMEOUT:-150}" python3 -m pytest -q -p no:cacheprovider "$file" 2>&1 \
     | tee -a "$OUT/pytest.log" || tests_status=1
 done
+# Inpainting, outpainting, hires fix and prompt weights on the GPU, then timed on full-size SD 1.x.
+timeout "${EDITS_TIMEOUT:-300}" python3 bench/gpu_edits.py 2>&1 | tee "$OUT/edits.log" || tests_status=1
 timeout "${BENCH_TIMEOUT:-420}" python3 -m muselab bench --quick --json bench/results/gpu.json \
   --docs docs/PERFORMANCE.md 2>&1 | tee "$OUT/bench.log"
 status=$?

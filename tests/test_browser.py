@@ -345,3 +345,55 @@ def test_a_new_user_from_empty_caches_gets_an_image_and_a_clip_with_moving_progr
             page.get_by_text(prompt, exact=True).first.wait_for()
     finally:
         stop(process)
+
+
+def test_inpainting_a_painted_mask_keeps_the_rest_of_the_picture(studio, browser, tmp_path):
+    """Upload a picture, paint over its top left corner, inpaint on the tiny models, download: the
+    picture keeps its size, and far from the painted stroke its pixels are the input's exactly."""
+    import numpy as np
+
+    side = 64
+    ramp = Image.linear_gradient("L").resize((side, side))
+    channels = (ramp, ramp.transpose(Image.Transpose.ROTATE_90), Image.new("L", (side, side), 90))
+    start = tmp_path / "start.png"
+    Image.merge("RGB", channels).save(start)
+
+    page = browser.new_page(viewport={"width": 1280, "height": 800}, accept_downloads=True)
+    page.set_default_timeout(60_000)
+    go(page, studio, "image", "Image")
+    page.get_by_label("Describe the picture", exact=True).fill("a red fox in snow")
+    page.keyboard.press("Tab")
+    page.get_by_text("Start from a picture").click()
+    page.locator("[data-testid='stFileUploaderDropzoneInput']").set_input_files(str(start))
+    page.get_by_text(f"{side} x {side} pixels").wait_for()
+    page.get_by_role("radio", name="Paint a mask").click()
+    hint = page.get_by_text("Paint over what to repaint")
+    hint.wait_for()
+    canvas = page.locator("canvas").last
+    canvas.scroll_into_view_if_needed()
+    box = canvas.bounding_box()
+    assert box and box["width"] > 300  # the picture shown large enough to paint on
+    per_pixel = box["width"] / side
+    # A stroke along the top left, picture rows 4-8 and columns 3-26 or so (the brush is 24 px wide).
+    page.mouse.move(box["x"] + 3 * per_pixel, box["y"] + 6 * per_pixel)
+    page.mouse.down()
+    page.mouse.move(box["x"] + 26 * per_pixel, box["y"] + 6 * per_pixel, steps=12)
+    page.mouse.up()
+    hint.wait_for(state="detached")  # the drawing reached the studio: the request has a mask now
+    shoot(page, "image-inpainting")
+    generate(page)
+    png_button = page.get_by_role("button", name="PNG").first
+    png_button.wait_for(timeout=120_000)
+    with page.expect_download() as png:
+        png_button.click()
+    saved = tmp_path / "inpainted.png"
+    png.value.save_as(saved)
+    result = Image.open(saved)
+    recipe = json.loads(result.text["muselab"])["request"]
+    assert recipe["mask"].startswith("sha256:") and recipe["init_image"].startswith("sha256:")
+    assert result.size == (side, side)
+    before, after = (np.asarray(picture.convert("RGB"), dtype=int) for picture in (Image.open(start), result))
+    assert np.abs(after[:14] - before[:14]).max() > 0  # the painted part was repainted
+    far = (slice(24, side), slice(0, side)), (slice(0, side), slice(40, side))  # beyond stroke and blur
+    for rows, columns in far:
+        assert np.array_equal(after[rows, columns], before[rows, columns])

@@ -199,7 +199,7 @@ def test_the_cli_inpaints_and_from_re_runs_the_edit_to_the_same_bytes(cli_env, t
 
 
 def test_upscale_fields_take_what_the_picture_shows_not_its_edits():
-    from muselab.engines.image.img2img import UPSCALE_PROMPT, upscale_fields
+    from muselab.upscale import UPSCALE_PROMPT, upscale_fields
 
     recipe = {"prompt": "a fox", "seed": 3, "steps": 1, "speed": "turbo", "mask": "sha256:" + "0" * 64, "width": 512}
     fields = upscale_fields(recipe, (1500, 1000), "sha256:" + "1" * 64, scale=2.0, strength=0.3)

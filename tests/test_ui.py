@@ -310,3 +310,250 @@ def test_image_page_picks_loras_with_weights_and_the_picture_records_them(ui_env
     at.button(key="image.reuse").click().run()  # the recipe's LoRAs come back into the widgets
     assert at.multiselect(key="image.loras").value == ["inkwash"]
     assert at.slider(key="image.lora_weight.inkwash").value == 0.6
+
+
+# Picture editing: a starting picture, a mask, outpainting, hires fix, and Edit this / Upscale / Vary.
+
+
+def gradient_png(side: int = 64) -> bytes:
+    """A picture whose every pixel differs from its neighbours' (a plain one would hide a shift)."""
+    import io
+
+    from PIL import Image
+
+    ramp = Image.linear_gradient("L").resize((side, side))
+    channels = (ramp, ramp.transpose(Image.Transpose.ROTATE_90), Image.new("L", (side, side), 90))
+    buffer = io.BytesIO()
+    Image.merge("RGB", channels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def picture_of(value: str, ui_env, mode: str = "RGB"):
+    """A picture a request names: a stored input's reference, or base64 as the studio sends it."""
+    from muselab.uploads import InputStore, decode_base64, decode_image, is_reference
+
+    if is_reference(value):
+        return InputStore(Settings(data_dir=ui_env).inputs).load(value, "picture", mode)
+    return decode_image(decode_base64(value, "picture"), "picture", mode)
+
+
+@pytest.fixture
+def submitted(ui_env, monkeypatch):
+    """Each request the studio sends, as it sends it."""
+    from muselab.ui.backend import LocalBackend
+
+    sent: list[dict] = []
+    send = LocalBackend.submit
+
+    def record(self, kind, data):
+        sent.append({"kind": kind, **data})
+        return send(self, kind, data)
+
+    monkeypatch.setattr(LocalBackend, "submit", record)
+    return sent
+
+
+def with_picture(data: bytes | None = None, name: str = "start.png") -> AppTest:
+    at = open_page("image")
+    at.text_area(key="image.prompt").input("a red fox")
+    at.file_uploader(key="image.upload").upload(name, data or gradient_png(), "image/png").run()
+    assert not at.exception, at.exception
+    return at
+
+
+def last_job(ui_env) -> dict:
+    return store(ui_env).list_jobs(limit=1)[0]
+
+
+def test_an_uploaded_picture_starts_the_image_with_its_strength(ui_env):
+    at = with_picture()
+    assert at.selectbox(key="image.size").value == "Model default"  # its shape at the model's size
+    at.selectbox(key="image.size").set_value("picture")  # or its own size, 64 x 64
+    assert "64 x 64 pixels" in [caption.value for caption in at.caption]
+    at.number_input(key="image.strength").set_value(0.5)
+    at.number_input(key="image.steps").set_value(4)
+    at.button(key="image.generate").click().run()
+    run_until(at, lambda page: page.get("download_button"))
+    request = last_job(ui_env)["request"]
+    assert request["init_image"].startswith("sha256:") and request["strength"] == 0.5
+    assert (request["width"], request["height"]) == (64, 64)
+    from muselab.uploads import decode_image
+
+    kept = picture_of(request["init_image"], ui_env)
+    assert kept.tobytes() == decode_image(gradient_png(), "picture").tobytes()  # the very picture uploaded
+    at.button(key="image.remove_picture").click().run()
+    assert at.file_uploader(key="image.upload") and at.selectbox(key="image.size").value == "Model default"
+
+
+def test_a_file_that_is_no_picture_is_refused_naming_the_field(ui_env):
+    at = with_picture(b"GIF89a, or so it says", name="fox.png")
+    shown = at.error[0].value.replace("\\", "")  # as it reads, the Markdown escapes rendered
+    assert "init_image: a PNG, JPEG or WebP picture" in shown and "this is not one" in shown
+    assert "image.picture" not in at.session_state and not [b for b in at.button if b.key == "image.remove_picture"]
+
+
+def painted(width: int, height: int, box: tuple[int, int, int, int]) -> dict:
+    """What the mask painter sends back once `box` is painted: its drawing as a PNG data URL."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    drawing = Image.new("RGBA", (width, height), (0, 0, 0, 0))
+    drawing.paste((255, 0, 170, 140), box)
+    buffer = io.BytesIO()
+    drawing.save(buffer, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    return {"drawing": {"raw": {"objects": [{"type": "path"}]}, "data": url}, "backgroundFit": None}
+
+
+def test_a_painted_mask_goes_in_the_request_at_the_pictures_size(ui_env, submitted):
+    import hashlib
+
+    at = with_picture()
+    at.segmented_control(key="image.edit_mode").set_value("paint").run()
+    assert "Paint over what to repaint" in " ".join(caption.value for caption in at.caption)
+    canvas = "image.canvas." + hashlib.sha256(gradient_png()).hexdigest()[:16]
+    at.session_state[canvas] = painted(448, 448, (0, 0, 224, 224))  # the top left quarter
+    at.run()
+    at.number_input(key="image.mask_blur").set_value(8)
+    at.toggle(key="image.inpainting_mask_invert").set_value(True)
+    at.selectbox(key="image.inpainting_fill").set_value("latent noise")
+    at.toggle(key="image.inpaint_full_res").set_value(True).run()
+    at.number_input(key="image.inpaint_full_res_padding").set_value(16)
+    at.button(key="image.generate").click().run()
+    assert not at.exception, at.exception
+    request = submitted[-1]
+    mask = picture_of(request["mask"], ui_env, "L")
+    assert mask.size == (64, 64)
+    assert mask.getpixel((4, 4)) == 255 and mask.getpixel((60, 60)) == 0 and mask.getbbox() == (0, 0, 32, 32)
+    assert request["init_image"] and request["mask_blur"] == 8 and request["inpainting_mask_invert"] is True
+    assert request["inpainting_fill"] == "latent noise"
+    assert (request["inpaint_full_res"], request["inpaint_full_res_padding"]) == (True, 16)
+
+
+def test_an_uploaded_mask_outpainting_and_hires_fix_reach_the_request(ui_env, submitted):
+    at = with_picture()
+    at.segmented_control(key="image.edit_mode").set_value("upload").run()
+    at.file_uploader(key="image.mask_upload").set_value(("mask.png", gradient_png(32), "image/png")).run()
+    jobs = len(store(ui_env).list_jobs(limit=100))
+    at.button(key="image.generate").click().run()
+    assert "mask: must be the size of" in at.error[0].value  # the service's words, naming the field
+    assert len(store(ui_env).list_jobs(limit=100)) == jobs
+    at.file_uploader(key="image.mask_upload").set_value(("mask.png", gradient_png(), "image/png")).run()
+    at.button(key="image.generate").click().run()
+    assert not at.error and picture_of(submitted[-1]["mask"], ui_env).size == (64, 64)
+
+    at.segmented_control(key="image.edit_mode").set_value("outpaint").run()
+    at.number_input(key="image.outpaint").set_value(16)
+    at.multiselect(key="image.outpaint_sides").set_value(["left", "right"])
+    at.button(key="image.generate").click().run()
+    request = submitted[-1]
+    assert (request["outpaint"], request["outpaint_sides"], request.get("mask")) == (16, ["left", "right"], None)
+    assert not [toggle for toggle in at.toggle if toggle.key == "image.enable_hr"]  # text-to-image only
+
+    at.button(key="image.remove_picture").click().run()  # hires fix is for text-to-image
+    at.toggle(key="image.enable_hr").set_value(True).run()
+    at.slider(key="image.hr_scale").set_value(1.5)
+    at.selectbox(key="image.hr_upscaler").set_value("Latent")
+    at.number_input(key="image.hr_second_pass_steps").set_value(3)
+    at.number_input(key="image.strength").set_value(0.6)
+    at.button(key="image.generate").click().run()
+    request = submitted[-1]
+    assert request.get("init_image") is None and request["enable_hr"] is True
+    assert (request["hr_scale"], request["hr_upscaler"], request["hr_second_pass_steps"]) == (1.5, "Latent", 3)
+    assert request["strength"] == 0.6
+
+
+def first_picture(ui_env, prompt: str) -> AppTest:
+    at = open_page("image")
+    at.text_area(key="image.prompt").input(prompt)
+    at.selectbox(key="image.size").set_value("Tiny 64 (test models)")
+    at.number_input(key="image.steps").set_value(4)
+    at.number_input(key="image.seed").set_value(7)
+    at.button(key="image.generate").click().run()
+    return run_until(at, lambda page: page.get("download_button"))
+
+
+def finished(at: AppTest, before: str) -> AppTest:
+    """Rerun until the page's job is a new one, done, with its picture."""
+    return run_until(
+        at,
+        lambda page: (
+            page.session_state["image.job"] != before
+            and page.get("download_button")
+            and not any(button.key == "image.cancel" for button in page.button)
+        ),
+    )
+
+
+def output_picture(ui_env, job_id: str):
+    from PIL import Image
+
+    [record] = store(ui_env).list_outputs(job_id=job_id)
+    return Image.open(record.path).convert("RGB")
+
+
+def test_vary_makes_a_picture_near_this_one_with_a_variation_seed(ui_env):
+    at = first_picture(ui_env, "a lighthouse")
+    first = at.session_state["image.job"]
+    [output] = store(ui_env).list_outputs(job_id=first)
+    at.button(key=f"vary.{output.id}").click().run()
+    finished(at, first)
+    assert "Variation of seed 7: variation seed " in at.info[0].value
+    request = last_job(ui_env)["request"]
+    assert (request["prompt"], request["seed"], request["subseed_strength"]) == ("a lighthouse", 7, 0.2)
+    assert request["subseed"] is not None
+    varied = output_picture(ui_env, at.session_state["image.job"])
+    assert varied.size == (64, 64) and varied.tobytes() != output_picture(ui_env, first).tobytes()
+    at.button(key="image.reuse").click().run()  # the variation seed comes back into Advanced settings
+    assert at.number_input(key="image.subseed").value == request["subseed"]
+    assert at.slider(key="image.subseed_strength").value == 0.2
+
+
+def test_upscale_redraws_the_picture_at_twice_its_size(ui_env):
+    at = first_picture(ui_env, "a windmill")
+    first = at.session_state["image.job"]
+    [output] = store(ui_env).list_outputs(job_id=first)
+    assert "128 x 128" in at.button(key=f"upscale.{output.id}").help
+    at.button(key=f"upscale.{output.id}").click().run()
+    assert "Upscale to 128 x 128 pixels" in at.info[0].value
+    finished(at, first)
+    request = last_job(ui_env)["request"]
+    assert (request["width"], request["height"], request["strength"]) == (128, 128, 0.3)
+    assert (request["prompt"], request["seed"]) == ("a windmill", 7)
+    assert picture_of(request["init_image"], ui_env).tobytes() == output_picture(ui_env, first).tobytes()
+    assert output_picture(ui_env, at.session_state["image.job"]).size == (128, 128)
+
+
+def test_edit_this_opens_the_image_page_on_the_picture_with_its_prompt(ui_env):
+    at = first_picture(ui_env, "a harbour crane")
+    first = at.session_state["image.job"]
+    [output] = store(ui_env).list_outputs(job_id=first)
+    at.text_area(key="image.prompt").input("something else").run()
+    at.button(key=f"edit.{output.id}").click().run()
+    assert not at.exception, at.exception
+    assert at.text_area(key="image.prompt").value == "a harbour crane"
+    assert at.session_state["image.picture"]["size"] == (64, 64)
+    assert "The picture's own (64 x 64)" in at.selectbox(key="image.size").options
+    at.number_input(key="image.strength").set_value(0.4)
+    at.button(key="image.generate").click().run()
+    finished(at, first)
+    request = last_job(ui_env)["request"]
+    assert request["strength"] == 0.4
+    assert picture_of(request["init_image"], ui_env).tobytes() == output_picture(ui_env, first).tobytes()
+
+
+def test_the_gallery_edits_upscales_and_varies_a_picture(ui_env):
+    [output] = store(ui_env).list_outputs(job_id=first_picture(ui_env, "a lantern").session_state["image.job"])
+    at = open_output(open_page("gallery"), output.id)
+    labels = {button.label for button in at.button if button.key.endswith(output.id)}
+    assert {"Edit this", "Upscale", "Vary"} <= labels
+    at.button(key=f"edit.{output.id}").click().run()
+    assert not at.exception, at.exception
+    assert at.text_area(key="image.prompt").value == "a lantern" and at.session_state["image.picture"]
+    assert "gallery.open" not in at.session_state  # the dialog closed behind it
+    at = open_output(open_page("gallery"), output.id)
+    at.button(key=f"vary.{output.id}").click().run()
+    assert not at.exception, at.exception
+    assert "Variation of seed 7: variation seed " in at.info[0].value and at.session_state["image.job"]

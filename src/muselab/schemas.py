@@ -272,7 +272,7 @@ class ImageRequest(BaseRequest):
             description="A second seed to vary the picture with (A1111's variation seed): its starting "
             "noise is blended into the seed's by subseed_strength. Random if unset and a strength is given.",
         ),
-        Option(label="Variation seed", studio=False),
+        Option(label="Variation seed"),
     ] = None
     subseed_strength: Annotated[
         float,
@@ -283,7 +283,7 @@ class ImageRequest(BaseRequest):
             description="How much of the variation seed's noise (A1111's spherical blend): 0 is the seed's "
             "picture, 1 the variation seed's, small values explore near a picture you like.",
         ),
-        Option(label="Variation strength", step=0.05, studio=False),
+        Option(label="Variation strength", step=0.05),
     ] = 0.0
     init_image: Annotated[
         str | None,
@@ -294,7 +294,7 @@ class ImageRequest(BaseRequest):
             "'data:image/png;base64,' prefix is fine), at most 20 MB and 16 megapixels; or the "
             "'sha256:...' reference of one sent before. Kept by content hash; the recipe names it.",
         ),
-        Option(flags=("--init",), label="Start from a picture", metavar="FILE", upload="image", studio=False),
+        Option(flags=("--init",), label="Start from a picture", metavar="FILE", upload="image"),
     ] = None
     strength: Annotated[
         float | None,
@@ -306,7 +306,7 @@ class ImageRequest(BaseRequest):
             "(A1111's denoising strength), 0 keeps it, 1 ignores it; the steps run are steps x strength. "
             "Default 0.75.",
         ),
-        Option(label="Strength (with a starting picture)", step=0.05, studio=False),
+        Option(label="Strength (with a starting picture)", step=0.05),
     ] = None
     resize_mode: Annotated[
         ResizeMode | None,
@@ -316,7 +316,7 @@ class ImageRequest(BaseRequest):
             "(default; stretches it), 'crop and resize' (fills the frame, cropping the overflow) or "
             "'resize and fill' (fits it whole, the margins filled with its stretched edges), as in A1111.",
         ),
-        Option(label="Resize mode", studio=False),
+        Option(label="Resize mode"),
     ] = None
     mask: Annotated[
         str | None,
@@ -326,17 +326,17 @@ class ImageRequest(BaseRequest):
             description="Inpainting: a mask the size of the starting picture, white where it is repainted "
             "(black is kept); PNG, JPEG or WebP, sent as init_image is.",
         ),
-        Option(label="Mask (white = repaint)", metavar="FILE", upload="image", studio=False),
+        Option(label="Mask (white = repaint)", metavar="FILE", upload="image"),
     ] = None
     inpainting_mask_invert: Annotated[
         bool,
         Field(default=False, description="Inpainting: repaint the black of the mask instead (A1111's mask invert)."),
-        Option(flags=("--invert-mask",), label="Repaint the black of the mask", studio=False),
+        Option(flags=("--invert-mask",), label="Repaint the black of the mask"),
     ] = False
     mask_blur: Annotated[
         int,
         Field(default=4, ge=0, le=64, description="Inpainting: pixels the mask's edge is blurred by (A1111's 4)."),
-        Option(label="Mask blur", studio=False),
+        Option(label="Mask blur"),
     ] = 4
     inpainting_fill: Annotated[
         InpaintingFill | None,
@@ -345,7 +345,7 @@ class ImageRequest(BaseRequest):
             description="Inpainting: what the masked area starts from (A1111's masked content): 'original' "
             "(default), 'fill' (the picture's colours blurred in), 'latent noise' or 'latent nothing'.",
         ),
-        Option(flags=("--masked-content",), label="Masked content", studio=False),
+        Option(flags=("--masked-content",), label="Masked content"),
     ] = None
     inpaint_full_res: Annotated[
         bool,
@@ -354,12 +354,12 @@ class ImageRequest(BaseRequest):
             description="Inpainting: repaint only the masked area, cropped around the mask and repainted at "
             "full size, then pasted back (A1111's 'only masked').",
         ),
-        Option(flags=("--only-masked",), label="Only masked (repaint the area at full size)", studio=False),
+        Option(flags=("--only-masked",), label="Only masked (repaint the area at full size)"),
     ] = False
     inpaint_full_res_padding: Annotated[
         int,
         Field(default=32, ge=0, le=256, description="Inpainting, only masked: pixels of context around the mask."),
-        Option(flags=("--only-masked-padding",), label="Only masked padding (pixels)", studio=False),
+        Option(flags=("--only-masked-padding",), label="Only masked padding (pixels)"),
     ] = 32
     outpaint: Annotated[
         int,
@@ -371,7 +371,7 @@ class ImageRequest(BaseRequest):
             description="Outpainting: pixels to grow the starting picture by on each of outpaint_sides; "
             "the new area is painted to match (inpainting of the padded canvas).",
         ),
-        Option(label="Outpaint (pixels)", studio=False),
+        Option(label="Outpaint (pixels)"),
     ] = 0
     outpaint_sides: Annotated[
         list[OutpaintSide],
@@ -381,7 +381,7 @@ class ImageRequest(BaseRequest):
             max_length=4,
             description="Outpainting: the sides to grow (left, right, up, down; default all four).",
         ),
-        Option(flags=("--outpaint-side",), label="Outpaint sides", studio=False),
+        Option(flags=("--outpaint-side",), label="Outpaint sides"),
     ]
     enable_hr: Annotated[
         bool,
@@ -390,12 +390,12 @@ class ImageRequest(BaseRequest):
             description="Hires fix: make the picture at width x height, upscale it by hr_scale, then "
             "denoise it again at the larger size (strength, hr_second_pass_steps), as A1111 does.",
         ),
-        Option(flags=("--hires",), label="Hires fix", studio=False),
+        Option(flags=("--hires",), label="Hires fix"),
     ] = False
     hr_scale: Annotated[
         float,
         Field(default=2.0, ge=1.0, le=4.0, description="Hires fix: how much larger (each side; at most 2048)."),
-        Option(label="Hires scale", step=0.25, studio=False),
+        Option(label="Hires scale", step=0.25),
     ] = 2.0
     hr_upscaler: Annotated[
         HiresUpscaler,
@@ -403,12 +403,12 @@ class ImageRequest(BaseRequest):
             default="Lanczos",
             description="Hires fix: 'Lanczos' upscales the picture, 'Latent' the latents (wants strength 0.5 or more).",
         ),
-        Option(label="Hires upscaler", studio=False),
+        Option(label="Hires upscaler"),
     ] = "Lanczos"
     hr_second_pass_steps: Annotated[
         int,
         Field(default=0, ge=0, le=150, description="Hires fix: the second pass's steps before strength (0 = steps)."),
-        Option(flags=("--hires-steps",), label="Hires steps (0 = the same)", studio=False),
+        Option(flags=("--hires-steps",), label="Hires steps (0 = the same)"),
     ] = 0
     emphasis: Annotated[
         dict[str, list[tuple[str, float]]],

@@ -19,7 +19,7 @@ from muselab.cli.common import (
     settings_from,
 )
 from muselab.cli.generate import generate, output_path, read_upload
-from muselab.engines.image.img2img import UPSCALE_SCALE, UPSCALE_STRENGTH
+from muselab.upscale import UPSCALE_SCALE, UPSCALE_STRENGTH
 
 
 @app.command()
@@ -42,11 +42,11 @@ def upscale(
 ) -> None:
     """Enlarge a picture (Lanczos) and redraw its detail with an img2img pass at a low strength,
     with its recipe's prompt, model and seed where it carries one (muselab's or A1111's)."""
-    from muselab.engines.image.img2img import upscale_fields
     from muselab.families import family
     from muselab.media import MetadataError, request_from_file
     from muselab.schemas import RequestError, parse_request
     from muselab.uploads import decode_base64, decode_image
+    from muselab.upscale import upscale_fields
 
     picture = read_upload(str(file), "FILE")
     try:

@@ -176,11 +176,12 @@ def file_bytes(output: dict[str, Any]) -> bytes | None:
         return None
 
 
-def show_output(output: dict[str, Any], *, compact: bool = False) -> None:
-    """One output: the picture or player, downloads, and for the full view its rating."""
+def show_output(output: dict[str, Any], *, compact: bool = False) -> bytes | None:
+    """One output: the picture or player, downloads, and for the full view its rating. Returns the
+    file's bytes (None when it is gone)."""
     data = file_bytes(output)
     if data is None:
-        return
+        return None
     name = output["filename"]
     media = file_media(name)
     if media == "image":
@@ -212,6 +213,7 @@ def show_output(output: dict[str, Any], *, compact: bool = False) -> None:
         st.download_button(
             "MP4", data, file_name=name, mime="video/mp4", key=f"dl.{output['id']}", icon=":material/download:"
         )
+    return data
 
 
 def file_media(filename: str) -> str:

@@ -15,12 +15,14 @@ from muselab.schemas import field_bounds, field_option
 
 
 def request_form(
-    kind: str, placed: Sequence[str] = (), draw_placed: Callable[[], dict[str, Any]] | None = None
+    kind: str,
+    placed: Sequence[str] = (),
+    draw_placed: Callable[[], dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Draw the fields marked `main` in the page, then the page's own widgets for the fields it
     places itself (`draw_placed` returns their values), then every other field not marked hidden
-    under "Advanced settings". Returns the values as a request: None where a field is left to its
-    default."""
+    under "Advanced settings".
+    Returns the values as a request: None where a field is left to its default."""
     fields = family(kind).request.model_fields
     shown = [name for name, info in fields.items() if name not in ("kind", *placed) and field_option(info).studio]
     main = [name for name in shown if field_option(fields[name]).main]
@@ -38,12 +40,13 @@ def request_form(
     return values
 
 
-def field_widget(kind: str, name: str) -> Any:
-    """One field's widget; its value as the request takes it."""
+def field_widget(kind: str, name: str, label: str | None = None) -> Any:
+    """One field's widget (its label the schema's unless `label` gives the page's own wording);
+    its value as the request takes it."""
     info = family(kind).request.model_fields[name]
     option = field_option(info)
     key = f"{kind}.{name}"
-    label = option.label or info.title or name.replace("_", " ").capitalize()
+    label = label or option.label or info.title or name.replace("_", " ").capitalize()
     annotation, optional = _base(info.annotation)
     bounds = field_bounds(info)
     default = None if info.is_required() else info.default

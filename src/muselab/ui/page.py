@@ -13,8 +13,9 @@ from muselab import expected
 from muselab.families import family
 from muselab.schemas import RequestError
 from muselab.ui.backend import BackendError
-from muselab.ui.common import backend, job_panel, rating, show_output, show_recipe, submit
+from muselab.ui.common import backend, job_panel, plain, rating, show_output, show_recipe, submit
 from muselab.ui.form import request_form, reuse_settings
+from muselab.ui.picture import picture_actions
 
 
 def family_page(
@@ -27,7 +28,7 @@ def family_page(
 ) -> None:
     """`placed` names fields the page draws itself with `draw_placed`, which returns their values
     (the image page's Size sets width and height); `reuse_placed` turns a recipe back into those
-    widgets' values."""
+    widgets' values. Each picture gets its Edit this, Upscale and Vary buttons."""
     kind_family = family(kind)
     st.title(kind_family.title)
     if intro:
@@ -36,6 +37,9 @@ def family_page(
     expected_time(kind, values)
     if st.button("Generate", type="primary", key=f"{kind}.generate", icon=":material/play_arrow:"):
         submit(kind, values)
+    note = st.session_state.get(f"{kind}.note")
+    if note and note[0] == st.session_state.get(f"{kind}.job"):
+        st.info(plain(note[1]), icon=":material/info:")
     status = job_panel(kind)
     if not (status and status["outputs"]):
         return
@@ -46,7 +50,9 @@ def family_page(
             if not images:
                 st.text(output["prompt"])
             st.caption(f"seed {output['seed']}")
-            show_output(output)
+            data = show_output(output)
+            if images and data is not None:
+                picture_actions(output, data)
             rating(output)
             show_recipe(output)
     request = status["request"]

@@ -180,7 +180,7 @@ def inpaint_inputs(pipe: Any, picture: Any, mask: Any, fill: str, generator: tor
     with torch.inference_mode():
         pixels = pipe.image_processor.preprocess(picture).to(vae.device, vae.dtype)
         latents = retrieve_latents(vae.encode(pixels), generator) * scale
-        repaint = pipe.mask_processor.preprocess(mask, height=picture.height, width=picture.width)
+        repaint = pipe.mask_processor.preprocess(mask, height=picture.height, width=picture.width).to(vae.device)
         masked = (pixels * (repaint < 0.5).to(pixels.dtype)).to(vae.dtype)
         masked_latents = retrieve_latents(vae.encode(masked), generator) * scale
     if fill in ("latent noise", "latent nothing"):
@@ -189,7 +189,8 @@ def inpaint_inputs(pipe: Any, picture: Any, mask: Any, fill: str, generator: tor
         repaint_latent = small.round().to(latents.dtype)
         start = latents * (1 - repaint_latent)
         if fill == "latent noise":
-            noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(latents.dtype)
+            # Drawn on the CPU from the seed's generator, as every other noise here, whatever the device.
+            noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(latents)
             start = start + noise * repaint_latent
         latents = start
     return InpaintInputs(latents, mask, masked_latents)

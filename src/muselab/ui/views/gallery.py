@@ -2,7 +2,8 @@ import streamlit as st
 
 from muselab.families import family, kinds
 from muselab.ui.backend import BackendError
-from muselab.ui.common import backend, go_to, plain, rating, show_output, show_recipe, thumbnail
+from muselab.ui.common import backend, file_media, go_to, plain, rating, show_output, show_recipe, thumbnail
+from muselab.ui.picture import picture_actions
 
 # A grid of thumbnails wants the page's whole width (the other pages read better centred).
 st.set_page_config(layout="wide")
@@ -29,7 +30,9 @@ def detail(output: dict) -> None:
     and delete. User-written text (prompt, comment) is shown as text, never as Markdown."""
     st.text(output["prompt"])
     st.caption(f"{output['kind']} · seed {output['seed']} · {output['created_at'][:19].replace('T', ' ')}")
-    show_output(output)
+    data = show_output(output)
+    if data is not None and file_media(output["filename"]) == "image":
+        picture_actions(output, data, leave=close_detail)
     comment = (output.get("feedback") or {}).get("comment")
     if comment:
         st.text(comment)

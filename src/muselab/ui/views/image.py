@@ -3,6 +3,15 @@ import streamlit as st
 from muselab.loras import MAX_WEIGHT
 from muselab.ui.common import backend
 from muselab.ui.page import family_page
+from muselab.ui.picture import (
+    HIRES_FIELDS,
+    PICTURE_FIELDS,
+    apply_pending_edit,
+    hires_section,
+    picture_section,
+    snap_size,
+    starting_picture,
+)
 
 SIZES = {
     "Model default": None,
@@ -16,9 +25,25 @@ SIZES = {
 
 
 def placed_widgets() -> dict:
-    st.session_state.setdefault("image.size", "Model default")
-    size = SIZES[st.selectbox("Size", list(SIZES), key="image.size")]
-    return {"width": size[0] if size else None, "height": size[1] if size else None, "loras": lora_widgets()}
+    """Size (with a starting picture, first its own), LoRAs, then the picture editing and hires
+    fix sections."""
+    picture = starting_picture()
+    sizes = {"picture": snap_size(*picture["size"]), **SIZES} if picture else SIZES
+    if st.session_state.get("image.size") not in sizes:  # the picture it named was removed
+        st.session_state["image.size"] = "Model default"
+    size = sizes[st.selectbox("Size", list(sizes), key="image.size", format_func=lambda name: size_label(name, sizes))]
+    values = {"width": size[0] if size else None, "height": size[1] if size else None, "loras": lora_widgets()}
+    values.update(picture_section())
+    values.update(hires_section())
+    return values
+
+
+def size_label(name: str, sizes: dict) -> str:
+    if name == "picture":
+        return "The picture's own ({} x {})".format(*sizes[name])
+    if name == "Model default" and "picture" in sizes:  # see ImageEngine.resolve
+        return "Model default (the picture's shape at the model's size)"
+    return name
 
 
 def lora_widgets() -> list[str]:
@@ -50,4 +75,10 @@ def placed_of_recipe(request: dict) -> dict:
     return values
 
 
-family_page("image", placed=("width", "height", "loras"), draw_placed=placed_widgets, reuse_placed=placed_of_recipe)
+apply_pending_edit()
+family_page(
+    "image",
+    placed=("width", "height", "loras", *PICTURE_FIELDS, *HIRES_FIELDS),
+    draw_placed=placed_widgets,
+    reuse_placed=placed_of_recipe,
+)
