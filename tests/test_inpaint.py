@@ -141,6 +141,29 @@ def test_hires_fix_makes_the_larger_picture_in_two_passes(engine, upscaler):
         engine.generate(request.model_copy(update={"strength": 0.1}))
 
 
+def test_inpainting_and_hires_fix_run_on_openvino_with_the_balanced_tier(tiny_settings, tmp_path):
+    from muselab.engines.image.engine import ImageEngine
+
+    engine = ImageEngine.load(
+        tiny_settings.model_for("image"), offline=True, backend="openvino", openvino_cache=tmp_path, data_dir=tmp_path
+    )
+    picture, mask = a_picture(), a_mask()
+    common = {"prompt": "a fox", "seed": 3, "steps": 6, "speed": "balanced"}
+    edit = ImageRequest(
+        **common, init_image=stored(engine, picture), mask=stored(engine, mask), outpaint=8, outpaint_sides=["left"]
+    )
+    image = engine.generate(edit).outputs[0].image
+    whole_mask = Image.new("L", (72, 64), 255)  # the new margin is repainted, with the box
+    whole_mask.paste(mask, (8, 0))
+    grown = Image.new("RGB", (72, 64))
+    grown.paste(picture, (8, 0))
+    keep = untouched(whole_mask)
+    assert image.size == (72, 64) and keep.sum() > 1000
+    assert np.array_equal(pixels(image)[keep], pixels(grown)[keep])
+    hires = engine.generate(ImageRequest(**common, enable_hr=True, hr_upscaler="Latent"))
+    assert hires.outputs[0].image.size == (128, 128)
+
+
 def test_the_expected_time_counts_hires_fixs_second_pass():
     from muselab.engines.image.estimate import _gflop, model_work
 
@@ -160,6 +183,7 @@ def test_bad_masks_are_refused_naming_the_field_and_nothing_is_written(tiny_dir,
         ({"init_image": picture, "mask": data_url(Image.new("L", (64, 64), 0))}, "mask: it has no white area"),
         ({"init_image": picture, "mask": base64.b64encode(b"not a picture").decode()}, "mask: "),
         ({"enable_hr": True, "init_image": picture}, "enable_hr: hires fix is for text to image"),
+        ({"init_image": picture, "subseed_strength": 0.2}, "subseed_strength: a variation seed blends"),
     ]
     with make_client(tiny_dir, tmp_path) as client:
         for fields, says in cases:

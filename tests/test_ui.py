@@ -524,6 +524,14 @@ def test_upscale_redraws_the_picture_at_twice_its_size(ui_env):
     assert (request["prompt"], request["seed"]) == ("a windmill", 7)
     assert picture_of(request["init_image"], ui_env).tobytes() == output_picture(ui_env, first).tobytes()
     assert output_picture(ui_env, at.session_state["image.job"]).size == (128, 128)
+    # Vary on an edit (it has no starting noise to blend): the same edit with a new seed.
+    upscaled = at.session_state["image.job"]
+    [big] = store(ui_env).list_outputs(job_id=upscaled)
+    at.button(key=f"vary.{big.id}").click().run()
+    finished(at, upscaled)
+    assert "The same edit with a new seed" in at.info[0].value
+    varied = last_job(ui_env)["request"]
+    assert varied["seed"] != 7 and varied["subseed_strength"] == 0 and varied["init_image"] == request["init_image"]
 
 
 def test_edit_this_opens_the_image_page_on_the_picture_with_its_prompt(ui_env):

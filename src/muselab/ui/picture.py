@@ -285,7 +285,10 @@ def upscale_request(recipe: dict[str, Any], data: bytes, size: tuple[int, int]) 
 
 
 def vary_request(recipe: dict[str, Any]) -> dict[str, Any]:
-    """The same recipe with a fresh variation seed: a picture near this one (A1111's variation seed)."""
+    """The same recipe with a fresh variation seed: a picture near this one (A1111's variation seed).
+    An edit of a starting picture has no starting noise to blend: it gets a new seed instead."""
+    if recipe.get("init_image"):
+        return {**recipe, "seed": secrets.randbelow(MAX_SEED + 1)}
     return {**recipe, "subseed": secrets.randbelow(MAX_SEED + 1), "subseed_strength": VARY_STRENGTH}
 
 
@@ -352,9 +355,13 @@ def picture_actions(output: dict[str, Any], data: bytes, leave: Callable[[], Non
         key=f"vary.{key}",
         icon=":material/shuffle:",
         width="stretch",
-        help=f"The same recipe with a random variation seed at strength {VARY_STRENGTH}: a picture near this one.",
+        help=f"The same recipe with a random variation seed at strength {VARY_STRENGTH}: a picture near this "
+        "one (an edit of a starting picture: a new seed).",
     ):
         request = vary_request(recipe)
-        seeds = f"seed {recipe.get('seed')}: variation seed {request['subseed']}"
-        note = f"Variation of {seeds} at strength {VARY_STRENGTH}."
+        if "subseed" in request:
+            seeds = f"seed {recipe.get('seed')}: variation seed {request['subseed']}"
+            note = f"Variation of {seeds} at strength {VARY_STRENGTH}."
+        else:
+            note = f"The same edit with a new seed ({request['seed']}; it was {recipe.get('seed')})."
         _run(request, note, leave)

@@ -66,8 +66,8 @@ from muselab.schemas import MAX_SEED, ImageRequest, RequestError
 if TYPE_CHECKING:
     from muselab.engines.image.openvino import OpenVinoSetup
 
-#: Above this many pixels the VAE decodes in tiles, so a large image never needs the whole
-#: decoder's activations (several GB at 2048x2048) at once.
+#: From this many pixels up the VAE decodes (and encodes) in tiles, so a large image (hires fix's
+#: 1024x1024 included) never needs the whole decoder's activations (several GB at 2048x2048) at once.
 TILED_DECODE_PIXELS = 1024 * 1024
 
 
@@ -405,7 +405,7 @@ class ImageEngine:
             self.pipe.vae = self.fast_vae(self._model_sources.get(request.decoder_model, request.decoder_model))
         else:
             self.pipe.vae = self._full_vae
-        if self.low_memory or hires.largest_area(request) > TILED_DECODE_PIXELS:
+        if self.low_memory or hires.largest_area(request) >= TILED_DECODE_PIXELS:
             self.pipe.vae.enable_tiling()
         else:
             self.pipe.vae.disable_tiling()

@@ -1,7 +1,7 @@
 """Hires fix, as A1111's `enable_hr`: the picture made at the model's size, upscaled by `hr_scale`
 (the decoded picture with Lanczos, or the latents themselves), then denoised again at the larger
 size from `strength`, through the image-to-image pipeline over the same weights. The larger
-decode (and encode) goes in tiles past `engine.TILED_DECODE_PIXELS`, so 1024x1024 fits a small
+decode (and encode) goes in tiles from `engine.TILED_DECODE_PIXELS` up, so 1024x1024 fits a small
 machine."""
 
 from __future__ import annotations

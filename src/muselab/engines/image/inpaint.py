@@ -45,6 +45,11 @@ def check_edit(request: ImageRequest, picture: Any, mask: Any) -> None:
         repainted = ImageOps.invert(mask) if request.inpainting_mask_invert else mask
         if repainted.getbbox() is None and request.outpaint == 0:
             raise RequestError("mask: it has no white area (white is repainted), so there is nothing to repaint")
+    if request.subseed_strength > 0 and request.init_image is not None:
+        raise RequestError(
+            "subseed_strength: a variation seed blends the starting noise of text to image; from a "
+            "starting picture, change the seed to vary the result"
+        )
     if request.enable_hr and request.init_image is not None:
         raise RequestError(
             "enable_hr: hires fix is for text to image; to enlarge a picture, start from it with a larger "
