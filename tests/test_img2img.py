@@ -162,7 +162,7 @@ def test_the_api_keeps_the_input_by_hash_and_refuses_a_bad_one_without_writing(t
         sent = client.post("/api/jobs/image", json={"prompt": "a fox", "steps": 1, "init_image": big, "strength": 0.1})
         assert sent.status_code == 202, sent.text
         wait_done(client, sent.json()["id"])
-        assert client.post("/api/jobs/music", json={"prompt": "x" * 100_000}).status_code == 413
+        assert client.post("/api/jobs/scene", json={"prompt": "x" * 100_000}).status_code == 413
 
 
 def test_the_cli_starts_from_a_file_and_from_re_runs_it_to_the_same_bytes(cli_env, tmp_path):

@@ -281,7 +281,7 @@ def chunked_body(kilobytes: int):
 
 def test_an_oversized_chunked_body_is_refused_like_one_with_a_length(client, tiny_dir, tmp_path):
     headers = {"content-type": "application/json"}
-    response = client.post("/api/jobs/music", content=chunked_body(100), headers=headers)
+    response = client.post("/api/jobs/scene", content=chunked_body(100), headers=headers)
     assert response.status_code == 413 and "too large" in response.json()["error"]["message"]
     assert client.get("/api/jobs").json()["recent"] == []
     # The picture routes' larger limit holds for chunked bodies too.

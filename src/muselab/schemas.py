@@ -6,13 +6,20 @@ gets embedded in each file and what ``--from FILE`` reads back.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import annotated_types as at
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from muselab.loras import MAX_LORAS, format_choice, parse_choice
+
+# How a field shows outside the schema; the families declare their fields with these, from here.
+from muselab.options import ModelOf as ModelOf
+from muselab.options import Option as Option
+from muselab.options import count_field as count_field
+from muselab.options import field_model_kind as field_model_kind
+from muselab.options import field_option as field_option
+from muselab.options import model_fields as model_fields
 
 #: The image speed tiers (engines/image/speed.py), for requests and for the server's default.
 Speed = Literal["auto", "quality", "balanced", "fast", "turbo"]
@@ -40,55 +47,6 @@ HiresUpscaler = Literal["Lanczos", "Latent"]
 MAX_UPLOAD_CHARS = 28_000_000
 SchedulerName = Literal["DPM++ 2M Karras", "DPM++ 2M", "Euler a", "Euler", "DDIM", "PNDM", "LCM"]
 SCHEDULERS: tuple[str, ...] = SchedulerName.__args__  # type: ignore[attr-defined]
-
-
-@dataclass(frozen=True)
-class Option:
-    """How a request field appears outside the schema: its command-line flags (default
-    `--field-name`), its studio label, and whether a front end shows it at all. The bounds,
-    default and help text stay in the field itself, so every front end reads the same ones.
-
-    `flag` with a slash (`--fast-decoder/--full-decoder`) makes a two-choice field an on/off
-    switch: on means the first of the field's choices named in `switch`."""
-
-    flags: tuple[str, ...] = ()
-    label: str = ""
-    switch: tuple[str, str] | None = None  # (value when on, value when off)
-    cli: bool = True  # shown as a command-line option
-    studio: bool = True  # shown among the studio's settings
-    step: float | None = None  # the studio slider's step, for a number between bounds
-    count: bool = False  # how many outputs to make, output i with seed + i (a recipe records 1)
-    placeholder: str = ""  # the studio's grey example text in an empty box
-    main: bool = False  # in the studio, on the page itself rather than under "Advanced settings"
-    metavar: str = ""  # how the CLI's help shows the option's value
-    lead: bool = False  # in the studio, the page's first control
-    upload: str = ""  # "image": the value is a picture; the CLI reads it from the file named
-
-
-@dataclass(frozen=True)
-class ModelOf:
-    """The field names a model of this kind ("music", "image", "decoder"...): clients may name only
-    served ones (`JobService.check_client_models`), and the job service loads what it stands for."""
-
-    kind: str
-
-
-def field_option(info: Any) -> Option:
-    return next((item for item in info.metadata if isinstance(item, Option)), Option())
-
-
-def field_model_kind(info: Any) -> str | None:
-    return next((item.kind for item in info.metadata if isinstance(item, ModelOf)), None)
-
-
-def count_field(cls: type[BaseModel]) -> str | None:
-    """The field saying how many outputs a request makes, if it has one."""
-    return next((name for name, info in cls.model_fields.items() if field_option(info).count), None)
-
-
-def model_fields(cls: type[BaseModel]) -> dict[str, str]:
-    """The fields of `cls` that name a model, with the kind of model each names."""
-    return {name: kind for name, info in cls.model_fields.items() if (kind := field_model_kind(info))}
 
 
 Prompt = Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)]
@@ -171,6 +129,22 @@ class MusicRequest(BaseRequest):
         Field(default=1, ge=1, le=8, description="How many clips; clip i uses seed + i."),
         Option(flags=("--clips", "-n"), label="Clips", count=True),
     ] = 1
+    audio_prompt: Annotated[
+        str | None,
+        Field(
+            default=None,
+            max_length=MAX_UPLOAD_CHARS,
+            description="A clip to continue: WAV, FLAC, OGG or MP3 in base64 (a 'data:audio/wav;base64,' "
+            "prefix is fine), at most 20 MB, shorter than duration; or the 'sha256:...' reference of one "
+            "sent before. The piece starts with it and lasts duration seconds in all.",
+        ),
+        Option(flags=("--continue",), label="Continue a clip", metavar="FILE", upload="audio", studio=False),
+    ] = None
+    new_only: Annotated[
+        bool,
+        Field(default=False, description="With audio_prompt: keep only the new part, not the clip it continues."),
+        Option(flags=("--new-only",), label="Only the new part", studio=False),
+    ] = False
 
 
 _SIZE_HELP = "Pixels, a multiple of 8; default the model's size."

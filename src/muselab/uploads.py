@@ -1,12 +1,16 @@
-"""Pictures a client sends (an img2img input, later a mask): untrusted bytes, bounded and decoded
-safely, then kept by content hash beside the outputs so a recipe can name them and re-run.
+"""Pictures and clips a client sends (an img2img input, a mask, a clip to continue): untrusted
+bytes, bounded and decoded safely, then kept by content hash beside the outputs so a recipe can
+name them and re-run.
 
 - Bounded: at most MAX_UPLOAD_BYTES, and at most MAX_UPLOAD_PIXELS, checked from the header
   before any pixel is decoded (a 30000x30000 PNG of a few KB would otherwise take gigabytes).
 - Only PNG, JPEG and WebP are decoded (Pillow is told no other format); a truncated file is an
   error, not a half-grey picture; EXIF orientation is applied, as a phone's photo is meant to look.
+- Clips: WAV, FLAC, OGG or MP3 only (libsndfile, then PyAV told the container is MP3), at most
+  MAX_UPLOAD_BYTES and MAX_AUDIO_SECONDS (from the header; an MP3's also counted while decoding,
+  as its header may lie); kept as 32-bit float WAV at their own rate and channels.
 - Never a path from the client: a stored input is named `sha256:<64 hex>`, its file
-  `<data dir>/inputs/<hex>.png`, and that pattern is all a reference may be.
+  `<data dir>/inputs/<hex>.png` (a clip's `<hex>.wav`), and that pattern is all a reference may be.
 """
 
 from __future__ import annotations
@@ -27,26 +31,88 @@ MAX_UPLOAD_BYTES = 20 * 2**20
 MAX_UPLOAD_PIXELS = 4096 * 4096
 FORMATS = ("PNG", "JPEG", "WEBP")
 REFERENCE = re.compile(r"^sha256:([0-9a-f]{64})$")
-_DATA_URL = re.compile(r"^data:image/[a-z0-9.+-]+;base64,", re.IGNORECASE)
+_DATA_URL = re.compile(r"^data:(image|audio)/[a-z0-9.+-]+;base64,", re.IGNORECASE)
+#: The longest clip accepted: a long-form piece's melody (5 minutes).
+MAX_AUDIO_SECONDS = 300
+AUDIO_FORMATS = ("wav", "flac", "ogg", "mp3")
+PICTURE = "PNG, JPEG or WebP picture"
+CLIP = "WAV, FLAC, OGG or MP3 clip"
 
 
 def is_reference(value: str) -> bool:
     return REFERENCE.match(value) is not None
 
 
-def decode_base64(text: str, field: str) -> bytes:
-    """The bytes of a base64 picture as clients send it, with or without a `data:image/...;base64,`
-    prefix (A1111's `webuiapi` sends either)."""
+def decode_base64(text: str, field: str, what: str = PICTURE) -> bytes:
+    """The bytes of a base64 upload as clients send it, with or without a `data:image/...;base64,`
+    (or `data:audio/...`) prefix (A1111's `webuiapi` sends either)."""
     payload = _DATA_URL.sub("", text.strip(), count=1)
     if len(payload) > (MAX_UPLOAD_BYTES * 4) // 3 + 4:
-        raise RequestError(f"{field}: the picture is over {MAX_UPLOAD_BYTES // 2**20} MB")
+        raise RequestError(f"{field}: the upload is over {MAX_UPLOAD_BYTES // 2**20} MB")
     try:
         return base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
+        prefix = "data:audio/wav;base64," if what == CLIP else "data:image/png;base64,"
         raise RequestError(
-            f"{field}: expected a PNG, JPEG or WebP picture in base64 (optionally after "
-            "'data:image/png;base64,'), or a stored input's 'sha256:...' reference"
+            f"{field}: expected a {what} in base64 (optionally after '{prefix}'), or a stored input's "
+            "'sha256:...' reference"
         ) from None
+
+
+def decode_audio(data: bytes, field: str) -> tuple[Any, int]:
+    """Samples (channels, frames) as float32 and the sample rate, from untrusted `data`, checked as
+    the module says: libsndfile reads WAV, FLAC and OGG (and MP3 where it can); PyAV reads MP3."""
+    import numpy as np
+    import soundfile
+
+    what = f"{field}: a {CLIP} of at most {MAX_AUDIO_SECONDS} s"
+    if len(data) > MAX_UPLOAD_BYTES:
+        raise RequestError(f"{field}: the clip is over {MAX_UPLOAD_BYTES // 2**20} MB")
+    try:
+        info = soundfile.info(io.BytesIO(data))
+    except (soundfile.LibsndfileError, RuntimeError, TypeError):
+        return _decode_mp3(data, what)
+    if info.format.lower() not in AUDIO_FORMATS:
+        raise RequestError(f"{what}; this is not one ({info.format})")
+    if info.frames > MAX_AUDIO_SECONDS * info.samplerate:
+        raise RequestError(f"{what}; this one is {info.frames / info.samplerate:.0f} s long")
+    try:
+        samples, rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
+    except (soundfile.LibsndfileError, RuntimeError) as exc:
+        raise RequestError(f"{what}; this one cannot be read whole ({exc})") from None
+    if not len(samples):
+        raise RequestError(f"{what}; this one holds no sound")
+    return np.ascontiguousarray(samples.T), int(rate)
+
+
+def _decode_mp3(data: bytes, what: str) -> tuple[Any, int]:
+    """An MP3 through PyAV, told the container is MP3 (no other format is probed)."""
+    import av
+    import numpy as np
+
+    try:
+        with av.open(io.BytesIO(data), mode="r", format="mp3") as container:
+            if not container.streams.audio:
+                raise RequestError(f"{what}; this is not one")
+            if container.duration is not None and container.duration / av.time_base > MAX_AUDIO_SECONDS + 1:
+                raise RequestError(f"{what}; this one is {container.duration / av.time_base:.0f} s long")
+            stream = container.streams.audio[0]
+            rate = int(stream.rate or 0)
+            planar = av.AudioResampler(format="fltp", layout=stream.layout.name, rate=rate)
+            chunks, frames = [], 0
+            for frame in [*container.decode(stream), None]:  # None: what the resampler still holds
+                for converted in planar.resample(frame):
+                    chunks.append(converted.to_ndarray())
+                    frames += chunks[-1].shape[1]
+                if frames > MAX_AUDIO_SECONDS * rate:  # the header may understate it
+                    raise RequestError(f"{what}; this one is longer")
+    except RequestError:
+        raise
+    except (av.error.FFmpegError, ValueError, IndexError, ZeroDivisionError):
+        raise RequestError(f"{what}; this is not one") from None
+    if not frames:
+        raise RequestError(f"{what}; this one holds no sound")
+    return np.concatenate(chunks, axis=1).astype(np.float32), rate
 
 
 def decode_image(data: bytes, field: str, mode: str = "RGB") -> Any:
@@ -77,23 +143,25 @@ def decode_image(data: bytes, field: str, mode: str = "RGB") -> Any:
 
 
 class InputStore:
-    """Input pictures kept by content hash under `folder` (`<data dir>/inputs`)."""
+    """Input pictures and clips kept by content hash under `folder` (`<data dir>/inputs`)."""
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
 
     def keep(self, image: Any) -> str:
         """Store `image` as PNG (once: the same picture twice is one file); its reference."""
-        from muselab.media import write_new_file
-
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")
-        data = buffer.getvalue()
+        return self._keep_bytes(buffer.getvalue(), "png")
+
+    def _keep_bytes(self, data: bytes, suffix: str) -> str:
+        from muselab.media import write_new_file
+
         digest = hashlib.sha256(data).hexdigest()
-        target = self.folder / f"{digest}.png"
+        target = self.folder / f"{digest}.{suffix}"
         if not target.exists():
             written = write_new_file(target, lambda handle: handle.write(data))
-            if written != target:  # another writer stored the same picture meanwhile
+            if written != target:  # another writer stored the same file meanwhile
                 written.unlink(missing_ok=True)
         return f"sha256:{digest}"
 
@@ -124,3 +192,34 @@ class InputStore:
         except FileNotFoundError:
             raise RequestError(f"{field}: no stored input {reference} here (send the picture itself)") from None
         return decode_image(data, field, mode)
+
+    def keep_audio(self, samples: Any, rate: int) -> str:
+        """Store a clip (channels, frames) as float WAV (once per clip); its reference."""
+        import soundfile
+
+        buffer = io.BytesIO()
+        soundfile.write(buffer, samples.T, rate, format="WAV", subtype="FLOAT")
+        return self._keep_bytes(buffer.getvalue(), "wav")
+
+    def read_audio(self, value: str, field: str) -> tuple[Any, int]:
+        """The clip a request's field holds (base64, or a stored clip's reference), checked."""
+        if is_reference(value):
+            return self.load_audio(value, field)
+        return decode_audio(decode_base64(value, field, CLIP), field)
+
+    def kept_audio(self, value: str, samples: Any, rate: int) -> str:
+        """The reference for a field's clip read by `read_audio`: stored now if it was sent."""
+        return value if is_reference(value) else self.keep_audio(samples, rate)
+
+    def load_audio(self, reference: str, field: str) -> tuple[Any, int]:
+        """The stored clip a reference names: (channels, frames) float32 and its rate."""
+        import soundfile
+
+        match = REFERENCE.match(reference)
+        if match is None:
+            raise RequestError(f"{field}: expected a stored clip's 'sha256:<64 hex digits>' reference")
+        try:
+            samples, rate = soundfile.read(self.folder / f"{match.group(1)}.wav", dtype="float32", always_2d=True)
+        except (FileNotFoundError, soundfile.LibsndfileError):
+            raise RequestError(f"{field}: no stored clip {reference} here (send the clip itself)") from None
+        return samples.T, int(rate)

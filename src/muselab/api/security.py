@@ -37,9 +37,18 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-#: The routes whose body may carry a picture (a starting image in base64): up to
+#: The routes whose body may carry a picture or a clip (base64): up to
 #: `max_upload_body_bytes`; every other route keeps `max_body_bytes`.
-UPLOAD_PATHS = frozenset({"/api/jobs/image", "/api/estimate/image", "/sdapi/v1/img2img", "/sdapi/v1/png-info"})
+UPLOAD_PATHS = frozenset(
+    {
+        "/api/jobs/image",
+        "/api/estimate/image",
+        "/api/jobs/music",  # a clip to continue
+        "/api/estimate/music",
+        "/sdapi/v1/img2img",
+        "/sdapi/v1/png-info",
+    }
+)
 
 
 class SecurityMiddleware:

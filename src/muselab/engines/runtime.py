@@ -58,7 +58,7 @@ class RuntimePlan:
     safety_checker: bool = True  # images
     fast_decoder: str = FAST_DECODER  # images: the tiny autoencoder (TAESD) for decoder="fast" and previews
     lora_dir: Path | None = None  # images: where the LoRAs a request names are found
-    inputs_dir: Path | None = None  # images: where the pictures a request starts from are kept
+    inputs_dir: Path | None = None  # where the pictures and clips a request starts from are kept
     lcm_lora: str = "latent-consistency/lcm-lora-sdv1-5"  # images: the fast tier's LoRA (hub id or folder)
 
     @property
@@ -142,6 +142,7 @@ def music_plan(settings: Settings, placement: Placement | None = None, model: st
         cuda_graphs=settings.cuda_graphs,
         openvino_cache=settings.openvino_cache,
         offline=settings.is_offline(),
+        inputs_dir=settings.inputs,
     )
 
 

@@ -25,6 +25,7 @@ from muselab.engines.base import (
     load_or_explain,
     locate_model,
 )
+from muselab.engines.music.continuation import prompt_codes
 from muselab.engines.music.sampler import MusicgenSampler
 from muselab.engines.runtime import RuntimePlan, engine_plan
 from muselab.quantize import Int8Linear, quantize_linears
@@ -174,6 +175,12 @@ class MusicEngine:
         cancel = cancel or CancelToken()
         tokens = self.tokens_for(request.duration)
         samples = round(request.duration * self.sample_rate)
+        codes, kept_from = None, 0
+        if request.audio_prompt is not None:
+            # The clip's frames are the piece's first positions: the steps left are drawn.
+            codes, prompt_samples = prompt_codes(self, request)
+            tokens = codes.shape[1] + max(tokens - codes.shape[1], self.num_codebooks + 1)
+            kept_from = prompt_samples if request.new_only else 0
         clock = ProgressClock(tokens * request.num_clips, on_progress, items=request.num_clips)
         started = time.perf_counter()
         outputs: list[MusicOutput] = []
@@ -192,11 +199,11 @@ class MusicEngine:
                 clock.advance(first, steps=clips)
 
             try:
-                codes = self._sample(inputs, request, tokens, batch, on_token)
+                drawn = self._sample(inputs, request, tokens, batch, on_token, codes)
                 for clip, seed in enumerate(batch):
                     clock.emit("decoding", first + clip, eta=None)
-                    audio = self._decode(codes, clip)
-                    outputs.append(MusicOutput(audio=audio[:samples], sample_rate=self.sample_rate, seed=seed))
+                    audio = self._decode(drawn, clip)[kept_from:samples]
+                    outputs.append(MusicOutput(audio=audio, sample_rate=self.sample_rate, seed=seed))
             except Cancelled:
                 raise Cancelled(completed=outputs) from None
             except Exception as exc:
@@ -214,15 +221,19 @@ class MusicEngine:
         per_clip = self.sampler.cache_bytes(rows, 1 + tokens)
         return max(1, min(MAX_BATCH_CLIPS, request.num_clips, BATCH_CACHE_BYTES // per_clip))
 
-    def _sample(self, inputs: Any, request: MusicRequest, tokens: int, seeds: list[int], on_token: Any) -> Any:
-        """Codes for one clip per seed, in one batch (`MusicgenSampler.sample`)."""
+    def _sample(
+        self, inputs: Any, request: MusicRequest, tokens: int, seeds: list[int], on_token: Any, codes: Any = None
+    ) -> Any:
+        """Codes for one clip per seed, in one batch (`MusicgenSampler.sample`): `tokens` positions
+        in all, the first `codes` (a clip to continue) given."""
         # One generator per clip (not the global RNG): a clip's draws depend on its seed only, and
         # no other code's random numbers are disturbed.
         generators = [torch.Generator(self.placement.device).manual_seed(seed) for seed in seeds]
         return self.sampler.sample(
             inputs["input_ids"],
             inputs["attention_mask"],
-            max_new_tokens=tokens,
+            max_new_tokens=tokens - (0 if codes is None else codes.shape[1]),
+            prompt_codes=codes,
             guidance_scale=request.guidance,
             temperature=request.temperature,
             top_k=request.top_k,

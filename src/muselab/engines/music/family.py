@@ -42,4 +42,5 @@ FAMILY = Family(
     tiny={"music": TinyModel("tiny-musicgen", lazy("muselab.engines.music.tiny:build_tiny_musicgen"))},
     max_steps=max_steps,
     settings=("quantize", "backend", "low_memory"),
+    check=lazy("muselab.engines.music.continuation:check_request"),
 )

@@ -19,7 +19,8 @@ batch of clips, replayed with one launch per token. A graph needs fixed shapes a
 writes the KV cache at a position held in a device tensor and attends over the whole cache with
 a mask (`static_step`), the same maths as the growing slice the CPU loop attends over.
 
-What it does not do: audio prompts (melody conditioning) and beam search; muselab uses neither.
+A clip to continue (`prompt_codes`) runs through the same steps first. What it does not do: melody
+conditioning and beam search.
 """
 
 from __future__ import annotations
@@ -80,8 +81,12 @@ class MusicgenSampler:
         top_p: float,
         on_token: Callable[[], None] | None = None,
         generators: Sequence[torch.Generator] | None = None,
+        prompt_codes: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Audio codes (clips * codebooks, 1 + max_new_tokens), delay pattern included, for `decode`.
+        """Audio codes (clips * codebooks, 1 + prompt frames + max_new_tokens), delay pattern
+        included, for `decode`. `prompt_codes` (codebooks, frames), a clip to continue: its codes
+        are every clip's first tokens, run through the decoder one position at a time (nothing drawn
+        for them, so the first draw is generation's first), and the codes returned begin with them.
 
         Without `generators`, one clip per prompt, drawn from the global RNG (as `generate` in
         transformers draws them). With them, one clip per generator, all in one batch: each token
@@ -99,14 +104,18 @@ class MusicgenSampler:
             cross_keys = [keys.repeat(batch, 1, 1, 1) for keys in cross_keys]
             cross_values = [values.repeat(batch, 1, 1, 1) for values in cross_values]
             cross_mask = cross_mask.repeat(batch, 1, 1, 1)
-        max_length = 1 + max_new_tokens
         start = torch.full((batch * self.num_codebooks, 1), self.start_token_id, dtype=torch.long)
         start = start.to(input_ids.device)
+        if prompt_codes is not None:  # generate's decoder_input_ids: the start token, then the clip
+            start = torch.cat([start, prompt_codes.to(start).repeat(batch, 1)], dim=1)
+        max_length = start.shape[1] + max_new_tokens
         # build_delay_pattern_mask lives on MusicgenForCausalLM and knows mono from stereo. The
-        # pattern is (batch * codebooks, max_length): -1 where a sampled token goes, else the pad id.
-        _, pattern = self.network.decoder.build_delay_pattern_mask(
+        # pattern is (batch * codebooks, max_length): -1 where a sampled token goes, else the pad
+        # id or the clip's code; `known` is how many positions hold no -1 yet (generate's prefill).
+        known, pattern = self.network.decoder.build_delay_pattern_mask(
             start, pad_token_id=self.start_token_id, max_length=max_length
         )
+        first_drawn = known.shape[1]
         tokens = pattern.clone()
         # Guided, the rows are every clip's conditional row, then every clip's unconditional one:
         # the split `ClassifierFreeGuidanceLogitsProcessor` makes (first half, second half).
@@ -115,11 +124,15 @@ class MusicgenSampler:
         on_gpu = tokens.device.type == "cuda"
         previous_done: Any = None
         nonfinite = torch.zeros((), dtype=torch.bool, device=tokens.device)
-        for position in range(max_new_tokens):
+        for position in range(max_length - 1):
             step_tokens = tokens[:, position].reshape(batch, self.num_codebooks)
             if guided:
                 step_tokens = step_tokens.repeat(2, 1)
             logits = step(step_tokens, position)
+            if position + 1 < first_drawn:  # the clip's own next codes: its step fills the KV cache only
+                if on_token is not None:
+                    on_token()
+                continue
             scores = processors(tokens[:, : position + 1], logits.float())
             probs = F.softmax(scores, dim=-1)
             # NaN or inf scores (an overflow in float16, say) would fail `multinomial`, and on a GPU

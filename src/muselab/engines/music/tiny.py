@@ -36,10 +36,22 @@ def build_tiny_musicgen(path: str | Path, replace: bool = True) -> Path:
 
 def randomize_codebooks(model: Any) -> None:
     """EnCodec's codebooks start as zeros (they are learnt by k-means), which would make every code
-    decode to the same sound; random codebooks make the audio depend on the tokens."""
+    decode to the same sound; random codebooks make the audio depend on the tokens. The encoder's
+    last layer is then rescaled so what it outputs spreads as the codebooks do (k-means puts a
+    trained model's codes where its encoder's outputs fall): else every clip would encode to the
+    same codes, and a clip to continue would tell the model nothing."""
+    encoder = model.audio_encoder
     with torch.no_grad():
-        for layer in model.audio_encoder.quantizer.layers:
+        for layer in encoder.quantizer.layers:
             layer.codebook.embed.normal_()
+        sound = torch.randn(1, encoder.config.audio_channels, encoder.config.sampling_rate // 4)
+        output = encoder.encoder(sound)  # (1, dimension, frames)
+        centre, spread = output.mean(dim=2)[0], output.std(dim=2)[0]
+        last = encoder.encoder.layers[-1].conv
+        # Weight-normed: its weight is magnitude (original0) times direction; scale the magnitude.
+        scale = last.parametrizations.weight.original0 if hasattr(last, "parametrizations") else last.weight
+        scale.div_(spread.reshape(-1, *[1] * (scale.dim() - 1)))
+        last.bias.sub_(centre).div_(spread)
 
 
 def tiny_musicgen_network(stereo: bool = False) -> Any:
@@ -68,7 +80,9 @@ def tiny_musicgen_network(stereo: bool = False) -> Any:
             "hidden_size": 16,
             "upsampling_ratios": [8, 5, 4, 4],  # hop 640 at 32 kHz: 50 frames/s, as in the real model
             "codebook_size": 64,
-            "target_bandwidths": [2.2],
+            # 4 codebooks of 6 bits at 50 frames/s: the decoder's 4 (a side), as the real model's
+            # 2.2 kbit/s gives its 4 codebooks of 10 bits, so a clip encodes to what it decodes.
+            "target_bandwidths": [1.2],
             "audio_channels": 1,
         },
         decoder={
@@ -93,5 +107,9 @@ def tiny_musicgen_network(stereo: bool = False) -> Any:
         # model's logits are peaked, so widen them.
         for head in model.decoder.lm_heads:
             head.weight.mul_(30.0)
+        # Random token embeddings (std 0.02) are drowned by the position embeddings (about 0.7):
+        # the tokens so far would barely sway the next, where a trained model follows them.
+        for embedding in model.decoder.model.decoder.embed_tokens:
+            embedding.weight.mul_(30.0)
     set_musicgen_generation_defaults(model, special_token_id=64)
     return model
