@@ -331,15 +331,16 @@ def test_token_is_required_when_configured(tiny_dir, tmp_path):
 
 
 def test_oversized_bodies_are_refused(client, tiny_dir, tmp_path):
-    response = client.post("/api/jobs/music", content=b"x" * 70_000, headers={"content-type": "application/json"})
+    response = client.post("/api/jobs/scene", content=b"x" * 70_000, headers={"content-type": "application/json"})
     assert response.status_code == 413
     response = client.post("/api/jobs/music", json={"prompt": "p" * 2001})
     assert response.status_code == 422 and "at most 2000 characters" in response.json()["error"]["message"]
-    # The routes that take a picture have a limit of their own (MUSELAB_MAX_UPLOAD_BODY_BYTES).
+    # The routes that take a picture or a clip have a limit of their own (MUSELAB_MAX_UPLOAD_BODY_BYTES).
     with make_client(tiny_dir, tmp_path, max_upload_body_bytes=100_000) as small:
         headers = {"content-type": "application/json"}
         assert small.post("/api/jobs/image", content=b"x" * 150_000, headers=headers).status_code == 413
         assert small.post("/sdapi/v1/img2img", content=b"x" * 150_000, headers=headers).status_code == 413
+        assert small.post("/api/jobs/music", content=b"x" * 150_000, headers=headers).status_code == 413
         assert small.post("/api/jobs/image", content=b"x" * 70_000, headers=headers).status_code == 422
 
 

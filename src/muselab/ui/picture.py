@@ -359,9 +359,9 @@ def picture_actions(output: dict[str, Any], data: bytes, leave: Callable[[], Non
         "one (an edit of a starting picture: a new seed).",
     ):
         request = vary_request(recipe)
-        if "subseed" in request:
+        if recipe.get("init_image"):
+            note = f"The same edit with a new seed ({request['seed']}; it was {recipe.get('seed')})."
+        else:
             seeds = f"seed {recipe.get('seed')}: variation seed {request['subseed']}"
             note = f"Variation of {seeds} at strength {VARY_STRENGTH}."
-        else:
-            note = f"The same edit with a new seed ({request['seed']}; it was {recipe.get('seed')})."
         _run(request, note, leave)
