@@ -494,14 +494,20 @@ def output_picture(ui_env, job_id: str):
     return Image.open(record.path).convert("RGB")
 
 
+def press_under_picture(at, ui_env, action: str, job: str) -> dict:
+    """Click `action` (edit, upscale, vary) under `job`'s picture and wait for the job it starts:
+    that job's request."""
+    [output] = store(ui_env).list_outputs(job_id=job)
+    at.button(key=f"{action}.{output.id}").click().run()
+    finished(at, job)
+    return last_job(ui_env)["request"]
+
+
 def test_vary_makes_a_picture_near_this_one_with_a_variation_seed(ui_env):
     at = first_picture(ui_env, "a lighthouse")
     first = at.session_state["image.job"]
-    [output] = store(ui_env).list_outputs(job_id=first)
-    at.button(key=f"vary.{output.id}").click().run()
-    finished(at, first)
+    request = press_under_picture(at, ui_env, "vary", first)
     assert "Variation of seed 7: variation seed " in at.info[0].value
-    request = last_job(ui_env)["request"]
     assert (request["prompt"], request["seed"], request["subseed_strength"]) == ("a lighthouse", 7, 0.2)
     assert request["subseed"] is not None
     varied = output_picture(ui_env, at.session_state["image.job"])
@@ -525,12 +531,8 @@ def test_upscale_redraws_the_picture_at_twice_its_size(ui_env):
     assert picture_of(request["init_image"], ui_env).tobytes() == output_picture(ui_env, first).tobytes()
     assert output_picture(ui_env, at.session_state["image.job"]).size == (128, 128)
     # Vary on an edit (it has no starting noise to blend): the same edit with a new seed.
-    upscaled = at.session_state["image.job"]
-    [big] = store(ui_env).list_outputs(job_id=upscaled)
-    at.button(key=f"vary.{big.id}").click().run()
-    finished(at, upscaled)
+    varied = press_under_picture(at, ui_env, "vary", at.session_state["image.job"])
     assert "The same edit with a new seed" in at.info[0].value
-    varied = last_job(ui_env)["request"]
     assert varied["seed"] != 7 and varied["subseed_strength"] == 0 and varied["init_image"] == request["init_image"]
 
 
