@@ -33,10 +33,10 @@ from muselab.engines.image.family import GENERIC_DEFAULTS
 from muselab.engines.image.img2img import (
     DEFAULT_RESIZE_MODE,
     denoising_steps,
+    fit,
     fitted_size,
     image_to_image,
     round_trip,
-    starting_picture,
     steps_run,
     strength_of,
 )
@@ -411,8 +411,11 @@ class ImageEngine:
             self.pipe.vae.disable_tiling()
         preview_vae = self.preview_decoder() if preview_every else None
         split = self.split_unet() if TIERS[request.speed or "quality"].step_cache else None
-        start = starting_picture(request, self.plan.inputs_dir) if not edits_region(request) else None
-        edit = canvas(request, *self.inputs(request)) if edits_region(request) else None
+        picture, mask = self.inputs(request)
+        edit = canvas(request, picture, mask) if edits_region(request) else None
+        start = None  # img2img's starting picture, fitted to the requested size
+        if picture is not None and edit is None:
+            start = fit(picture, request.width, request.height, request.resize_mode or DEFAULT_RESIZE_MODE)
         if edit is not None:  # the region to repaint, at the size it is denoised at
             region = edit.cropped(edit.picture, request.width, request.height)
             region_mask = edit.cropped(edit.mask, request.width, request.height)
@@ -420,6 +423,7 @@ class ImageEngine:
         else:
             # From a starting picture: the image-to-image pipeline over the same components, as set above.
             pipe = self.pipe if start is None else image_to_image(self.pipe)
+        second_pass_pipe = image_to_image(self.pipe) if hires.applies(request) else None
         # A1111's emphasis and long prompts as embeddings (once for every image); plain prompts as text.
         prompts = pipeline_inputs(self.pipe, request.prompt, request.negative_prompt)
         clock = ProgressClock(per_image * request.num_images, on_progress, items=request.num_images)
@@ -484,7 +488,7 @@ class ImageEngine:
                     if request.enable_hr:
                         upscaled = hires.upscaled(result.images, request)
                         second = hires.second_pass_steps(request, request.steps, before_strength=True)
-                        result = denoise(image_to_image(self.pipe), second, image=upscaled, strength=strength)
+                        result = denoise(second_pass_pipe, second, image=upscaled, strength=strength)
             except Cancelled:
                 raise Cancelled(completed=outputs) from None
             flagged = bool(result.nsfw_content_detected and result.nsfw_content_detected[0])

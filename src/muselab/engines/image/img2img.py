@@ -4,7 +4,6 @@ pipeline made from the loaded one (`AutoPipelineForImage2Image.from_pipe`: the s
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from muselab.schemas import ImageRequest
@@ -71,19 +70,6 @@ def fit(image: Any, width: int, height: int, mode: str) -> Any:
         edge = fitted.resize((right, height), box=(fitted.width, 0, fitted.width, height))
         canvas.paste(edge, (left + fitted.width, 0))
     return canvas
-
-
-def starting_picture(request: ImageRequest, inputs: Path | None) -> Any:
-    """The resolved request's input picture, fitted to its size; None without one."""
-    from muselab.uploads import InputStore
-
-    if request.init_image is None:
-        return None
-    if inputs is None:
-        raise ValueError("this engine was given no inputs folder to find starting pictures in")
-    assert request.width and request.height
-    image = InputStore(inputs).load(request.init_image, "init_image")
-    return fit(image, request.width, request.height, request.resize_mode or DEFAULT_RESIZE_MODE)
 
 
 def image_to_image(pipe: Any) -> Any:
