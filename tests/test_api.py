@@ -174,10 +174,10 @@ def test_time_limit_stops_a_job(tiny_dir, tmp_path):
 
 
 def test_bad_requests_get_readable_json_errors(client):
-    response = client.post("/api/jobs/music", json={"prompt": "x", "duration": 45})
+    response = client.post("/api/jobs/music", json={"prompt": "x", "duration": 450})
     assert response.status_code == 422
     message = response.json()["error"]["message"]
-    assert "duration: must be a number from 1 to 30 (got 45)" in message
+    assert "duration: must be a number from 1 to 300 (got 450)" in message
     response = client.post("/api/jobs/image", json={"prompt": "x", "width": 100, "foo": 1})
     message = response.json()["error"]["message"]
     assert "width: must be a whole number from 64 to 2048 and a multiple of 8" in message

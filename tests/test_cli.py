@@ -124,9 +124,9 @@ def test_json_result_and_several_images(cli_env, tmp_path):
 
 
 def test_bad_input_names_the_field_and_writes_nothing(cli_env, tmp_path):
-    done = run_cli(["music", "x", "--preset", "tiny", "--duration", "45"], cli_env, tmp_path)
+    done = run_cli(["music", "x", "--preset", "tiny", "--duration", "450"], cli_env, tmp_path)
     assert done.returncode == 2
-    assert "duration: must be a number from 1 to 30 (got 45.0)" in done.stderr
+    assert "duration: must be a number from 1 to 300 (got 450.0)" in done.stderr
     assert "Traceback" not in done.stderr
     bad_ext = run_cli(["image", "x", "--preset", "tiny", "-o", "x.jpg"], cli_env, tmp_path)
     assert bad_ext.returncode == 2 and "end in .png" in bad_ext.stderr

@@ -189,3 +189,26 @@ def test_the_cli_and_api_continue_a_file_and_refuse_bad_ones(cli_env, tmp_path, 
         assert len(stored) == 1  # the good clip only
         recipe = json.loads(json.dumps(status["request"]))
         assert recipe["new_only"] is False
+
+
+def test_the_api_continues_a_clip_from_the_history_by_its_output_id(tiny_dir, tmp_path):
+    """'Continue this' through the API: a clip in the history named by its output id, no upload."""
+    from test_api import make_client, wait_done
+
+    with make_client(tiny_dir, tmp_path) as client:
+        first = client.post("/api/jobs/music", json={"prompt": "drums", "duration": 1, "seed": 2})
+        made = wait_done(client, first.json()["id"])
+        assert made["status"] == "succeeded", made.get("error")
+        output_id = made["outputs"][0]["id"]
+        job = client.post(
+            "/api/jobs/music",
+            json={"prompt": "drums", "duration": 2, "seed": 2, "audio_prompt": f"output:{output_id}"},
+        )
+        assert job.status_code == 202, job.text
+        status = wait_done(client, job.json()["id"])
+        assert status["status"] == "succeeded", status.get("error")
+        assert status["request"]["audio_prompt"].startswith("sha256:")  # kept by hash: the recipe re-runs it
+        missing = client.post(
+            "/api/jobs/music", json={"prompt": "drums", "duration": 2, "audio_prompt": "output:" + "0" * 32}
+        )
+        assert missing.status_code == 422 and "audio_prompt: no output" in missing.text

@@ -86,7 +86,7 @@ def test_unknown_setting_names_the_known_ones():
 
 def test_several_errors_are_reported_together():
     with pytest.raises(RequestError) as caught:
-        parse_request(MusicRequest, {"prompt": "x", "duration": 99, "top_p": 2})
+        parse_request(MusicRequest, {"prompt": "x", "duration": 999, "top_p": 2})
     assert "duration:" in str(caught.value) and "top_p:" in str(caught.value)
 
 

@@ -186,7 +186,15 @@ class Settings(BaseSettings):
         the id or folder each label stands for: the catalogue's and the configured one."""
         served = {FAST_DECODER: FAST_DECODER} if kind == "decoder" else {}
         served.update({entry.id: entry.id for entry in catalogue(kind)})
-        configured = self.model_for(kind)
+        if self.preset == "tiny":
+            for tiny in tiny_models().values():
+                if tiny.also_serves == kind:
+                    folder = str(self.tiny_models_dir / tiny.folder)
+                    served[model_label(folder)] = folder
+        try:
+            configured = self.model_for(kind)
+        except KeyError:  # a kind of tiny model only ("melody"), with none configured
+            return served
         served[model_label(configured)] = configured
         return served
 

@@ -61,6 +61,9 @@ class TinyModel:
     folder: str  # its folder's name under the tiny-models folder
     #: Writes the model to a folder and returns it; `replace=False` keeps one that appeared meanwhile.
     build: Callable[[Path, bool], Path]
+    #: A second model for this kind of request (the tiny melody model, for music): served to
+    #: clients beside the configured one when the preset is tiny.
+    also_serves: str | None = None
 
 
 @dataclass(frozen=True)

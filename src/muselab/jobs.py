@@ -30,6 +30,7 @@ from muselab.loras import available as available_loras
 from muselab.model_manager import ModelManager
 from muselab.schemas import Request, RequestError, model_fields
 from muselab.store import INTERRUPTED, HistoryStore, OutputRecord
+from muselab.uploads import from_history
 
 log = logging.getLogger("muselab.jobs")
 
@@ -161,6 +162,7 @@ class JobService:
         trusted = source == "cli"
         if not trusted:
             self.check_client_models(request)
+        request = from_history(request, self.store)
         checked = family(request.kind).check
         if checked is not None:
             try:

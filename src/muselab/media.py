@@ -59,6 +59,8 @@ def recipe_for(result: GenerationResult, output: ImageOutput | MusicOutput) -> d
         recipe["flagged"] = output.flagged
     else:
         recipe["sample_rate"] = output.sample_rate
+        if output.stopped_at is not None:  # the request's piece, stopped: this is its beginning
+            recipe["stopped_at"] = round(output.stopped_at, 3)
     return recipe
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-import annotated_types as at
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from muselab.loras import MAX_LORAS, format_choice, parse_choice
@@ -20,6 +19,9 @@ from muselab.options import count_field as count_field
 from muselab.options import field_model_kind as field_model_kind
 from muselab.options import field_option as field_option
 from muselab.options import model_fields as model_fields
+from muselab.validation import describe_errors as describe_errors
+from muselab.validation import explain_validation_error as explain_validation_error
+from muselab.validation import field_bounds as field_bounds
 
 #: The image speed tiers (engines/image/speed.py), for requests and for the server's default.
 Speed = Literal["auto", "quality", "balanced", "fast", "turbo"]
@@ -37,6 +39,8 @@ def speed_field(what: str = "") -> Any:
 
 MAX_SEED = 2**32 - 1
 MAX_PROMPT_CHARS = 2000
+#: The longest piece of music a request may ask for (audiocraft's long-form pieces go this far).
+MAX_MUSIC_SECONDS = 300
 
 ResizeMode = Literal["just resize", "crop and resize", "resize and fill"]
 #: A1111's "masked content": what the masked area starts from before it is repainted.
@@ -45,6 +49,8 @@ OutpaintSide = Literal["left", "right", "up", "down"]
 HiresUpscaler = Literal["Lanczos", "Latent"]
 #: A base64 picture at the upload limit (muselab.uploads: 20 MB) with a data-URL prefix.
 MAX_UPLOAD_CHARS = 28_000_000
+#: How an upload field names an output of the history instead of sending a file: "output:ID".
+HISTORY_OUTPUT = "output:"
 SchedulerName = Literal["DPM++ 2M Karras", "DPM++ 2M", "Euler a", "Euler", "DDIM", "PNDM", "LCM"]
 SCHEDULERS: tuple[str, ...] = SchedulerName.__args__  # type: ignore[attr-defined]
 
@@ -101,9 +107,26 @@ class MusicRequest(BaseRequest):
     model: model_field("music") = None
     duration: Annotated[
         float,
-        Field(default=8.0, ge=1, le=30, description="Seconds, 1-30."),
+        Field(
+            default=8.0,
+            ge=1,
+            le=MAX_MUSIC_SECONDS,
+            description=f"Seconds, 1-{MAX_MUSIC_SECONDS}. Past the model's context (30 s) the piece is made in "
+            "windows, each continuing the one before (extend_stride).",
+        ),
         Option(flags=("--duration", "-d"), label="Duration (seconds)", step=1.0, main=True),
     ] = 8.0
+    extend_stride: Annotated[
+        float,
+        Field(
+            default=18.0,
+            ge=5,
+            le=25,
+            description="Pieces longer than the model's context: the new seconds each window adds; the rest "
+            "of its 30 s is the end of the audio so far, which it continues (audiocraft's extend_stride).",
+        ),
+        Option(label="Long pieces: new seconds per window", step=1.0),
+    ] = 18.0
     temperature: Annotated[
         float,
         Field(default=1.0, ge=0.05, le=5.0, description="Sampling temperature."),
@@ -136,7 +159,8 @@ class MusicRequest(BaseRequest):
             max_length=MAX_UPLOAD_CHARS,
             description="A clip to continue: WAV, FLAC, OGG or MP3 in base64 (a 'data:audio/wav;base64,' "
             "prefix is fine), at most 20 MB, shorter than duration; or the 'sha256:...' reference of one "
-            "sent before. The piece starts with it and lasts duration seconds in all.",
+            "sent before, or 'output:ID', a clip in the history. The piece starts with it and lasts duration "
+            "seconds in all.",
         ),
         Option(flags=("--continue",), label="Continue a clip", metavar="FILE", upload="audio", studio=False),
     ] = None
@@ -145,6 +169,18 @@ class MusicRequest(BaseRequest):
         Field(default=False, description="With audio_prompt: keep only the new part, not the clip it continues."),
         Option(flags=("--new-only",), label="Only the new part", studio=False),
     ] = False
+    melody: Annotated[
+        str | None,
+        Field(
+            default=None,
+            max_length=MAX_UPLOAD_CHARS,
+            description="A clip whose melody the music follows (its chroma), for the musicgen-melody models: WAV, "
+            "FLAC, OGG or MP3 in base64 (a 'data:audio/wav;base64,' prefix is fine), at most 20 MB; or the "
+            "'sha256:...' reference of one sent before, or 'output:ID', a clip in the history. A longer piece "
+            "follows it on, from the start again when it ends.",
+        ),
+        Option(flags=("--melody",), label="Follow a melody", metavar="FILE", upload="audio", studio=False),
+    ] = None
 
 
 _SIZE_HELP = "Pixels, a multiple of 8; default the model's size."
@@ -266,7 +302,8 @@ class ImageRequest(BaseRequest):
             max_length=MAX_UPLOAD_CHARS,
             description="A picture to start from (img2img): PNG, JPEG or WebP in base64 (a "
             "'data:image/png;base64,' prefix is fine), at most 20 MB and 16 megapixels; or the "
-            "'sha256:...' reference of one sent before. Kept by content hash; the recipe names it.",
+            "'sha256:...' reference of one sent before, or 'output:ID', a picture in the history. Kept by "
+            "content hash; the recipe names it.",
         ),
         Option(flags=("--init",), label="Start from a picture", metavar="FILE", upload="image"),
     ] = None
@@ -505,89 +542,3 @@ def parse_request(cls: type[BaseRequest], data: dict[str, Any]) -> Any:
         return cls.model_validate(data)
     except ValidationError as exc:
         raise RequestError(explain_validation_error(cls, exc)) from None
-
-
-def explain_validation_error(cls: type[BaseModel], exc: ValidationError) -> str:
-    return describe_errors(cls, exc.errors())
-
-
-def describe_errors(cls: type[BaseModel], errors: Any) -> str:
-    """One line per problem: the field, what it accepts, and what was given."""
-    lines = []
-    for error in errors:
-        location = [part for part in error.get("loc", ()) if part not in ("body", "query", "path")]
-        field = str(location[0]) if location else "request"
-        got = error.get("input")
-        if error["type"] == "extra_forbidden":
-            allowed = ", ".join(name for name in cls.model_fields if name != "kind")
-            lines.append(f"{field}: unknown setting; known ones are {allowed}")
-            continue
-        if error["type"] in ("missing", "model_attributes_type", "dict_type", "json_invalid"):
-            lines.append(f"{field}: {error['msg'].lower()}")
-            continue
-        if error["type"] == "string_pattern_mismatch" and field.endswith("_id"):
-            lines.append(f"{field}: must be an id the API gave, 32 lowercase hex digits (got {_short(got)})")
-            continue
-        info = cls.model_fields.get(field)
-        rule = _describe_field(info) if info else error["msg"]
-        lines.append(f"{field}: {rule} (got {_short(got)})")
-    return "Invalid request:\n" + "\n".join(f"  - {line}" for line in lines)
-
-
-def field_bounds(info: Any) -> dict[str, Any]:
-    """A field's bounds by name (ge, le, multiple_of, max_length...)."""
-    bounds: dict[str, Any] = {}
-    for item in info.metadata:
-        for name in ("ge", "gt", "le", "lt", "multiple_of", "min_length", "max_length"):
-            value = getattr(item, name, None)
-            if value is not None and isinstance(item, at.BaseMetadata):
-                bounds[name] = value
-    return bounds
-
-
-def _describe_field(info: Any) -> str:
-    bounds = field_bounds(info)
-    choices = _literal_choices(info.annotation)
-    if choices:
-        return "must be one of " + ", ".join(repr(c) for c in choices)
-    if "min_length" in bounds or "max_length" in bounds:
-        low, high = bounds.get("min_length", 0), bounds.get("max_length")
-        if low and high:
-            return f"must be non-blank text of at most {high} characters"
-        return f"must be text of at most {high} characters"
-    parts = []
-    low = bounds.get("ge", bounds.get("gt"))
-    high = bounds.get("le", bounds.get("lt"))
-    kind = "a whole number" if _is_int(info.annotation) else "a number"
-    if low is not None and high is not None:
-        parts.append(f"must be {kind} from {_num(low)} to {_num(high)}")
-    elif low is not None:
-        parts.append(f"must be {kind} of at least {_num(low)}")
-    else:
-        parts.append(f"must be {kind}")
-    if "multiple_of" in bounds:
-        parts.append(f"and a multiple of {bounds['multiple_of']}")
-    return " ".join(parts)
-
-
-def _literal_choices(annotation: Any) -> tuple[Any, ...]:
-    args = getattr(annotation, "__args__", ())
-    if getattr(annotation, "__origin__", None) is Literal:
-        return args
-    for arg in args:
-        if getattr(arg, "__origin__", None) is Literal:
-            return arg.__args__
-    return ()
-
-
-def _is_int(annotation: Any) -> bool:
-    return annotation is int or int in getattr(annotation, "__args__", ())
-
-
-def _num(value: float) -> str:
-    return str(value) if isinstance(value, int) else f"{value:g}"
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."

@@ -24,7 +24,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from muselab.schemas import RequestError
+from muselab.schemas import HISTORY_OUTPUT, RequestError, field_option
 
 MAX_UPLOAD_BYTES = 20 * 2**20
 #: 16.7 megapixels (4096x4096): twice the largest picture muselab makes (2048x2048) on each side.
@@ -195,11 +195,7 @@ class InputStore:
 
     def keep_audio(self, samples: Any, rate: int) -> str:
         """Store a clip (channels, frames) as float WAV (once per clip); its reference."""
-        import soundfile
-
-        buffer = io.BytesIO()
-        soundfile.write(buffer, samples.T, rate, format="WAV", subtype="FLOAT")
-        return self._keep_bytes(buffer.getvalue(), "wav")
+        return self._keep_bytes(float_wav(samples, rate), "wav")
 
     def read_audio(self, value: str, field: str) -> tuple[Any, int]:
         """The clip a request's field holds (base64, or a stored clip's reference), checked."""
@@ -223,3 +219,36 @@ class InputStore:
         except (FileNotFoundError, soundfile.LibsndfileError):
             raise RequestError(f"{field}: no stored clip {reference} here (send the clip itself)") from None
         return samples.T, int(rate)
+
+
+def from_history(request: Any, store: Any) -> Any:
+    """Upload fields may name an output of the history ("output:ID": a clip to continue, a melody,
+    a picture to edit): its file goes in as if the client had sent it, and is checked as any upload
+    is. Only files the history owns (`HistoryStore.owned_file`) can be named."""
+    updates = {}
+    for name, info in type(request).model_fields.items():
+        value = getattr(request, name)
+        if not field_option(info).upload or not isinstance(value, str) or not value.startswith(HISTORY_OUTPUT):
+            continue
+        output_id = value.removeprefix(HISTORY_OUTPUT)
+        record = store.get_output(output_id)
+        path = None if record is None else store.owned_file(record)
+        if path is None:
+            raise RequestError(f"{name}: no output '{output_id[:40]}' in the history")
+        updates[name] = base64.b64encode(path.read_bytes()).decode()
+    return request.model_copy(update=updates) if updates else request
+
+
+def float_wav(samples: Any, rate: int) -> bytes:
+    """A clip (channels, frames) as a 32-bit float WAV, the same bytes for the same clip: what
+    libsndfile writes carries a PEAK chunk with the time of writing, so a clip kept twice would
+    get two hashes."""
+    import struct
+
+    import numpy as np
+
+    channels = samples.shape[0]
+    data = np.ascontiguousarray(samples.T, dtype="<f4").tobytes()
+    fmt = struct.pack("<HHIIHH", 3, channels, rate, rate * 4 * channels, 4 * channels, 32)  # 3: IEEE float
+    chunks = b"fmt " + struct.pack("<I", len(fmt)) + fmt + b"data" + struct.pack("<I", len(data)) + data
+    return b"RIFF" + struct.pack("<I", 4 + len(chunks)) + b"WAVE" + chunks

@@ -141,6 +141,8 @@ class MusicOutput:
     audio: Any  # numpy float32 array, (samples, channels)
     sample_rate: int
     seed: int
+    #: A long piece stopped before its end: the seconds it kept (its windows finished).
+    stopped_at: float | None = None
 
 
 @dataclass

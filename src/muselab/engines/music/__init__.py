@@ -15,3 +15,11 @@ def load(model: str, settings: Settings, on_progress: ProgressCallback | None = 
     from muselab.engines.runtime import music_plan
 
     return MusicEngine.load(model, music_plan(settings, model=model), on_progress=on_progress)
+
+
+def load_melody(model: str, settings: Settings, on_progress: ProgressCallback | None = None) -> Engine:
+    """Load the melody model `model` (hub id or folder) to run as `settings` say."""
+    from muselab.engines.music.melody import MelodyEngine
+    from muselab.engines.runtime import music_plan
+
+    return MelodyEngine.load(model, music_plan(settings, model=model), on_progress=on_progress)

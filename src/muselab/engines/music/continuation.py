@@ -6,6 +6,7 @@ included, as in audiocraft."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -15,18 +16,37 @@ from muselab.schemas import MusicRequest, RequestError
 
 
 def check_request(request: MusicRequest, settings: Any) -> MusicRequest:
-    """Before a request queues: its clip (an untrusted upload) checked, shorter than the piece, and
-    kept, named by its hash from then on."""
+    """Before a request queues: its clips (untrusted uploads: a clip to continue, a melody) all
+    read and checked before any is kept, then named by their hash from then on."""
     from muselab.uploads import InputStore
 
-    if request.audio_prompt is None:
-        if request.new_only:
-            raise RequestError("new_only: keeps the new part of a continuation; send audio_prompt too")
-        return request
+    if request.new_only and request.audio_prompt is None:
+        raise RequestError("new_only: keeps the new part of a continuation; send audio_prompt too")
+    if request.melody is not None and not may_follow_melody(request.model, settings):
+        raise RequestError(
+            f"melody: {request.model or settings.model_for('music')} cannot follow a melody; "
+            "use a melody model (facebook/musicgen-melody)"
+        )
     store = InputStore(settings.inputs)
-    samples, rate = store.read_audio(request.audio_prompt, "audio_prompt")
-    check_length(samples.shape[1] / rate, request.duration)
-    return request.model_copy(update={"audio_prompt": store.kept_audio(request.audio_prompt, samples, rate)})
+    clips = {field: getattr(request, field) for field in ("audio_prompt", "melody") if getattr(request, field)}
+    read = {field: store.read_audio(value, field) for field, value in clips.items()}
+    if "audio_prompt" in read:
+        samples, rate = read["audio_prompt"]
+        check_length(samples.shape[1] / rate, request.duration)
+    kept = {field: store.kept_audio(clips[field], *read[field]) for field in read}
+    return request.model_copy(update=kept) if kept else request
+
+
+def may_follow_melody(model: str | None, settings: Any) -> bool:
+    """Whether the model a request names (or the configured one) is a melody model, as far as
+    this machine can tell before loading it: a catalogue entry or a folder says; another hub id
+    may be one (its engine refuses a melody if it is not)."""
+    from muselab.families import catalogue_entry, folder_architectures, loader_for
+
+    source = settings.served_models("music").get(model or "") or model or settings.model_for("music")
+    if catalogue_entry(source) is None and not folder_architectures(Path(source).expanduser()):
+        return True
+    return loader_for("music", source).name == "musicgen-melody"
 
 
 def check_length(seconds: float, duration: float) -> None:
@@ -62,9 +82,9 @@ def prompt_codes(engine: Any, request: MusicRequest) -> tuple[torch.Tensor, int]
     channels = int(engine.network.decoder.config.audio_channels)
     audio = fitted(samples, rate, engine.sample_rate, channels)
     check_length(audio.shape[1] / engine.sample_rate, request.duration)
-    inputs = engine.processor(audio=audio if channels == 2 else audio[0], sampling_rate=engine.sample_rate)
+    # What EnCodec's feature extractor hands `generate` as `input_values`: the samples, unchanged.
     encoder = engine.network.audio_encoder
-    values = torch.as_tensor(np.asarray(inputs["input_values"]), dtype=next(encoder.parameters()).dtype)
+    values = torch.as_tensor(audio, dtype=next(encoder.parameters()).dtype)
     values = values.reshape(1, channels, -1).to(engine.placement.device)
     with torch.inference_mode():
         sides = [encoder.encode(values[:, side : side + 1]).audio_codes[0, 0] for side in range(channels)]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import secrets
 import time
 from pathlib import Path
@@ -26,10 +25,18 @@ from muselab.engines.base import (
     locate_model,
 )
 from muselab.engines.music.continuation import prompt_codes
+from muselab.engines.music.longform import (
+    DECODE_FRAMES_A_STEP,
+    Window,
+    decode_steps,
+    piece_frames,
+    window_steps,
+    windows,
+)
 from muselab.engines.music.sampler import MusicgenSampler
 from muselab.engines.runtime import RuntimePlan, engine_plan
 from muselab.quantize import Int8Linear, quantize_linears
-from muselab.schemas import MAX_SEED, MusicRequest
+from muselab.schemas import MAX_SEED, MusicRequest, RequestError
 
 #: Clips of one request sampled together at most. A token's step reads every decoder weight once
 #: for the whole batch, so on a CPU (bound by reading weights) or a GPU (bound by launches) four
@@ -44,6 +51,10 @@ BATCH_CACHE_BYTES = 4 * 2**30
 
 class MusicEngine:
     kind = "music"
+    #: The token loop for this family's network (`melody.MelodySampler` for the melody models).
+    sampler_class: type[MusicgenSampler] = MusicgenSampler
+    #: Whether a request's `melody` conditions it (the melody models).
+    follows_melody = False
 
     def __init__(
         self,
@@ -73,9 +84,11 @@ class MusicEngine:
         plan = engine_plan("music", model, plan, options)
         plan.require()
         self.network = network.to(plan.device).eval()
-        self.sampler = MusicgenSampler(self.network, cuda_graphs=plan.cuda_graphs)
+        self.sampler = self.sampler_class(self.network, cuda_graphs=plan.cuda_graphs)
         self.load_timings: dict[str, float] = {}
-        if plan.backend == "openvino":
+        if plan.backend == "openvino" and self.follows_melody:
+            plan = plan.without_openvino("its OpenVINO step has no melody prefix yet")
+        elif plan.backend == "openvino":
             plan = self._use_openvino(plan, source, on_progress)
         if plan.quantize in ("int8", "int8-dynamic"):
             dynamic = plan.quantize == "int8-dynamic"
@@ -127,21 +140,23 @@ class MusicEngine:
     ) -> MusicEngine:
         """Load a hub id or local folder (safetensors only) through transformers' `from_pretrained`,
         to run as `plan` says (`runtime.music_plan`; with a placement or nothing, `options` make it)."""
-        from transformers import AutoProcessor, MusicgenForConditionalGeneration
-
         plan = engine_plan("music", model, plan, options)
         plan.require()  # before a download: what cannot run here is not fetched either
         source = locate_model(model, plan.offline, "music")
 
-        def load() -> tuple[Any, Any]:
-            processor = AutoProcessor.from_pretrained(source, local_files_only=True)
-            network = MusicgenForConditionalGeneration.from_pretrained(
-                source, dtype=plan.dtype, use_safetensors=True, local_files_only=True
-            )
-            return processor, network
-
-        processor, network = load_or_explain(load, model, "music")
+        processor, network = load_or_explain(lambda: cls.load_parts(source, plan.dtype), model, "music")
         return cls(network, processor, model, plan, source=Path(source), on_progress=on_progress)
+
+    @classmethod
+    def load_parts(cls, source: str, dtype: torch.dtype) -> tuple[Any, Any]:
+        """The processor and the network in `source` (a folder, or a hub id in the cache)."""
+        from transformers import AutoProcessor, MusicgenForConditionalGeneration
+
+        processor = AutoProcessor.from_pretrained(source, local_files_only=True)
+        network = MusicgenForConditionalGeneration.from_pretrained(
+            source, dtype=dtype, use_safetensors=True, local_files_only=True
+        )
+        return processor, network
 
     @property
     def model_name(self) -> str:
@@ -152,14 +167,39 @@ class MusicEngine:
         return request.model_copy(update={"model": model_label(self.model), "seed": seed})
 
     def steps(self, request: MusicRequest) -> int:
-        """The progress steps `request` takes: its decoder steps for each clip."""
-        return self.tokens_for(request.duration) * request.num_clips
+        """The progress steps `request` takes: each clip's decoder steps, in every window, and the
+        decoding of a long piece. A clip to continue is counted as none (its length is known once
+        it is loaded); the clock of `generate` counts it exactly."""
+        return (self._steps(self.windows(request)) + decode_steps(self.frames(request))) * request.num_clips
 
     def tokens_for(self, duration: float) -> int:
-        """New decoder steps for `duration` seconds: one per frame, the codebook delay pattern, and
-        one spare frame, since the codec's output can come out a few samples short of whole frames;
-        the audio is then cut to the exact length."""
-        return math.ceil(duration * self.frame_rate) + self.num_codebooks
+        """Decoder steps for a piece of `duration` seconds that fits one window."""
+        return window_steps(Window(0, piece_frames(duration, self.frame_rate)), self.num_codebooks)
+
+    def _steps(self, plan: list[Window]) -> int:
+        return sum(window_steps(window, self.num_codebooks) for window in plan)
+
+    @property
+    def context(self) -> int:
+        """The most frames one window holds: the model's trained length (`generation_config.max_length`,
+        1500 frames or 30 s on the real checkpoints) and the spare frame (`piece_frames`), within its
+        position embeddings. A 30 s piece is one window."""
+        trained = int(self.network.generation_config.max_length or 1500) + 1
+        return min(trained, int(self.network.decoder.config.max_position_embeddings) - self.num_codebooks - 1)
+
+    def frames(self, request: MusicRequest) -> int:
+        return piece_frames(request.duration, self.frame_rate)
+
+    def windows(self, request: MusicRequest, given: int = 0) -> list[Window]:
+        """The windows that make `request`'s piece, `given` frames (a clip to continue) known."""
+        stride = round(request.extend_stride * self.frame_rate)
+        frames = self.frames(request)
+        if frames > self.context and stride >= self.context:
+            raise RequestError(
+                f"extend_stride: {request.extend_stride:g} s is this model's whole window "
+                f"({self.context / self.frame_rate:g} s); a long piece needs some of it for the audio it continues"
+            )
+        return windows(frames, given, self.context, stride)
 
     def generate(
         self,
@@ -169,23 +209,28 @@ class MusicEngine:
     ) -> GenerationResult:
         """The request's clips, sampled together in batches (`clips_per_batch`): each token reads
         the decoder's weights once for a whole batch. Clip i has seed + i and draws from a
-        generator of its own, so it is the clip that seed makes alone (`--from` re-runs one clip)."""
+        generator of its own, so it is the clip that seed makes alone (`--from` re-runs one clip).
+        A piece longer than the model's context is made in windows (`longform.py`); stopped, the
+        windows it finished are kept."""
         request = self.resolve(request)
         assert request.seed is not None
         cancel = cancel or CancelToken()
-        tokens = self.tokens_for(request.duration)
         samples = round(request.duration * self.sample_rate)
-        codes, kept_from = None, 0
+        given, kept_from = None, 0
         if request.audio_prompt is not None:
-            # The clip's frames are the piece's first positions: the steps left are drawn.
-            codes, prompt_samples = prompt_codes(self, request)
-            tokens = codes.shape[1] + max(tokens - codes.shape[1], self.num_codebooks + 1)
+            # The clip's frames are the piece's first: the first window continues them.
+            given, prompt_samples = prompt_codes(self, request)
             kept_from = prompt_samples if request.new_only else 0
-        clock = ProgressClock(tokens * request.num_clips, on_progress, items=request.num_clips)
+        melody = self.load_melody(request)
+        plan = self.windows(request, 0 if given is None else given.shape[1])
+        frames = self.frames(request)
+        clock = ProgressClock(
+            (self._steps(plan) + decode_steps(frames)) * request.num_clips, on_progress, items=request.num_clips
+        )
         started = time.perf_counter()
         outputs: list[MusicOutput] = []
         seeds = [(request.seed + index) % (MAX_SEED + 1) for index in range(request.num_clips)]
-        size = self.clips_per_batch(request, tokens)
+        size = self.clips_per_batch(request, max(window_steps(window, self.num_codebooks) for window in plan))
 
         inputs = self.processor(text=[request.prompt], padding=True, return_tensors="pt").to(self.placement.device)
         for first in range(0, len(seeds), size):
@@ -198,19 +243,60 @@ class MusicEngine:
                     raise Cancelled()
                 clock.advance(first, steps=clips)
 
+            # One generator per clip (not the global RNG), through all its windows: a clip's draws
+            # depend on its seed only, and no other code's random numbers are disturbed.
+            generators = [torch.Generator(self.placement.device).manual_seed(seed) for seed in batch]
+            piece = None if given is None else given.repeat(len(batch), 1)  # (clips * codebooks, frames)
+            finished = 0
             try:
-                drawn = self._sample(inputs, request, tokens, batch, on_token, codes)
+                for window in plan:
+                    prompt = None if piece is None or not window.prompt else piece[:, piece.shape[1] - window.prompt :]
+                    # The melody's part from where this window starts in the piece.
+                    begins = 0 if piece is None else (piece.shape[1] - window.prompt) / self.frame_rate
+                    chroma = None if melody is None else self.melody_chroma(melody, begins)
+                    drawn = self._sample(inputs, request, window, generators, on_token, prompt, chroma)
+                    made = self.sampler.codes(drawn)[:, window.prompt :]
+                    piece = made if piece is None else torch.cat([piece, made], dim=1)
+                    finished += 1
                 for clip, seed in enumerate(batch):
                     clock.emit("decoding", first + clip, eta=None)
-                    audio = self._decode(drawn, clip)[kept_from:samples]
+                    audio = self._decode(piece, clip, clock, first + clip, cancel)[kept_from:samples]
                     outputs.append(MusicOutput(audio=audio, sample_rate=self.sample_rate, seed=seed))
             except Cancelled:
+                if finished and piece is not None and len(outputs) < first + len(batch):
+                    outputs += self._stopped(piece, batch[len(outputs) - first :], len(outputs) - first, kept_from)
                 raise Cancelled(completed=outputs) from None
             except Exception as exc:
                 if outputs and not getattr(exc, "completed", None):  # the job service keeps earlier batches' clips
                     exc.completed = list(outputs)  # type: ignore[attr-defined]
                 raise
         return engine_result(self, request, outputs, started)
+
+    def load_melody(self, request: MusicRequest) -> tuple[Any, int] | None:
+        """The request's melody clip (samples, rate), from the inputs folder; refused by a model
+        that cannot follow one (the job service refuses it before it queues where it can tell)."""
+        if request.melody is None:
+            return None
+        if not self.follows_melody:
+            raise RequestError(
+                f"melody: {self.model_name} cannot follow a melody; use a melody model (facebook/musicgen-melody)"
+            )
+        from muselab.uploads import InputStore
+
+        assert self.plan.inputs_dir is not None
+        return InputStore(self.plan.inputs_dir).load_audio(request.melody, "melody")
+
+    def melody_chroma(self, melody: tuple[Any, int], offset: float) -> Any:
+        raise NotImplementedError  # only the melody engine follows one (`follows_melody`)
+
+    def _stopped(self, piece: Any, seeds: list[int], clip: int, kept_from: int) -> list[MusicOutput]:
+        """What a stopped long piece keeps: the windows finished, each clip's decoded as it is."""
+        kept = []
+        for offset, seed in enumerate(seeds):
+            audio = self._decode(piece, clip + offset)[kept_from:]
+            stopped_at = audio.shape[0] / self.sample_rate
+            kept.append(MusicOutput(audio=audio, sample_rate=self.sample_rate, seed=seed, stopped_at=stopped_at))
+        return kept
 
     def clips_per_batch(self, request: MusicRequest, tokens: int) -> int:
         """How many clips sample together: up to MAX_BATCH_CLIPS, as long as their KV cache stays
@@ -222,18 +308,23 @@ class MusicEngine:
         return max(1, min(MAX_BATCH_CLIPS, request.num_clips, BATCH_CACHE_BYTES // per_clip))
 
     def _sample(
-        self, inputs: Any, request: MusicRequest, tokens: int, seeds: list[int], on_token: Any, codes: Any = None
+        self,
+        inputs: Any,
+        request: MusicRequest,
+        window: Window,
+        generators: list,
+        on_token: Any,
+        prompt: Any,
+        chroma: Any = None,
     ) -> Any:
-        """Codes for one clip per seed, in one batch (`MusicgenSampler.sample`): `tokens` positions
-        in all, the first `codes` (a clip to continue) given."""
-        # One generator per clip (not the global RNG): a clip's draws depend on its seed only, and
-        # no other code's random numbers are disturbed.
-        generators = [torch.Generator(self.placement.device).manual_seed(seed) for seed in seeds]
+        """Codes for one clip per generator, in one batch (`MusicgenSampler.sample`): the window's
+        new frames after the `prompt` codes (the clip continued, or the piece so far's end)."""
         return self.sampler.sample(
             inputs["input_ids"],
             inputs["attention_mask"],
-            max_new_tokens=tokens - (0 if codes is None else codes.shape[1]),
-            prompt_codes=codes,
+            max_new_tokens=window.new + self.num_codebooks - 1,
+            prompt_codes=prompt,
+            chroma=chroma,
             guidance_scale=request.guidance,
             temperature=request.temperature,
             top_k=request.top_k,
@@ -242,6 +333,18 @@ class MusicEngine:
             generators=generators,
         )
 
-    def _decode(self, codes: Any, clip: int) -> Any:
-        # (1, channels, samples) -> (samples, channels), float32 for encoding.
-        return self.sampler.decode(codes, clip)[0].float().cpu().numpy().T
+    def _decode(
+        self, piece: Any, clip: int, clock: ProgressClock | None = None, item: int = 0, cancel: Any = None
+    ) -> Any:
+        """Clip `clip`'s codes of `piece` as audio (samples, channels), float32 for encoding; a
+        long piece's decoding counts on `clock` and stops on `cancel` between its chunks."""
+
+        def on_chunk(frames: int) -> None:
+            if cancel is not None and cancel.cancelled:
+                raise Cancelled()
+            if clock is not None:
+                clock.advance(item, stage="decoding", steps=frames // DECODE_FRAMES_A_STEP)
+
+        rows = piece[clip * self.num_codebooks : (clip + 1) * self.num_codebooks]
+        # (1, channels, samples) -> (samples, channels)
+        return self.sampler.decode_codes(rows, on_chunk)[0].float().cpu().numpy().T

@@ -19,8 +19,8 @@ batch of clips, replayed with one launch per token. A graph needs fixed shapes a
 writes the KV cache at a position held in a device tensor and attends over the whole cache with
 a mask (`static_step`), the same maths as the growing slice the CPU loop attends over.
 
-A clip to continue (`prompt_codes`) runs through the same steps first. What it does not do: melody
-conditioning and beam search.
+A clip to continue (`prompt_codes`) runs through the same steps first; so does the end of the
+piece so far, in each window of a long piece (`longform.py`). What it does not do: beam search.
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ from typing import Any
 
 import torch
 from torch.nn import functional as F
+
+from muselab.engines.music.longform import DECODE_CONTEXT, DECODE_FADE, decode_chunks
 
 
 class MusicgenSampler:
@@ -53,7 +55,8 @@ class MusicgenSampler:
         self.pad_token_id = int(network.generation_config.pad_token_id)
         self.start_token_id = int(network.generation_config.decoder_start_token_id)
         self.project_encoder = (
-            network.text_encoder.config.hidden_size != config.hidden_size and config.cross_attention_hidden_size is None
+            network.text_encoder.config.hidden_size != config.hidden_size
+            and getattr(config, "cross_attention_hidden_size", None) is None
         )
 
     @property
@@ -82,10 +85,12 @@ class MusicgenSampler:
         on_token: Callable[[], None] | None = None,
         generators: Sequence[torch.Generator] | None = None,
         prompt_codes: torch.Tensor | None = None,
+        chroma: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Audio codes (clips * codebooks, 1 + prompt frames + max_new_tokens), delay pattern
-        included, for `decode`. `prompt_codes` (codebooks, frames), a clip to continue: its codes
-        are every clip's first tokens, run through the decoder one position at a time (nothing drawn
+        included, for `decode`. `prompt_codes` (codebooks, frames), a clip to continue, or
+        (clips * codebooks, frames), one for each clip: its codes are the clip's first tokens,
+        run through the decoder one position at a time (nothing drawn
         for them, so the first draw is generation's first), and the codes returned begin with them.
 
         Without `generators`, one clip per prompt, drawn from the global RNG (as `generate` in
@@ -96,18 +101,16 @@ class MusicgenSampler:
         batch = input_ids.shape[0] if generators is None else len(generators)
         guided = guidance_scale is not None and guidance_scale > 1
         processors = _logits_processors(guidance_scale if guided else None, temperature, top_k, top_p)
-        cross_keys, cross_values, cross_mask = self._encode_text(input_ids, attention_mask)
-        if input_ids.shape[0] != batch:
-            if input_ids.shape[0] != 1:
-                raise ValueError(f"{input_ids.shape[0]} prompts for {batch} generators: give one, or one each")
-            # One prompt for every clip: encoded once, so each row attends to bit-identical keys.
-            cross_keys = [keys.repeat(batch, 1, 1, 1) for keys in cross_keys]
-            cross_values = [values.repeat(batch, 1, 1, 1) for values in cross_values]
-            cross_mask = cross_mask.repeat(batch, 1, 1, 1)
+        if input_ids.shape[0] not in (1, batch):
+            raise ValueError(f"{input_ids.shape[0]} prompts for {batch} generators: give one, or one each")
+        conditioning = self._condition(input_ids, attention_mask, batch, guided, chroma)
         start = torch.full((batch * self.num_codebooks, 1), self.start_token_id, dtype=torch.long)
         start = start.to(input_ids.device)
         if prompt_codes is not None:  # generate's decoder_input_ids: the start token, then the clip
-            start = torch.cat([start, prompt_codes.to(start).repeat(batch, 1)], dim=1)
+            given = prompt_codes.to(start)
+            if given.shape[0] != start.shape[0]:  # one clip's codes, every clip's prompt
+                given = given.repeat(batch, 1)
+            start = torch.cat([start, given], dim=1)
         max_length = start.shape[1] + max_new_tokens
         # build_delay_pattern_mask lives on MusicgenForCausalLM and knows mono from stereo. The
         # pattern is (batch * codebooks, max_length): -1 where a sampled token goes, else the pad
@@ -120,7 +123,7 @@ class MusicgenSampler:
         # Guided, the rows are every clip's conditional row, then every clip's unconditional one:
         # the split `ClassifierFreeGuidanceLogitsProcessor` makes (first half, second half).
         rows = 2 * batch if guided else batch
-        step = self._stepper(rows, max_length, (cross_keys, cross_values, cross_mask))
+        step = self._stepper(rows, max_length, conditioning)
         on_gpu = tokens.device.type == "cuda"
         previous_done: Any = None
         nonfinite = torch.zeros((), dtype=torch.bool, device=tokens.device)
@@ -175,6 +178,20 @@ class MusicgenSampler:
     def clips(self, tokens: torch.Tensor) -> int:
         """How many clips `sample`'s codes hold."""
         return tokens.shape[0] // self.num_codebooks
+
+    def _condition(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, batch: int, guided: bool, chroma: Any
+    ) -> tuple[list, list, torch.Tensor]:
+        """What `_stepper` conditions on: the text's cross-attention keys and values, for `batch` clips."""
+        if chroma is not None:
+            raise ValueError("this model cannot follow a melody")
+        cross_keys, cross_values, cross_mask = self._encode_text(input_ids, attention_mask)
+        if input_ids.shape[0] != batch:
+            # One prompt for every clip: encoded once, so each row attends to bit-identical keys.
+            cross_keys = [keys.repeat(batch, 1, 1, 1) for keys in cross_keys]
+            cross_values = [values.repeat(batch, 1, 1, 1) for values in cross_values]
+            cross_mask = cross_mask.repeat(batch, 1, 1, 1)
+        return cross_keys, cross_values, cross_mask
 
     def _encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[list, list, torch.Tensor]:
         """Cross-attention keys and values of every layer, for the conditional half only: the
@@ -282,15 +299,16 @@ class MusicgenSampler:
             context = attend_self(index, attention, layer.self_attn_layer_norm(hidden))
             hidden = hidden + attention.out_proj(context.transpose(1, 2).reshape(rows, 1, -1))
 
-            cross = layer.encoder_attn
-            batch = cross_keys[index].shape[0]
-            conditional = hidden[:batch]
-            query = self._heads(cross.q_proj(layer.encoder_attn_layer_norm(conditional)))
-            context = F.scaled_dot_product_attention(
-                query, cross_keys[index], cross_values[index], attn_mask=cross_mask
-            )
-            added = cross.out_proj(context.transpose(1, 2).reshape(batch, 1, -1))
-            hidden = torch.cat([conditional + added, hidden[batch:]])
+            if cross_keys is not None:  # the melody model has no cross-attention (its conditioning is a prefix)
+                cross = layer.encoder_attn
+                batch = cross_keys[index].shape[0]
+                conditional = hidden[:batch]
+                query = self._heads(cross.q_proj(layer.encoder_attn_layer_norm(conditional)))
+                context = F.scaled_dot_product_attention(
+                    query, cross_keys[index], cross_values[index], attn_mask=cross_mask
+                )
+                added = cross.out_proj(context.transpose(1, 2).reshape(batch, 1, -1))
+                hidden = torch.cat([conditional + added, hidden[batch:]])
 
             normed = layer.final_layer_norm(hidden)
             hidden = hidden + layer.fc2(layer.activation_fn(layer.fc1(normed)))
@@ -316,8 +334,47 @@ class MusicgenSampler:
         transformers does it: drop the delay pattern's pads, run EnCodec. One clip at a time: it
         decodes to the same samples alone or from a batch, and EnCodec's activations for a long
         clip are large (tens of MB a second of audio), so a batch of them would add up."""
-        rows = tokens[clip * self.num_codebooks : (clip + 1) * self.num_codebooks]
-        codes = rows[rows != self.pad_token_id].reshape(1, self.num_codebooks, -1)[None, ...]
+        return self.decode_codes(self.codes(tokens[clip * self.num_codebooks : (clip + 1) * self.num_codebooks]))
+
+    def codes(self, tokens: torch.Tensor) -> torch.Tensor:
+        """`sample`'s codes (rows, positions) without the delay pattern: (rows, frames). Every row
+        holds the same number of pads (the start token and the pattern's), and no code is a pad."""
+        return tokens[tokens != self.pad_token_id].reshape(tokens.shape[0], -1)
+
+    @torch.inference_mode()
+    def decode_codes(self, frames: torch.Tensor, on_chunk: Callable[[int], None] | None = None) -> torch.Tensor:
+        """One clip's codes (codebooks, frames) -> waveform (1, channels, samples). A long piece
+        decodes in chunks (`longform.decode_chunks`), each with context on both sides, cross-faded
+        where they meet; `on_chunk(frames)` runs after each (report progress, stop on cancel)."""
+        chunks = decode_chunks(frames.shape[1])
+        if len(chunks) == 1:
+            return self._decode_at_once(frames)
+        total = frames.shape[1]
+        audio: torch.Tensor | None = None
+        for start, end in chunks:
+            low, high = max(0, start - DECODE_CONTEXT), min(total, end + DECODE_CONTEXT)
+            decoded = self._decode_at_once(frames[:, low:high])
+            hop = decoded.shape[-1] // (high - low)
+            if audio is None:
+                audio = decoded.new_zeros((*decoded.shape[:-1], total * hop))
+            first, last = max(0, start - DECODE_FADE), min(total, end + DECODE_FADE)
+            part = decoded[..., (first - low) * hop : (last - low) * hop]
+            weights = torch.ones(part.shape[-1], dtype=part.dtype, device=part.device)
+            fade = (torch.arange(2 * DECODE_FADE * hop, dtype=part.dtype, device=part.device) + 0.5) / (
+                2 * DECODE_FADE * hop
+            )
+            if start > 0:
+                weights[: fade.shape[0]] *= fade
+            if end < total:
+                weights[-fade.shape[0] :] *= 1 - fade
+            audio[..., first * hop : last * hop] += part * weights
+            if on_chunk is not None:
+                on_chunk(end - start)
+        assert audio is not None
+        return audio
+
+    def _decode_at_once(self, frames: torch.Tensor) -> torch.Tensor:
+        codes = frames[None, None]
         audio_encoder = self.network.audio_encoder
         if self.network.decoder.config.audio_channels == 1:
             return audio_encoder.decode(codes, audio_scales=[None]).audio_values

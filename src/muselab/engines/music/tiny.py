@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -57,14 +58,58 @@ def randomize_codebooks(model: Any) -> None:
 def tiny_musicgen_network(stereo: bool = False) -> Any:
     """The tiny MusicGen in memory; `stereo` gives it 8 interleaved codebooks (left, right), as the
     musicgen-stereo checkpoints have."""
-    from transformers import (
-        MusicgenConfig,
-        MusicgenForConditionalGeneration,
-    )
+    from transformers import MusicgenConfig, MusicgenForConditionalGeneration
 
     torch.manual_seed(TINY_SEED)
-    config = MusicgenConfig(
-        text_encoder={
+    model = MusicgenForConditionalGeneration(MusicgenConfig(**tiny_parts(stereo, "musicgen_decoder"))).eval()
+    return trained_looking(model)
+
+
+def tiny_musicgen_melody_network() -> Any:
+    """The tiny MusicGen Melody in memory: MusicGen's tiny parts, the chroma (12 classes, 235
+    frames for 30 s, as the real model's) projected in front of the text as the decoder's prefix."""
+    from transformers import MusicgenMelodyConfig, MusicgenMelodyForConditionalGeneration
+
+    torch.manual_seed(TINY_SEED)
+    config = MusicgenMelodyConfig(**tiny_parts(False, "musicgen_melody_decoder"), num_chroma=12, chroma_length=235)
+    model = MusicgenMelodyForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        # A random projection of a one-hot chroma is small beside the position embeddings; a trained
+        # model's melody prefix steers it, so make this one count too.
+        model.audio_enc_to_dec_proj.weight.mul_(30.0)
+    return trained_looking(model)
+
+
+def build_tiny_musicgen_melody(path: str | Path, replace: bool = True) -> Path:
+    """Write a tiny MusicGen Melody to `path`: the model, its tokenizer, and the chroma settings
+    of transformers' melody feature extractor (which needs torchaudio, so is not built here)."""
+    model = tiny_musicgen_melody_network()
+    tokenizer = build_tiny_t5_tokenizer()
+    features = {
+        "feature_extractor_type": "MusicgenMelodyFeatureExtractor",
+        "feature_size": 12,
+        "sampling_rate": 32000,
+        "hop_length": 4096,
+        "chunk_length": 30,
+        "n_fft": 16384,
+        "num_chroma": 12,
+        "padding_value": 0.0,
+        "return_attention_mask": False,
+        "stem_indices": [3, 2],
+    }
+
+    def save(folder: Path) -> None:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        (folder / "preprocessor_config.json").write_text(json.dumps(features, indent=2))
+
+    return save_atomically(path, save, replace)
+
+
+def tiny_parts(stereo: bool, decoder_type: str) -> dict[str, dict[str, Any]]:
+    """The tiny text encoder, EnCodec and decoder configs, MusicGen's and MusicGen Melody's."""
+    return {
+        "text_encoder": {
             "model_type": "t5",
             "vocab_size": 100,
             "d_model": 32,
@@ -73,7 +118,7 @@ def tiny_musicgen_network(stereo: bool = False) -> Any:
             "num_heads": 2,
             "d_kv": 16,
         },
-        audio_encoder={
+        "audio_encoder": {
             "model_type": "encodec",
             "sampling_rate": 32000,
             "num_filters": 4,
@@ -85,8 +130,8 @@ def tiny_musicgen_network(stereo: bool = False) -> Any:
             "target_bandwidths": [1.2],
             "audio_channels": 1,
         },
-        decoder={
-            "model_type": "musicgen_decoder",
+        "decoder": {
+            "model_type": decoder_type,
             "vocab_size": 64,
             "pad_token_id": 64,
             "bos_token_id": 64,
@@ -99,8 +144,11 @@ def tiny_musicgen_network(stereo: bool = False) -> Any:
             "audio_channels": 2 if stereo else 1,
             "max_position_embeddings": 2048,
         },
-    )
-    model = MusicgenForConditionalGeneration(config).eval()
+    }
+
+
+def trained_looking(model: Any) -> Any:
+    """Random weights nudged to behave like a trained model's where tests need it to."""
     randomize_codebooks(model)
     with torch.no_grad():
         # Random heads give near-uniform logits, where sampling settings barely matter; a trained
