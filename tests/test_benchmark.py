@@ -112,6 +112,9 @@ def test_quick_bench_writes_every_documented_key(tiny_architectures, tmp_path):
     # Four clips of one request are timed against one, side by side; they sample as one batch
     # except on PyTorch's int8-dynamic (see MusicEngine.batches_clips).
     assert isinstance(saved["music"]["clips4_over_one"], float) and music["clips4_over_one"] > 0
+    assert music["continuation_new_seconds"] == 0.5 and music["continuation_vs_generate"] > 0
+    assert music["long_form_windows"] == 3 and music["long_form_rtf"] > 0  # 60 s: 30, 18 and 12 s new
+    assert any("music long form (60 s in 3 windows)" in line for line in lines)
     unbatched = music["default_backend"] == "torch" and music["default_weights"].endswith("int8-dynamic")
     assert saved["music"]["clips_per_batch"] == (1 if unbatched else 4)
     assert "4 clips of" in table

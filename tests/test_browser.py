@@ -397,3 +397,54 @@ def test_inpainting_a_painted_mask_keeps_the_rest_of_the_picture(studio, browser
     far = (slice(24, side), slice(0, side)), (slice(0, side), slice(40, side))  # beyond stroke and blur
     for rows, columns in far:
         assert np.array_equal(after[rows, columns], before[rows, columns])
+
+
+def test_continue_this_makes_a_longer_clip_from_the_one_shown(studio, browser, tmp_path):
+    """Make a clip, press Continue this under it, generate: the new clip starts from it and lasts
+    longer (the download's length), and the page says which clip it continues."""
+    import math
+
+    import soundfile as sf
+
+    from muselab.media import read_metadata
+
+    page = browser.new_page(viewport={"width": 1280, "height": 800}, accept_downloads=True)
+    page.set_default_timeout(60_000)
+    go(page, studio, "music", "Music")
+    page.get_by_label("Describe the music", exact=True).fill("a slow waltz")
+    page.keyboard.press("Tab")
+    generate(page)
+    continue_button = page.get_by_role("button", name="Continue this")
+    continue_button.wait_for(timeout=120_000)
+    with page.expect_download() as wav:
+        page.get_by_role("button", name="WAV").first.click()
+    first = tmp_path / "first.wav"
+    wav.value.save_as(first)
+    first_seconds = sf.info(str(first)).duration
+    continue_button.click()
+    shown = page.get_by_text(wav.value.suggested_filename, exact=True)
+    shown.wait_for()  # the starting clip, in the Continue a clip section
+    shown.scroll_into_view_if_needed()
+    page.get_by_text(f"{first_seconds:.1f} s", exact=True).wait_for()
+    duration = math.ceil(first_seconds) + 10  # the clip and 10 s more, to begin with
+    page.get_by_text(
+        f"The piece: {duration} s in all; you get the clip, then {duration - first_seconds:.1f} s"
+    ).wait_for()
+    shoot(page, "music-continue")
+    first_player = page.locator("audio").first.get_attribute("src")
+    assert first_player
+    generate(page)
+    page.wait_for_function(  # the new clip's player, in place of the first one's
+        "src => { const audio = document.querySelector('audio');"
+        " return audio && audio.src && !audio.src.endsWith(src) }",
+        arg=first_player,
+        timeout=180_000,
+    )
+    with page.expect_download() as longer:
+        page.get_by_role("button", name="WAV").first.click()
+    second = tmp_path / "second.wav"
+    longer.value.save_as(second)
+    assert longer.value.suggested_filename != wav.value.suggested_filename
+    assert sf.info(str(second)).duration == pytest.approx(duration, abs=0.1) and duration > first_seconds
+    recipe = read_metadata(second)["recipe"]["request"]
+    assert recipe["audio_prompt"].startswith("sha256:") and recipe["prompt"] == "a slow waltz"

@@ -93,14 +93,28 @@ def test_a_long_melody_piece_is_made_in_windows(melody_engine):
     assert len(melody_engine.windows(request)) == 2 and events[-1].step == melody_engine.steps(request)
 
 
-def test_openvino_is_not_chosen_for_the_melody_model_and_the_reason_is_said(tiny_dir):
+def test_openvino_runs_the_melody_prefix_and_matches_pytorch(tiny_dir, tmp_path):
+    """The melody model's OpenVINO step (the prefix in one call, then a token a call, KV cache in
+    the runtime) draws the same tokens as PyTorch with float weights and cache, windows included;
+    `auto` picks it with int8 weights."""
     pytest.importorskip("openvino")
     from muselab.engines.music.melody import MelodyEngine
     from muselab.families import tiny_models
+    from muselab.uploads import InputStore
 
-    folder = tiny_dir / "tiny-models" / tiny_models()["melody"].folder
-    engine = MelodyEngine.load(str(folder), offline=True, backend="auto", quantize="int8")
-    assert engine.plan.backend == "torch" and "melody" in engine.plan.backend_reason
+    folder = str(tiny_dir / "tiny-models" / tiny_models()["melody"].folder)
+    on_torch = MelodyEngine.load(folder, offline=True, backend="torch", data_dir=tmp_path)
+    on_openvino = MelodyEngine.load(folder, offline=True, backend="openvino", quantize="none", data_dir=tmp_path)
+    assert on_openvino.plan.backend == "openvino" and on_openvino.sampler.compiled is not None
+    melody = InputStore(on_torch.plan.inputs_dir).keep_audio(tone(4, 440.0), RATE)
+    request = MusicRequest(prompt="calm piano", duration=35, seed=6, melody=melody)
+    expected = on_torch.generate(request).outputs[0].audio
+    got = on_openvino.generate(request).outputs[0].audio
+    assert got.shape == expected.shape == (35 * RATE, 1)
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    auto = MelodyEngine.load(folder, offline=True, backend="auto", quantize="int8", data_dir=tmp_path)
+    assert auto.plan.backend == "openvino"
+    assert auto.generate(request.model_copy(update={"duration": 2})).outputs[0].audio.shape == (2 * RATE, 1)
 
 
 def test_a_melody_for_a_model_that_cannot_follow_one_is_refused_before_anything_is_kept(tiny_settings, tmp_path):

@@ -567,3 +567,162 @@ def test_the_gallery_edits_upscales_and_varies_a_picture(ui_env):
     at.button(key=f"vary.{output.id}").click().run()
     assert not at.exception, at.exception
     assert "Variation of seed 7: variation seed " in at.info[0].value and at.session_state["image.job"]
+
+
+# Clips on the Music page: continue one (an upload, or Continue this), follow a melody (an upload,
+# or Use as melody).
+
+
+def tone_wav(seconds: float, pitch: float = 440.0, rate: int = 32000) -> bytes:
+    import io
+
+    import numpy as np
+    import soundfile as sf
+
+    time_ = np.arange(int(seconds * rate)) / rate
+    buffer = io.BytesIO()
+    sf.write(buffer, (0.3 * np.sin(2 * np.pi * pitch * time_)).astype("float32"), rate, format="WAV")
+    return buffer.getvalue()
+
+
+def output_seconds(ui_env, job_id: str) -> float:
+    import soundfile as sf
+
+    [record] = store(ui_env).list_outputs(job_id=job_id)
+    return sf.info(str(record.path)).duration
+
+
+def music_finished(at: AppTest, before: str | None) -> AppTest:
+    """Rerun until the Music page's job is a new one, done, with its clip."""
+    return run_until(
+        at,
+        lambda page: (
+            page.session_state["music.job"] != before
+            and page.get("audio")
+            and not any(button.key == "music.cancel" for button in page.button)
+        ),
+    )
+
+
+def first_clip(prompt: str, seconds: int = 2) -> AppTest:
+    at = open_page("music")
+    at.text_area(key="music.prompt").input(prompt)
+    at.slider(key="music.duration").set_value(seconds)
+    at.button(key="music.generate").click().run()
+    return music_finished(at, None)
+
+
+def test_an_uploaded_clip_is_continued_whole_or_only_its_new_part(ui_env, submitted):
+    at = open_page("music")
+    assert at.slider(key="music.duration").proto.max == 300  # long pieces, past the model's 30 s
+    at.text_area(key="music.prompt").input("a march")
+    at.file_uploader(key="music.clip_upload").upload("tune.wav", tone_wav(1.0), "audio/wav").run()
+    assert not at.exception, at.exception
+    assert "tune.wav" in [text.value for text in at.text] and "1.0 s" in [caption.value for caption in at.caption]
+    assert at.slider(key="music.duration").value == 11  # the clip and 10 s more, to begin with
+    at.slider(key="music.duration").set_value(3).run()
+    assert "The piece: 3 s in all; you get the clip, then 2.0 s of new music." in [c.value for c in at.caption]
+    at.button(key="music.generate").click().run()
+    music_finished(at, None)
+    import base64
+
+    assert base64.b64decode(submitted[-1]["audio_prompt"]) == tone_wav(1.0)  # the very file, sent as base64
+    job = last_job(ui_env)
+    assert job["status"] == "succeeded" and job["request"]["audio_prompt"].startswith("sha256:")
+    assert output_seconds(ui_env, job["id"]) == pytest.approx(3, abs=0.05)  # the clip and what follows it
+
+    at.toggle(key="music.new_only").set_value(True).run()
+    assert "you get only the 2.0 s of new music" in " ".join(caption.value for caption in at.caption)
+    before = at.session_state["music.job"]
+    at.button(key="music.generate").click().run()
+    music_finished(at, before)
+    assert last_job(ui_env)["request"]["new_only"] is True
+    assert output_seconds(ui_env, at.session_state["music.job"]) == pytest.approx(2, abs=0.05)
+
+    at.button(key="music.reuse").click().run()  # the clip comes back with the recipe, by its reference
+    assert at.session_state["music.clip"]["value"] == last_job(ui_env)["request"]["audio_prompt"]
+    assert "The clip that piece continued" in [text.value for text in at.text]
+    assert at.toggle(key="music.new_only").value is True
+    at.button(key="music.remove_clip").click().run()  # back to a piece of its own
+    assert at.file_uploader(key="music.clip_upload") and "tune.wav" not in [text.value for text in at.text]
+
+
+def test_a_file_that_is_no_clip_is_refused_naming_the_field(ui_env):
+    at = open_page("music")
+    at.file_uploader(key="music.clip_upload").upload("tune.wav", b"RIFF, or so it says", "audio/wav").run()
+    shown = at.error[0].value.replace("\\", "")
+    assert "audio_prompt: a WAV, FLAC, OGG or MP3 clip" in shown and "this is not one" in shown
+    assert "music.clip" not in at.session_state
+
+
+def test_continue_this_makes_a_longer_piece_from_the_clip_with_its_prompt(ui_env, submitted):
+    at = first_clip("a slow waltz")
+    first = at.session_state["music.job"]
+    [output] = store(ui_env).list_outputs(job_id=first)
+    at.text_area(key="music.prompt").input("something else").run()
+    at.button(key=f"continue.{output.id}").click().run()
+    assert not at.exception, at.exception
+    assert at.text_area(key="music.prompt").value == "a slow waltz"
+    assert output.path.name in [text.value for text in at.text]  # the starting clip, shown
+    assert at.slider(key="music.duration").value == 12  # its 2 s and 10 s more
+    at.slider(key="music.duration").set_value(4)
+    at.button(key="music.generate").click().run()
+    music_finished(at, first)
+    assert submitted[-1]["audio_prompt"] == f"output:{output.id}"
+    job = last_job(ui_env)
+    assert job["status"] == "succeeded" and job["request"]["audio_prompt"].startswith("sha256:")
+    longer = output_seconds(ui_env, job["id"])
+    assert longer == pytest.approx(4, abs=0.05) and longer > output_seconds(ui_env, first)
+
+
+def test_use_as_melody_switches_to_a_melody_model_and_follows_the_clip(ui_env, submitted):
+    at = first_clip("a folk tune")
+    first = at.session_state["music.job"]
+    [output] = store(ui_env).list_outputs(job_id=first)
+    at.button(key=f"as_melody.{output.id}").click().run()
+    assert not at.exception, at.exception
+    assert at.text_input(key="music.model").value == "tiny-musicgen-melody"
+    assert "which can follow a melody (tiny-musicgen cannot)" in at.info[0].value.replace("\\", "")
+    assert output.path.name in [text.value for text in at.text]
+    at.button(key="music.generate").click().run()
+    music_finished(at, first)
+    assert submitted[-1]["melody"] == f"output:{output.id}"
+    job = last_job(ui_env)
+    assert job["status"] == "succeeded" and job["request"]["melody"].startswith("sha256:")
+    assert job["request"]["model"] == "tiny-musicgen-melody"
+    assert output_seconds(ui_env, job["id"]) == pytest.approx(2, abs=0.05)
+
+
+def test_a_melody_for_a_model_that_cannot_follow_one_is_refused_and_nothing_is_lost(ui_env):
+    at = open_page("music")
+    at.text_area(key="music.prompt").input("a hymn")
+    at.slider(key="music.duration").set_value(5)
+    at.file_uploader(key="music.melody_upload").upload("hum.wav", tone_wav(2.0, 262.0), "audio/wav").run()
+    at.text_input(key="music.model").input("tiny-musicgen").run()
+    assert "tiny-musicgen cannot follow a melody" in at.warning[0].value.replace("\\", "")
+    jobs = len(store(ui_env).list_jobs(limit=100))
+    at.button(key="music.generate").click().run()
+    shown = at.error[0].value.replace("\\", "")
+    assert "melody: tiny-musicgen cannot follow a melody; use a melody model" in shown  # the service's words
+    assert len(store(ui_env).list_jobs(limit=100)) == jobs
+    assert at.text_area(key="music.prompt").value == "a hymn" and at.slider(key="music.duration").value == 5
+    assert "hum.wav" in [text.value for text in at.text] and at.text_input(key="music.model").value == "tiny-musicgen"
+    at.button(key="music.use_melody_model").click().run()  # the way out the warning offers
+    assert at.text_input(key="music.model").value == "tiny-musicgen-melody" and not at.warning
+
+
+def test_the_gallery_continues_a_clip_and_uses_one_as_melody(ui_env):
+    [output] = store(ui_env).list_outputs(job_id=first_clip("a lullaby").session_state["music.job"])
+    at = open_output(open_page("gallery"), output.id)
+    labels = {button.label for button in at.button if button.key.endswith(output.id)}
+    assert {"Continue this", "Use as melody"} <= labels
+    at.button(key=f"continue.{output.id}").click().run()
+    assert not at.exception, at.exception
+    assert at.text_area(key="music.prompt").value == "a lullaby" and at.slider(key="music.duration").value == 12
+    assert at.session_state["music.clip"]["value"] == f"output:{output.id}"
+    assert "gallery.open" not in at.session_state  # the dialog closed behind it
+    at = open_output(open_page("gallery"), output.id)
+    at.button(key=f"as_melody.{output.id}").click().run()
+    assert not at.exception, at.exception
+    assert at.session_state["music.melody_clip"]["value"] == f"output:{output.id}"
+    assert at.text_input(key="music.model").value == "tiny-musicgen-melody"

@@ -105,6 +105,7 @@ def _bench_music(seconds: float, say: Say, scratch: Path) -> dict[str, Any]:
             source=folder,
             openvino_cache=cache,
             cuda_graphs=cuda_graphs,
+            data_dir=scratch,  # where a clip to continue is kept
         )
         # Warm-up: thread pools, kernel choice; on a GPU the whole clip (a second's work), since the
         # first clip of a length also pays for the GPU memory its cache and graph take.
@@ -137,6 +138,84 @@ def _bench_music(seconds: float, say: Say, scratch: Path) -> dict[str, Any]:
     if kept["default"].placement.backend != "torch":
         figures.update(token_speedup(kept["default"], kept["torch"], request, say))
     figures.update(batch_of_clips(kept["default"], request, say))
+    figures.update(continuation(kept["default"], network, processor, request, figures["default_rtf"], say))
+    figures.update(long_form(kept["default"], request, figures["default_rtf"], say))
+    return figures
+
+
+#: The clip a continuation starts from, and the long piece's length (two windows of 30 s context).
+PROMPT_SECONDS, LONG_FORM_SECONDS = 2.0, 60.0
+
+
+def continuation(
+    engine: Any, network: Any, processor: Any, request: MusicRequest, default_rtf: float, say: Say
+) -> dict[str, Any]:
+    """A piece of `request.duration` seconds continuing a PROMPT_SECONDS clip (at most half of it): muselab's engine
+    against transformers' `generate` with the same audio prompt (float32, as the baseline), timed
+    in turn in this process. The real-time factors count the new audio only."""
+    from muselab.uploads import InputStore
+
+    prompt_seconds = min(PROMPT_SECONDS, request.duration / 2)
+    made = engine.generate(request.model_copy(update={"duration": prompt_seconds})).outputs[0].audio
+    clip = InputStore(engine.plan.inputs_dir).keep_audio(made.T, engine.sample_rate)
+    piece = request.model_copy(update={"audio_prompt": clip})
+    new_seconds = request.duration - prompt_seconds
+    prompt_frames = math.ceil(prompt_seconds * engine.frame_rate)
+    tokens = engine.tokens_for(request.duration) - prompt_frames
+    inputs = processor(audio=made[:, 0], sampling_rate=engine.sample_rate, text=[MUSIC_PROMPT], return_tensors="pt")
+    inputs = inputs.to(engine.placement.device)
+
+    def ours() -> float:
+        started = time.perf_counter()
+        engine.generate(piece)
+        return time.perf_counter() - started
+
+    def theirs() -> float:
+        with torch.inference_mode():
+            started = time.perf_counter()
+            network.generate(**inputs, do_sample=True, max_new_tokens=tokens, guidance_scale=3.0)
+            return time.perf_counter() - started
+
+    ours()  # warm-up: the prompt's shapes
+    speedup = alternated_speedups(theirs, ours, rounds=1)[0]
+    ours_s = ours()
+    figures = {
+        "continuation_prompt_seconds": prompt_seconds,
+        "continuation_new_seconds": new_seconds,
+        "continuation_s": ours_s,
+        "continuation_rtf": ours_s / new_seconds,
+        "continuation_over_default_rtf": ours_s / new_seconds / default_rtf,
+        "continuation_vs_generate": speedup,
+    }
+    say(
+        f"music continuation ({prompt_seconds:g} s clip, {new_seconds:g} s new): {ours_s:.1f} s, RTF "
+        f"{figures['continuation_rtf']:.2f} ({figures['continuation_over_default_rtf']:.2f}x the default's), "
+        f"{speedup:.2f}x transformers' generate with the same audio prompt"
+    )
+    return figures
+
+
+def long_form(engine: Any, request: MusicRequest, default_rtf: float, say: Say) -> dict[str, Any]:
+    """A LONG_FORM_SECONDS piece in windows (30 s context, 18 s stride): its real-time factor
+    against the default clip's, the decoding and the windows' prompts included."""
+    piece = request.model_copy(update={"duration": LONG_FORM_SECONDS})
+    clock = StepTimes(synchronize_gpu=False)
+    engine.generate(piece, on_progress=clock.on_progress)
+    total = time.perf_counter() - clock.start
+    windows = len(engine.windows(piece))
+    figures = {
+        "long_form_seconds": LONG_FORM_SECONDS,
+        "long_form_windows": windows,
+        "long_form_s": total,
+        "long_form_rtf": total / LONG_FORM_SECONDS,
+        "long_form_over_default_rtf": total / LONG_FORM_SECONDS / default_rtf,
+        "long_form_ms_per_token": 1000 * clock.step_seconds(),
+    }
+    say(
+        f"music long form ({LONG_FORM_SECONDS:g} s in {windows} windows): {total:.1f} s, RTF "
+        f"{figures['long_form_rtf']:.2f} ({figures['long_form_over_default_rtf']:.2f}x the "
+        f"{request.duration:g} s default's), {figures['long_form_ms_per_token']:.0f} ms a token"
+    )
     return figures
 
 

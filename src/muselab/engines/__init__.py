@@ -38,19 +38,23 @@ def load_engine(
     that serves it (`muselab.families.loader_for`). `on_progress` hears about one-time work while
     loading (converting a model for OpenVINO). With the tiny preset, the family's tiny models that
     stand in for the configured ones are built first if they are not there yet."""
-    from muselab.families import loader_for
+    from muselab.families import loader_for, tiny_models
     from muselab.quiet import quiet_libraries
 
     quiet_libraries()
     model = model or settings.model_for(kind)
-    family = loader_for(kind, model)
     if settings.preset == "tiny":
         from muselab.testing.tiny import ensure_tiny_model
 
-        for part, tiny in family.tiny.items():
-            configured = model if part == kind else settings.model_for(part)
-            if configured == str(settings.tiny_models_dir / tiny.folder):
+        # The model itself first (its folder tells which family loads it), then the family's parts.
+        for part, tiny in tiny_models().items():
+            if model == str(settings.tiny_models_dir / tiny.folder):
                 with LOADING:  # built with diffusers and transformers, one thread at a time
                     ensure_tiny_model(settings.tiny_models_dir, part)
+        for part, tiny in loader_for(kind, model).tiny.items():
+            if part != kind and settings.model_for(part) == str(settings.tiny_models_dir / tiny.folder):
+                with LOADING:
+                    ensure_tiny_model(settings.tiny_models_dir, part)
+    family = loader_for(kind, model)
     assert family.load is not None
     return family.load(model, settings, on_progress)

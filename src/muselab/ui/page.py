@@ -13,7 +13,8 @@ from muselab import expected
 from muselab.families import family
 from muselab.schemas import RequestError
 from muselab.ui.backend import BackendError
-from muselab.ui.common import backend, job_panel, plain, rating, show_output, show_recipe, submit
+from muselab.ui.clip import clip_actions
+from muselab.ui.common import backend, file_media, job_panel, plain, rating, show_output, show_recipe, submit
 from muselab.ui.form import request_form, reuse_settings
 from muselab.ui.picture import picture_actions
 
@@ -28,7 +29,8 @@ def family_page(
 ) -> None:
     """`placed` names fields the page draws itself with `draw_placed`, which returns their values
     (the image page's Size sets width and height); `reuse_placed` turns a recipe back into those
-    widgets' values. Each picture gets its Edit this, Upscale and Vary buttons."""
+    widgets' values. Each picture gets its Edit this, Upscale and Vary buttons; each clip its Continue
+    this and Use as melody."""
     kind_family = family(kind)
     st.title(kind_family.title)
     if intro:
@@ -53,6 +55,8 @@ def family_page(
             data = show_output(output)
             if images and data is not None:
                 picture_actions(output, data)
+            elif data is not None and file_media(output["filename"]) == "audio":
+                clip_actions(output, data)
             rating(output)
             show_recipe(output)
     request = status["request"]

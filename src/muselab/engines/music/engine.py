@@ -86,9 +86,7 @@ class MusicEngine:
         self.network = network.to(plan.device).eval()
         self.sampler = self.sampler_class(self.network, cuda_graphs=plan.cuda_graphs)
         self.load_timings: dict[str, float] = {}
-        if plan.backend == "openvino" and self.follows_melody:
-            plan = plan.without_openvino("its OpenVINO step has no melody prefix yet")
-        elif plan.backend == "openvino":
+        if plan.backend == "openvino":
             plan = self._use_openvino(plan, source, on_progress)
         if plan.quantize in ("int8", "int8-dynamic"):
             dynamic = plan.quantize == "int8-dynamic"

@@ -80,6 +80,8 @@ class MelodyProcessor:
 class MelodySampler(MusicgenSampler):
     """MusicGen's token loop for the melody model: the conditioning is a prefix in the KV cache."""
 
+    conditions_by_prefix = True
+
     def __init__(self, network: Any, cuda_graphs: bool = True):
         super().__init__(network, cuda_graphs=False)  # the captured step knows no prefix
         self.project_encoder = network.text_encoder.config.hidden_size != network.decoder.config.hidden_size
@@ -119,6 +121,8 @@ class MelodySampler(MusicgenSampler):
         return torch.cat([audio, torch.cat(texts)], dim=1)
 
     def _stepper(self, rows: int, max_length: int, prefix: torch.Tensor) -> Any:
+        if self.compiled is not None:  # OpenVINO: the prefix in one call, then a token a call
+            return self.compiled.start(prefix, rows)
         start = prefix.shape[1]
         keys, values = self._kv_cache(rows, start + max_length, prefix.device, torch.empty)
         self.prefill(prefix, keys, values)

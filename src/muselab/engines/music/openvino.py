@@ -94,6 +94,41 @@ class _DecoderStepForExport(torch.nn.Module):
         return (logits.float(), *presents)
 
 
+class _PrefixStepForExport(torch.nn.Module):
+    """The melody model's step: `hidden` (rows, positions, width) in, its token embeddings or its
+    conditioning prefix (chroma and text states), at cache positions from `position` on, with
+    causal attention over the past and themselves; the logits of the last position out. The
+    prefix is one call (all its positions at once), each token one more."""
+
+    def __init__(self, sampler: Any):
+        super().__init__()
+        self.sampler = sampler
+        self.decoder = sampler.decoder
+        self.lm_heads = sampler.lm_heads
+
+    def forward(self, hidden: torch.Tensor, position: torch.Tensor, *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        sampler, decoder = self.sampler, self.decoder
+        presents: list[torch.Tensor] = []
+        length = torch.arange(hidden.shape[1]) + position  # the positions these states take
+        states = (hidden + decoder.embed_positions.weights.index_select(0, length)).to(sampler.dtype)
+        rows = states.shape[0]
+        for index, layer in enumerate(decoder.layers):
+            attention = layer.self_attn
+            normed = layer.self_attn_layer_norm(states)
+            key = torch.cat([past[2 * index], sampler._heads(attention.k_proj(normed))], dim=2)
+            value = torch.cat([past[2 * index + 1], sampler._heads(attention.v_proj(normed))], dim=2)
+            presents.extend((key, value))
+            causal = torch.arange(key.shape[2])[None, :] <= length[:, None]  # (positions, cache)
+            context = F.scaled_dot_product_attention(
+                sampler._heads(attention.q_proj(normed)), key, value, attn_mask=causal
+            )
+            states = states + attention.out_proj(context.transpose(1, 2).reshape(rows, hidden.shape[1], -1))
+            states = states + layer.fc2(layer.activation_fn(layer.fc1(layer.final_layer_norm(states))))
+        last = decoder.layer_norm(states[:, -1])
+        logits = torch.stack([head(last) for head in self.lm_heads], dim=1)
+        return (logits.reshape(rows * sampler.num_codebooks, -1).float(), *presents)
+
+
 def _example(sampler: Any, text_length: int = 5, past_length: int = 3) -> tuple[torch.Tensor, ...]:
     layers, heads, head_dim = len(sampler.decoder.layers), sampler.num_heads, sampler.head_dim
     dtype = sampler.dtype
@@ -117,31 +152,36 @@ def convert_decoder(sampler: Any, quantize: str, share_weights: bool = True) -> 
     from openvino._offline_transformations import apply_make_stateful_transformation
 
     layers, heads, head_dim = len(sampler.decoder.layers), sampler.num_heads, sampler.head_dim
+    prefixed = sampler.conditions_by_prefix
+    past_names = [_past(layer, kind) for layer in range(layers) for kind in ("key", "value")]
+    cross_names = [] if prefixed else [_cross(layer, kind) for layer in range(layers) for kind in ("key", "value")]
+    if prefixed:
+        width = sampler.decoder.config.hidden_size
+        step: Any = _PrefixStepForExport(sampler).eval()
+        past = [torch.randn(2, heads, 3, head_dim, dtype=sampler.dtype) for _ in range(2 * layers)]
+        example: tuple[torch.Tensor, ...] = (torch.randn(2, 4, width), torch.tensor([3]), *past)
+        inputs: list[str] = ["hidden", "position"]
+        rows_input, dynamic = "hidden", {"hidden": [-1, -1, width], "position": [1]}
+    else:
+        step, example, inputs = _DecoderStepForExport(sampler).eval(), _example(sampler), list(_INPUTS)
+        rows_input = "step_tokens"
+        dynamic = {"step_tokens": [-1, sampler.num_codebooks], "position": [1], "cross_mask": [-1, 1, 1, -1]}
     with TRACING_LOCK, torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about shape checks baked in as constants
-        step = _DecoderStepForExport(sampler).eval()
-        model = ov.convert_model(step, example_input=_example(sampler), share_weights=share_weights)
-    cross_names = [_cross(layer, kind) for layer in range(layers) for kind in ("key", "value")]
-    past_names = [_past(layer, kind) for layer in range(layers) for kind in ("key", "value")]
-    for port, name in zip(model.inputs, [*_INPUTS, *cross_names, *past_names], strict=True):
+        model = ov.convert_model(step, example_input=example, share_weights=share_weights)
+    for port, name in zip(model.inputs, [*inputs, *cross_names, *past_names], strict=True):
         port.get_tensor().set_names({name})
     present_names = [_present(layer, kind) for layer in range(layers) for kind in ("key", "value")]
     for port, name in zip(model.outputs, ["logits", *present_names], strict=True):
         port.get_tensor().set_names({name})
-    dynamic = {
-        "step_tokens": [-1, sampler.num_codebooks],
-        "position": [1],
-        "cross_mask": [-1, 1, 1, -1],
-        **{name: [-1, heads, -1, head_dim] for name in cross_names},
-        **{name: [-1, heads, -1, head_dim] for name in past_names},
-    }
+    dynamic.update({name: [-1, heads, -1, head_dim] for name in [*cross_names, *past_names]})
     model.reshape({name: ov.PartialShape(shape) for name, shape in dynamic.items()})
     if quantize != "none":
         model = compress_int8(model)
     apply_make_stateful_transformation(model, dict(zip(past_names, present_names, strict=True)))
     # Each state starts empty (rows x heads x 0 x head_dim) and is read through a Gather on
     # `beam_idx`: the pattern the CPU plugin fuses into its in-place KV-cache attention.
-    rows = ops.gather(ops.shape_of(model.input("step_tokens"), output_type="i64"), ops.constant([0]), ops.constant(0))
+    rows = ops.gather(ops.shape_of(model.input(rows_input), output_type="i64"), ops.constant([0]), ops.constant(0))
     empty = ops.concat([rows, ops.constant(np.array([heads, 0, head_dim], dtype=np.int64))], axis=0)
     beam_idx = ops.parameter([-1], ov.Type.i32, name="beam_idx")
     beam_idx.output(0).get_tensor().set_names({"beam_idx"})
@@ -196,6 +236,37 @@ class OpenVinoMusicDecoder:
         return step
 
 
+class OpenVinoPrefixDecoder:
+    """The compiled step of a prefix-conditioned decoder (the melody model): `start` runs the
+    prefix into a fresh KV cache in one call and returns the step function for the tokens after
+    it, whose embeddings are looked up here (the tables stay in PyTorch)."""
+
+    def __init__(self, compiled: Any, embed_tokens: Any):
+        self.compiled, self.embed_tokens = compiled, embed_tokens
+        self.request: Any = None
+
+    def start(self, prefix: torch.Tensor, rows: int) -> Any:
+        import openvino as ov
+
+        self.request = request = self.compiled.create_infer_request()
+        request.set_tensor("beam_idx", ov.Tensor(np.arange(rows, dtype=np.int32)))
+
+        def run(hidden: torch.Tensor, position: int) -> torch.Tensor:
+            request.set_tensor("hidden", ov.Tensor(np.ascontiguousarray(hidden.float().numpy())))
+            request.set_tensor("position", ov.Tensor(np.array([position], dtype=np.int64)))
+            request.infer()
+            return torch.from_numpy(np.array(request.get_tensor("logits").data, copy=True))
+
+        run(prefix, 0)
+        start, embed = prefix.shape[1], self.embed_tokens
+
+        def step(step_tokens: torch.Tensor, index: int) -> torch.Tensor:
+            hidden = sum(embed[k](step_tokens[:, k]) for k in range(step_tokens.shape[1]))
+            return run(hidden[:, None], start + index)
+
+        return step
+
+
 def compile_options(quantize: str) -> dict[str, Any]:
     """Plugin properties for the decoder step, beyond `compile_ir`'s dtype and latency ones."""
     options: dict[str, Any] = {}
@@ -225,7 +296,7 @@ def load_music_decoder(
     folder = None
     if source is not None and cache_dir is not None:
         key = cache_key(source, weights, dtype, conversion=MUSIC_CONVERSION_VERSION)
-        folder = cache_dir / f"musicgen-decoder-{key}"
+        folder = cache_dir / f"{'musicgen-melody' if sampler.conditions_by_prefix else 'musicgen'}-decoder-{key}"
     timings = {"convert_s": 0.0, "compile_s": 0.0}
     started = time.perf_counter()
     say = None
@@ -256,7 +327,10 @@ def load_music_decoder(
     started = time.perf_counter()
     compiled = compile_ir(model, dtype, **compile_options(quantize))
     timings["compile_s"] = time.perf_counter() - started
-    sampler.compiled = OpenVinoMusicDecoder(compiled)
+    if sampler.conditions_by_prefix:
+        sampler.compiled = OpenVinoPrefixDecoder(compiled, sampler.decoder.embed_tokens)
+    else:
+        sampler.compiled = OpenVinoMusicDecoder(compiled)
     drop_torch_decoder_weights(sampler)
     if say is not None:
         say("Music decoder ready", advance=False)
@@ -273,9 +347,11 @@ def drop_torch_decoder_weights(sampler: Any) -> None:
     for layer in sampler.decoder.layers:
         for name in ("self_attn", "self_attn_layer_norm", "encoder_attn_layer_norm", "fc1", "fc2", "final_layer_norm"):
             setattr(layer, name, gone)
-        layer.encoder_attn.q_proj = gone
-        layer.encoder_attn.out_proj = gone
-    sampler.decoder.embed_tokens = torch.nn.ModuleList()
+        if not sampler.conditions_by_prefix:
+            layer.encoder_attn.q_proj = gone
+            layer.encoder_attn.out_proj = gone
+    if not sampler.conditions_by_prefix:  # the prefix decoder looks its token embeddings up in PyTorch
+        sampler.decoder.embed_tokens = torch.nn.ModuleList()
     sampler.lm_heads = torch.nn.ModuleList()
     sampler.network.decoder.lm_heads = sampler.lm_heads
     return_freed_memory()

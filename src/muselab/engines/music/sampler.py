@@ -38,6 +38,10 @@ from muselab.engines.music.longform import DECODE_CONTEXT, DECODE_FADE, decode_c
 class MusicgenSampler:
     """Generates audio codes with a `MusicgenForConditionalGeneration`'s weights, then decodes them."""
 
+    #: Whether the conditioning is a prefix in the KV cache (the melody model) rather than
+    #: cross-attention: the OpenVINO conversion traces another step for it.
+    conditions_by_prefix = False
+
     def __init__(self, network: Any, cuda_graphs: bool = True):
         self.network = network
         #: An `OpenVinoMusicDecoder` that runs the decoder steps instead of PyTorch, when set

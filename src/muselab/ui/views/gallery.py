@@ -2,6 +2,7 @@ import streamlit as st
 
 from muselab.families import family, kinds
 from muselab.ui.backend import BackendError
+from muselab.ui.clip import clip_actions
 from muselab.ui.common import backend, file_media, go_to, plain, rating, show_output, show_recipe, thumbnail
 from muselab.ui.picture import picture_actions
 
@@ -33,6 +34,8 @@ def detail(output: dict) -> None:
     data = show_output(output)
     if data is not None and file_media(output["filename"]) == "image":
         picture_actions(output, data, leave=close_detail)
+    elif data is not None and file_media(output["filename"]) == "audio":
+        clip_actions(output, data, leave=close_detail)
     comment = (output.get("feedback") or {}).get("comment")
     if comment:
         st.text(comment)
