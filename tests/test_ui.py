@@ -557,7 +557,7 @@ def test_edit_this_opens_the_image_page_on_the_picture_with_its_prompt(ui_env):
 def test_the_gallery_edits_upscales_and_varies_a_picture(ui_env):
     [output] = store(ui_env).list_outputs(job_id=first_picture(ui_env, "a lantern").session_state["image.job"])
     at = open_output(open_page("gallery"), output.id)
-    labels = {button.label for button in at.button if button.key.endswith(output.id)}
+    labels = {button.label for button in at.button if (button.key or "").endswith(output.id)}
     assert {"Edit this", "Upscale", "Vary"} <= labels
     at.button(key=f"edit.{output.id}").click().run()
     assert not at.exception, at.exception
@@ -714,7 +714,7 @@ def test_a_melody_for_a_model_that_cannot_follow_one_is_refused_and_nothing_is_l
 def test_the_gallery_continues_a_clip_and_uses_one_as_melody(ui_env):
     [output] = store(ui_env).list_outputs(job_id=first_clip("a lullaby").session_state["music.job"])
     at = open_output(open_page("gallery"), output.id)
-    labels = {button.label for button in at.button if button.key.endswith(output.id)}
+    labels = {button.label for button in at.button if (button.key or "").endswith(output.id)}
     assert {"Continue this", "Use as melody"} <= labels
     at.button(key=f"continue.{output.id}").click().run()
     assert not at.exception, at.exception

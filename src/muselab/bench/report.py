@@ -209,6 +209,33 @@ def markdown_table(report: dict[str, Any]) -> str:
                     f"**{music['clips4_over_one']:.2f}x** the time of one clip (4x unbatched)",
                 )
             )
+        if "continuation_rtf" in music:
+            main.append(
+                _row(
+                    f"music: continuing a {music['continuation_prompt_seconds']:g} s clip to "
+                    f"{music['audio_seconds']:g} s: real-time factor of the new audio",
+                    f"{_rtf(music['continuation_rtf'] * music['continuation_vs_generate'])} (fp32 generate, "
+                    "same audio prompt)",
+                    f"{_rtf(music['continuation_rtf'])}",
+                    "",
+                    "",
+                    f"**{music['continuation_vs_generate']:.2f}x** generate; "
+                    f"{music['continuation_over_default_rtf']:.2f}x the default clip's RTF",
+                )
+            )
+        if "long_form_rtf" in music:
+            main.append(
+                _row(
+                    f"music: a {music['long_form_seconds']:g} s piece in {music['long_form_windows']} windows "
+                    "(30 s context, 18 s stride): real-time factor",
+                    "",
+                    f"{_rtf(music['long_form_rtf'])}, {_ms(music['long_form_ms_per_token'])} a token",
+                    "",
+                    "",
+                    f"{music['long_form_over_default_rtf']:.2f}x the {music['audio_seconds']:g} s clip's RTF "
+                    "(window prompts re-read, longer KV cache)",
+                )
+            )
         if "default_convert_s" in music:
             main.append(
                 _row(
