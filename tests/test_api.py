@@ -316,6 +316,23 @@ def test_cross_site_posts_are_refused_and_start_no_job(client, content_type, bod
     assert client.get("/api/jobs").json()["recent"] == []
 
 
+def test_the_file_routes_take_multipart_only_and_never_from_another_site(client):
+    """Multipart is a form a web page can post anywhere without a preflight: the file routes take
+    it, but not from another site's page (its Origin, or the browser's Sec-Fetch-Site)."""
+    request = {"request": '{"prompt": "x", "duration": 1}'}
+    files = {"audio_prompt": ("a.wav", b"RIFF", "audio/wav")}
+    cross = client.post("/api/jobs/music/files", data=request, files=files, headers={"sec-fetch-site": "cross-site"})
+    assert cross.status_code == 403
+    foreign = client.post(
+        "/api/jobs/music/files", data=request, files=files, headers={"origin": "https://evil.example"}
+    )
+    assert foreign.status_code == 403
+    assert client.post("/api/jobs/music/files", json={"prompt": "x"}).status_code == 415
+    assert client.get("/api/jobs").json()["recent"] == []
+    same = client.post("/api/jobs/music/files", data=request, files=files, headers={"sec-fetch-site": "same-origin"})
+    assert same.status_code == 422 and "audio_prompt:" in same.text  # past the guard, to the clip's check
+
+
 def test_same_origin_page_may_post(client):
     response = client.post("/api/jobs/image", json={"prompt": "x", "steps": 1}, headers={"origin": LOCAL})
     assert response.status_code == 202

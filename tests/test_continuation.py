@@ -212,3 +212,25 @@ def test_the_api_continues_a_clip_from_the_history_by_its_output_id(tiny_dir, tm
             "/api/jobs/music", json={"prompt": "drums", "duration": 2, "audio_prompt": "output:" + "0" * 32}
         )
         assert missing.status_code == 422 and "audio_prompt: no output" in missing.text
+
+
+def test_the_api_takes_clips_as_multipart_files(tiny_dir, tmp_path):
+    """POST /api/jobs/KIND/files: the JSON request in a `request` part, each clip a file part,
+    checked as base64 ones are."""
+    from test_api import make_client, wait_done
+
+    with make_client(tiny_dir, tmp_path) as client:
+        request = json.dumps({"prompt": "drums", "duration": 2, "seed": 2})
+        files = {"audio_prompt": ("start.wav", wav_bytes(a_clip()), "audio/wav")}
+        job = client.post("/api/jobs/music/files", data={"request": request}, files=files)
+        assert job.status_code == 202, job.text
+        status = wait_done(client, job.json()["id"])
+        assert status["status"] == "succeeded", status.get("error")
+        assert status["request"]["audio_prompt"].startswith("sha256:") and status["request"]["duration"] == 2
+        text = {"audio_prompt": ("notes.wav", b"not a clip", "audio/wav")}
+        refused = client.post("/api/jobs/music/files", data={"request": request}, files=text)
+        assert refused.status_code == 422 and "audio_prompt: a WAV, FLAC, OGG or MP3 clip" in refused.text
+        stray = {"prompt": ("p.txt", b"x", "text/plain")}
+        refused = client.post("/api/jobs/music/files", data={"request": request}, files=stray)
+        assert refused.status_code == 422 and "prompt: not a file field" in refused.text
+        assert len(list((tmp_path / "data" / "inputs").iterdir())) == 1  # the good clip only

@@ -162,3 +162,23 @@ def test_the_cli_follows_a_melody_file_and_from_remakes_it_to_the_same_bytes(cli
     refused = run_cli(["music", "piano", "--preset", "tiny", "--melody", "hum.wav", "-o", "c.wav"], cli_env, tmp_path)
     assert refused.returncode == 2 and "melody: " in refused.stderr and "cannot follow a melody" in refused.stderr
     assert not (tmp_path / "c.wav").exists()
+
+
+def test_a_stereo_melody_model_matches_transformers_generate_too(melody_engine):
+    """musicgen-stereo-melody's shape: 8 interleaved codebooks (left, right) behind the same prefix."""
+    from muselab.engines.music.melody import MelodySampler
+    from muselab.engines.music.tiny import tiny_musicgen_melody_network
+
+    network = tiny_musicgen_melody_network(stereo=True)
+    chroma = melody_engine.melody_chroma((tone(4, 440.0), RATE), 0)
+    inputs = melody_engine.processor(["calm piano"], padding=True, return_tensors="pt")
+    settings = {"guidance_scale": 3.0, "temperature": 1.0, "top_k": 250}
+    with torch.inference_mode():
+        torch.manual_seed(8)
+        reference = network.generate(**inputs, input_features=chroma, do_sample=True, max_new_tokens=30, **settings)
+        torch.manual_seed(8)
+        ours = MelodySampler(network).generate(
+            inputs["input_ids"], inputs["attention_mask"], max_new_tokens=30, top_p=1.0, chroma=chroma, **settings
+        )
+    assert ours.shape == reference.shape and ours.shape[1] == 2
+    assert torch.equal(ours, reference)

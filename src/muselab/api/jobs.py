@@ -3,6 +3,7 @@ a job's status, its progress as Server-Sent Events, and cancel."""
 
 from __future__ import annotations
 
+import base64
 import inspect
 import json
 from collections.abc import AsyncIterator, Mapping
@@ -18,7 +19,8 @@ from muselab.api.common import JobId, ServiceDep, SettingsDep, submit, wait_for
 from muselab.api.errors import ApiError
 from muselab.families import request_types
 from muselab.jobs import Job, JobService
-from muselab.schemas import RequestError, parse_request
+from muselab.schemas import RequestError, field_option, parse_request
+from muselab.uploads import MAX_UPLOAD_BYTES
 
 service_router = APIRouter(tags=["service"])
 router = APIRouter(tags=["jobs"])
@@ -126,6 +128,44 @@ def submit_router(request_types: Mapping[str, type[BaseModel]]) -> APIRouter:
             response_model=None,
         )
     return routes
+
+
+@router.post("/api/jobs/{kind}/files", status_code=202, response_model=None)
+async def submit_job_with_files(
+    request: Request, service: ServiceDep, kind: str, wait: WaitQuery = False
+) -> JSONResponse:
+    """Queue a job whose pictures or clips come as files: `multipart/form-data` with a `request`
+    part (the JSON `/api/jobs/KIND` takes, without the files) and one file part per upload field
+    (`audio_prompt` and `melody` for music, `init_image` and `mask` for images). Each file is
+    checked as a base64 one is, and the same limits apply."""
+    types = request_types()
+    if kind not in types:
+        raise ApiError(404, f"No kind '{kind}'; the kinds are {', '.join(types)}.", "not_found")
+    uploads = [name for name, info in types[kind].model_fields.items() if field_option(info).upload]
+    try:
+        form = await request.form(max_files=len(uploads), max_fields=1, max_part_size=MAX_UPLOAD_BYTES + 1)
+    except Exception as exc:  # not multipart, too many parts, a part too large
+        raise ApiError(422, f"request: a multipart/form-data body was expected ({exc})") from None
+    try:
+        data = json.loads(str(form.get("request") or "{}"))
+    except json.JSONDecodeError:
+        raise ApiError(422, "request: the 'request' part must be the job's JSON") from None
+    if not isinstance(data, dict):
+        raise ApiError(422, "request: the 'request' part must be a JSON object")
+    for name, part in form.multi_items():
+        if name == "request":
+            continue
+        if name not in uploads or isinstance(part, str):
+            raise ApiError(422, f"{name}: not a file field of {kind} requests; they are {', '.join(uploads)}")
+        payload = await part.read(MAX_UPLOAD_BYTES + 1)
+        if len(payload) > MAX_UPLOAD_BYTES:
+            raise ApiError(422, f"{name}: the upload is over {MAX_UPLOAD_BYTES // 2**20} MB")
+        data[name] = base64.b64encode(payload).decode()
+    try:
+        parsed = parse_request(types[kind], {**data, "kind": kind})
+    except RequestError as exc:
+        raise ApiError(422, str(exc)) from None
+    return await submit_job(service, parsed, wait)
 
 
 def _accepted(job_id: str, position: int | None, status: str) -> dict[str, Any]:

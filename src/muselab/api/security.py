@@ -37,17 +37,20 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-#: The routes whose body may carry a picture or a clip (base64): up to
+#: The routes that take their pictures and clips as multipart files (`api/jobs.py:submit_job_with_files`).
+FILE_PATHS = frozenset({"/api/jobs/image/files", "/api/jobs/music/files"})
+#: The routes whose body may carry a picture or a clip (base64 or a file): up to
 #: `max_upload_body_bytes`; every other route keeps `max_body_bytes`.
 UPLOAD_PATHS = frozenset(
     {
         "/api/jobs/image",
         "/api/estimate/image",
-        "/api/jobs/music",  # a clip to continue
+        "/api/jobs/music",  # a clip to continue, a melody
         "/api/estimate/music",
         "/sdapi/v1/img2img",
         "/sdapi/v1/png-info",
     }
+    | FILE_PATHS
 )
 
 
@@ -97,12 +100,14 @@ class SecurityMiddleware:
                 return 403, f"Requests from the web origin {origin} are not allowed.", "forbidden_origin"
             has_body = headers.get("content-length", "0") != "0" or "transfer-encoding" in headers
             content_type = headers.get("content-type", "").split(";")[0].strip().lower()
-            if scope["method"] != "DELETE" and (has_body or content_type) and content_type != "application/json":
-                return (
-                    415,
-                    "Send the request body as JSON (Content-Type: application/json).",
-                    "unsupported_media",
-                )
+            # JSON only, which a web page cannot send cross-site without a preflight; the file
+            # routes take multipart instead, and there a browser's own word that the request
+            # comes from another site (Sec-Fetch-Site, which no page can set) refuses it too.
+            expected = "multipart/form-data" if scope["path"] in FILE_PATHS else "application/json"
+            if scope["method"] != "DELETE" and (has_body or content_type) and content_type != expected:
+                return 415, f"Send the request body as {expected} (Content-Type: {expected}).", "unsupported_media"
+            if expected != "application/json" and headers.get("sec-fetch-site", "none") not in ("same-origin", "none"):
+                return 403, "Files from another site's page are not accepted.", "forbidden_origin"
             try:
                 length = int(headers.get("content-length", "0"))
             except ValueError:

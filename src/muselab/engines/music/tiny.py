@@ -65,13 +65,14 @@ def tiny_musicgen_network(stereo: bool = False) -> Any:
     return trained_looking(model)
 
 
-def tiny_musicgen_melody_network() -> Any:
+def tiny_musicgen_melody_network(stereo: bool = False) -> Any:
     """The tiny MusicGen Melody in memory: MusicGen's tiny parts, the chroma (12 classes, 235
-    frames for 30 s, as the real model's) projected in front of the text as the decoder's prefix."""
+    frames for 30 s, as the real model's) projected in front of the text as the decoder's prefix;
+    `stereo` as musicgen-stereo-melody."""
     from transformers import MusicgenMelodyConfig, MusicgenMelodyForConditionalGeneration
 
     torch.manual_seed(TINY_SEED)
-    config = MusicgenMelodyConfig(**tiny_parts(False, "musicgen_melody_decoder"), num_chroma=12, chroma_length=235)
+    config = MusicgenMelodyConfig(**tiny_parts(stereo, "musicgen_melody_decoder"), num_chroma=12, chroma_length=235)
     model = MusicgenMelodyForConditionalGeneration(config).eval()
     with torch.no_grad():
         # A random projection of a one-hot chroma is small beside the position embeddings; a trained
