@@ -25,6 +25,9 @@ from muselab.engines.music.continuation import fitted
 from muselab.engines.music.engine import MusicEngine
 from muselab.engines.music.sampler import MusicgenSampler
 
+#: The text's positions in the prefix, as a batch's cache is sized (a long prompt's tokens).
+PROMPT_POSITIONS = 128
+
 
 class MelodyProcessor:
     """The tokenizer, and the chroma transformers' melody feature extractor makes."""
@@ -87,6 +90,10 @@ class MelodySampler(MusicgenSampler):
         self.project_encoder = network.text_encoder.config.hidden_size != network.decoder.config.hidden_size
         self.chroma_length = int(network.config.chroma_length)
         self.num_chroma = int(network.config.num_chroma)
+
+    def cache_bytes(self, rows: int, max_length: int) -> int:
+        """The cache holds the prefix too: the chroma's positions and the text's (a prompt's worth)."""
+        return super().cache_bytes(rows, max_length + self.chroma_length + PROMPT_POSITIONS)
 
     def _condition(
         self,
