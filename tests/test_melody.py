@@ -31,7 +31,7 @@ def melody_engine(tiny_dir, tmp_path_factory):
 def test_chroma_names_the_pitch_class_played(melody_engine):
     # C4, A4, E5: chroma classes 0, 9, 4 (C first, as librosa orders them).
     for pitch, pitch_class in ((261.63, 0), (440.0, 9), (659.26, 4)):
-        chroma = melody_engine.melody_chroma((tone(3, pitch), RATE), 0)
+        chroma = melody_engine.melody_chroma(tone(3, pitch)[0], 0)
         assert chroma.shape == (1, 3 * RATE // 4096 + 1, 12)
         assert set(chroma[0].argmax(-1).tolist()) == {pitch_class}
         assert torch.equal(chroma.sum(-1), torch.ones(chroma.shape[:2]))  # one-hot, as transformers makes it
@@ -41,8 +41,8 @@ def test_a_window_gets_the_melody_from_where_it_starts(melody_engine):
     """Long pieces follow the melody on (audiocraft's rule): 30 s from the window's start, from
     the melody's start again where it ends."""
     melody = np.concatenate([tone(10, 261.63), tone(10, 440.0)], axis=1)  # C for 10 s, then A
-    at_start = melody_engine.melody_chroma((melody, RATE), 0)[0].argmax(-1)
-    later = melody_engine.melody_chroma((melody, RATE), 10.0)[0].argmax(-1)
+    at_start = melody_engine.melody_chroma(melody[0], 0)[0].argmax(-1)
+    later = melody_engine.melody_chroma(melody[0], 10.0)[0].argmax(-1)
     assert at_start[5] == 0 and at_start[-5] == 9  # the whole 20 s melody: C then A
     assert later[5] == 9 and later[80] == 0  # from 10 s: A, then C again (20 s on, wrapped)
     assert later.shape[0] == 235  # a whole 30 s window's chroma
@@ -53,7 +53,7 @@ def test_a_window_gets_the_melody_from_where_it_starts(melody_engine):
 def test_the_loop_follows_a_melody_exactly_as_transformers_generate(melody_engine, guidance, with_melody):
     """Same weights, seed and chroma: the same tokens, hence the same audio, as
     MusicgenMelodyForConditionalGeneration.generate (no melody: its "no melody" chroma)."""
-    chroma = melody_engine.melody_chroma((tone(4, 440.0), RATE), 0) if with_melody else None
+    chroma = melody_engine.melody_chroma(tone(4, 440.0)[0], 0) if with_melody else None
     inputs = melody_engine.processor(["calm piano"], padding=True, return_tensors="pt")
     settings = {"guidance_scale": guidance, "temperature": 1.0, "top_k": 250}
     with torch.inference_mode():
@@ -170,7 +170,7 @@ def test_a_stereo_melody_model_matches_transformers_generate_too(melody_engine):
     from muselab.engines.music.tiny import tiny_musicgen_melody_network
 
     network = tiny_musicgen_melody_network(stereo=True)
-    chroma = melody_engine.melody_chroma((tone(4, 440.0), RATE), 0)
+    chroma = melody_engine.melody_chroma(tone(4, 440.0)[0], 0)
     inputs = melody_engine.processor(["calm piano"], padding=True, return_tensors="pt")
     settings = {"guidance_scale": 3.0, "temperature": 1.0, "top_k": 250}
     with torch.inference_mode():

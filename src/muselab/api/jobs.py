@@ -56,6 +56,14 @@ async def info(service: ServiceDep, settings: SettingsDep) -> dict[str, Any]:
     return {"version": __version__, "max_queue": settings.max_queue, **service.info()}
 
 
+def request_type_of(kind: str) -> Any:
+    """The request schema of `kind` from a route's path; a kind no family makes is 404."""
+    types = request_types()
+    if kind not in types:
+        raise ApiError(404, f"No kind '{kind}'; the kinds are {', '.join(types)}.", "not_found")
+    return types[kind]
+
+
 @service_router.post("/api/estimate/{kind}")
 async def estimate(
     service: ServiceDep, kind: str, body: Annotated[dict[str, Any] | None, Body()] = None
@@ -64,11 +72,10 @@ async def estimate(
     and where the figure comes from (this machine's earlier runs, or its measured speed), and the
     tier `auto` picks here (`chosen`). The body is the request as for /api/jobs/KIND; the prompt
     may be left out."""
-    if kind not in request_types():
-        raise ApiError(404, f"No kind '{kind}'; the kinds are {', '.join(request_types())}.", "not_found")
+    request_type = request_type_of(kind)
     data = {"prompt": "-", **(body or {}), "kind": kind}
     try:
-        request = parse_request(request_types()[kind], data)
+        request = parse_request(request_type, data)
     except RequestError as exc:
         raise ApiError(422, str(exc)) from None
     try:
@@ -138,10 +145,8 @@ async def submit_job_with_files(
     part (the JSON `/api/jobs/KIND` takes, without the files) and one file part per upload field
     (`audio_prompt` and `melody` for music, `init_image` and `mask` for images). Each file is
     checked as a base64 one is, and the same limits apply."""
-    types = request_types()
-    if kind not in types:
-        raise ApiError(404, f"No kind '{kind}'; the kinds are {', '.join(types)}.", "not_found")
-    uploads = [name for name, info in types[kind].model_fields.items() if field_option(info).upload]
+    request_type = request_type_of(kind)
+    uploads = [name for name, info in request_type.model_fields.items() if field_option(info).upload]
     try:
         form = await request.form(max_files=len(uploads), max_fields=1, max_part_size=MAX_UPLOAD_BYTES + 1)
     except Exception as exc:  # not multipart, too many parts, a part too large
@@ -162,7 +167,7 @@ async def submit_job_with_files(
             raise ApiError(422, f"{name}: the upload is over {MAX_UPLOAD_BYTES // 2**20} MB")
         data[name] = base64.b64encode(payload).decode()
     try:
-        parsed = parse_request(types[kind], {**data, "kind": kind})
+        parsed = parse_request(request_type, {**data, "kind": kind})
     except RequestError as exc:
         raise ApiError(422, str(exc)) from None
     return await submit_job(service, parsed, wait)

@@ -43,18 +43,23 @@ def load_engine(
 
     quiet_libraries()
     model = model or settings.model_for(kind)
-    if settings.preset == "tiny":
-        from muselab.testing.tiny import ensure_tiny_model
-
-        # The model itself first (its folder tells which family loads it), then the family's parts.
-        for part, tiny in tiny_models().items():
-            if model == str(settings.tiny_models_dir / tiny.folder):
-                with LOADING:  # built with diffusers and transformers, one thread at a time
-                    ensure_tiny_model(settings.tiny_models_dir, part)
-        for part, tiny in loader_for(kind, model).tiny.items():
-            if part != kind and settings.model_for(part) == str(settings.tiny_models_dir / tiny.folder):
-                with LOADING:
-                    ensure_tiny_model(settings.tiny_models_dir, part)
+    tiny = settings.preset == "tiny"
+    if tiny:
+        # The model itself first: its folder tells which family loads it.
+        for part, model_of_part in tiny_models().items():
+            if model == str(settings.tiny_models_dir / model_of_part.folder):
+                _ensure_tiny(settings, part)
     family = loader_for(kind, model)
+    if tiny:  # then the parts the family loads beside it
+        for part, model_of_part in family.tiny.items():
+            if part != kind and settings.model_for(part) == str(settings.tiny_models_dir / model_of_part.folder):
+                _ensure_tiny(settings, part)
     assert family.load is not None
     return family.load(model, settings, on_progress)
+
+
+def _ensure_tiny(settings: Settings, part: str) -> None:
+    from muselab.testing.tiny import ensure_tiny_model
+
+    with LOADING:  # built with diffusers and transformers, one thread at a time
+        ensure_tiny_model(settings.tiny_models_dir, part)

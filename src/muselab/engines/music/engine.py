@@ -24,12 +24,12 @@ from muselab.engines.base import (
     load_or_explain,
     locate_model,
 )
-from muselab.engines.music.continuation import prompt_codes
+from muselab.engines.music.continuation import fitted, prompt_codes
 from muselab.engines.music.longform import (
     DECODE_FRAMES_A_STEP,
     Window,
-    decode_steps,
     piece_frames,
+    plan_steps,
     window_steps,
     windows,
 )
@@ -164,18 +164,15 @@ class MusicEngine:
         seed = request.seed if request.seed is not None else secrets.randbelow(MAX_SEED + 1)
         return request.model_copy(update={"model": model_label(self.model), "seed": seed})
 
-    def steps(self, request: MusicRequest) -> int:
+    def steps(self, request: MusicRequest, given: int = 0) -> int:
         """The progress steps `request` takes: each clip's decoder steps, in every window, and the
-        decoding of a long piece. A clip to continue is counted as none (its length is known once
-        it is loaded); the clock of `generate` counts it exactly."""
-        return (self._steps(self.windows(request)) + decode_steps(self.frames(request))) * request.num_clips
+        decoding of a long piece, with `given` frames of a clip to continue (before it is loaded,
+        its length is not known: counted as none)."""
+        return plan_steps(self.windows(request, given), self.frames(request), self.num_codebooks) * request.num_clips
 
     def tokens_for(self, duration: float) -> int:
         """Decoder steps for a piece of `duration` seconds that fits one window."""
         return window_steps(Window(0, piece_frames(duration, self.frame_rate)), self.num_codebooks)
-
-    def _steps(self, plan: list[Window]) -> int:
-        return sum(window_steps(window, self.num_codebooks) for window in plan)
 
     @property
     def context(self) -> int:
@@ -220,11 +217,9 @@ class MusicEngine:
             given, prompt_samples = prompt_codes(self, request)
             kept_from = prompt_samples if request.new_only else 0
         melody = self.load_melody(request)
-        plan = self.windows(request, 0 if given is None else given.shape[1])
-        frames = self.frames(request)
-        clock = ProgressClock(
-            (self._steps(plan) + decode_steps(frames)) * request.num_clips, on_progress, items=request.num_clips
-        )
+        known = 0 if given is None else given.shape[1]
+        plan = self.windows(request, known)
+        clock = ProgressClock(self.steps(request, known), on_progress, items=request.num_clips)
         started = time.perf_counter()
         outputs: list[MusicOutput] = []
         seeds = [(request.seed + index) % (MAX_SEED + 1) for index in range(request.num_clips)]
@@ -270,9 +265,10 @@ class MusicEngine:
                 raise
         return engine_result(self, request, outputs, started)
 
-    def load_melody(self, request: MusicRequest) -> tuple[Any, int] | None:
-        """The request's melody clip (samples, rate), from the inputs folder; refused by a model
-        that cannot follow one (the job service refuses it before it queues where it can tell)."""
+    def load_melody(self, request: MusicRequest) -> Any:
+        """The request's melody clip from the inputs folder, mono at the model's rate (once for
+        every window); refused by a model that cannot follow one (the job service refuses it
+        before it queues where it can tell)."""
         if request.melody is None:
             return None
         if not self.follows_melody:
@@ -282,9 +278,10 @@ class MusicEngine:
         from muselab.uploads import InputStore
 
         assert self.plan.inputs_dir is not None
-        return InputStore(self.plan.inputs_dir).load_audio(request.melody, "melody")
+        samples, rate = InputStore(self.plan.inputs_dir).load_audio(request.melody, "melody")
+        return fitted(samples, rate, self.sample_rate, 1)[0]
 
-    def melody_chroma(self, melody: tuple[Any, int], offset: float) -> Any:
+    def melody_chroma(self, melody: Any, offset: float) -> Any:
         raise NotImplementedError  # only the melody engine follows one (`follows_melody`)
 
     def _stopped(self, piece: Any, seeds: list[int], clip: int, kept_from: int) -> list[MusicOutput]:

@@ -49,7 +49,12 @@ def piece_frames(duration: float, frame_rate: float) -> int:
 def piece_steps(duration: float, frame_rate: float, context: int, stride: float, codebooks: int, given: int = 0) -> int:
     """Decoder steps for one clip of `duration` seconds, windows included."""
     frames = piece_frames(duration, frame_rate)
-    plan = windows(frames, given, context, round(stride * frame_rate))
+    return plan_steps(windows(frames, given, context, round(stride * frame_rate)), frames, codebooks)
+
+
+def plan_steps(plan: list[Window], frames: int, codebooks: int) -> int:
+    """The progress steps of one clip made by `plan`: every window's decoder steps, and the
+    decoding of its `frames`."""
     return sum(window_steps(window, codebooks) for window in plan) + decode_steps(frames)
 
 

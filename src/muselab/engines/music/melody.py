@@ -21,7 +21,6 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from muselab.engines.music.continuation import fitted
 from muselab.engines.music.engine import MusicEngine
 from muselab.engines.music.sampler import MusicgenSampler
 
@@ -130,41 +129,37 @@ class MelodySampler(MusicgenSampler):
     def _stepper(self, rows: int, max_length: int, prefix: torch.Tensor) -> Any:
         if self.compiled is not None:  # OpenVINO: the prefix in one call, then a token a call
             return self.compiled.start(prefix, rows)
-        start = prefix.shape[1]
-        keys, values = self._kv_cache(rows, start + max_length, prefix.device, torch.empty)
+        keys, values = self._kv_cache(rows, prefix.shape[1] + max_length, prefix.device, torch.empty)
         self.prefill(prefix, keys, values)
-        positions = self.decoder.embed_positions.weights
-
-        def step(step_tokens: torch.Tensor, position: int) -> torch.Tensor:
-            at = start + position
-
-            def attend_self(index: int, attention: Any, normed: torch.Tensor) -> torch.Tensor:
-                keys[index, :, :, at] = self._heads(attention.k_proj(normed))[:, :, 0]
-                values[index, :, :, at] = self._heads(attention.v_proj(normed))[:, :, 0]
-                query = self._heads(attention.q_proj(normed))
-                return F.scaled_dot_product_attention(query, keys[index, :, :, : at + 1], values[index, :, :, : at + 1])
-
-            return self.logits(step_tokens, positions[at], attend_self, None, None, None)
-
-        return step
+        return self._eager_step(keys, values, prefix.shape[1], (None, None, None))
 
     def prefill(self, prefix: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Run the prefix through the decoder (causal self-attention, as the first step of
         transformers' `generate` runs it) and keep every layer's keys and values in the cache."""
-        rows, length, _ = prefix.shape
+        length = prefix.shape[1]
         self.decoder.embed_positions.make_weights(
             max(keys.shape[3], self.decoder.embed_positions.weights.shape[0]),
             self.decoder.embed_positions.embedding_dim,
         )
-        hidden = (prefix + self.decoder.embed_positions.weights[:length]).to(self.dtype)
-        for index, layer in enumerate(self.decoder.layers):
-            attention = layer.self_attn
-            normed = layer.self_attn_layer_norm(hidden)
+
+        def attend_self(index: int, attention: Any, normed: torch.Tensor) -> torch.Tensor:
             key, value = self._heads(attention.k_proj(normed)), self._heads(attention.v_proj(normed))
             keys[index, :, :, :length], values[index, :, :, :length] = key, value
-            context = F.scaled_dot_product_attention(self._heads(attention.q_proj(normed)), key, value, is_causal=True)
-            hidden = hidden + attention.out_proj(context.transpose(1, 2).reshape(rows, length, -1))
-            hidden = hidden + layer.fc2(layer.activation_fn(layer.fc1(layer.final_layer_norm(hidden))))
+            return F.scaled_dot_product_attention(self._heads(attention.q_proj(normed)), key, value, is_causal=True)
+
+        self.through_layers((prefix + self.decoder.embed_positions.weights[:length]).to(self.dtype), attend_self)
+
+    def through_layers(self, states: torch.Tensor, attend_self: Any) -> torch.Tensor:
+        """States (rows, positions, width) through every decoder layer (self-attention, as
+        `attend_self(layer index, attention, normed states)` does it over its cache, then the
+        feed-forward), before the final norm: the prefill's maths, and the OpenVINO step's."""
+        rows, length, _ = states.shape
+        for index, layer in enumerate(self.decoder.layers):
+            attention = layer.self_attn
+            context = attend_self(index, attention, layer.self_attn_layer_norm(states))
+            states = states + attention.out_proj(context.transpose(1, 2).reshape(rows, length, -1))
+            states = states + layer.fc2(layer.activation_fn(layer.fc1(layer.final_layer_norm(states))))
+        return states
 
 
 class MelodyEngine(MusicEngine):
@@ -183,11 +178,10 @@ class MelodyEngine(MusicEngine):
         )
         return processor, network
 
-    def melody_chroma(self, melody: tuple[np.ndarray, int], offset: float) -> torch.Tensor:
-        """The chroma of the melody's 30 s from `offset` seconds on, from its start again where it
-        ends (audiocraft's long-form rule), or of the whole melody when the piece starts there."""
-        samples, rate = melody
-        mono = fitted(samples, rate, self.sample_rate, 1)[0]
+    def melody_chroma(self, mono: np.ndarray, offset: float) -> torch.Tensor:
+        """The chroma of the melody (`load_melody`'s: mono, at the model's rate) for its 30 s from
+        `offset` seconds on, from its start again where it ends (audiocraft's long-form rule), or
+        of the whole melody when the piece starts there."""
         if offset > 0:
             first = round(offset * self.sample_rate)
             mono = mono[(first + np.arange(self.processor.samples)) % mono.shape[0]]

@@ -111,22 +111,19 @@ class _PrefixStepForExport(torch.nn.Module):
         presents: list[torch.Tensor] = []
         length = torch.arange(hidden.shape[1]) + position  # the positions these states take
         states = (hidden + decoder.embed_positions.weights.index_select(0, length)).to(sampler.dtype)
-        rows = states.shape[0]
-        for index, layer in enumerate(decoder.layers):
-            attention = layer.self_attn
-            normed = layer.self_attn_layer_norm(states)
+
+        def attend_self(index: int, attention: Any, normed: torch.Tensor) -> torch.Tensor:
             key = torch.cat([past[2 * index], sampler._heads(attention.k_proj(normed))], dim=2)
             value = torch.cat([past[2 * index + 1], sampler._heads(attention.v_proj(normed))], dim=2)
             presents.extend((key, value))
             causal = torch.arange(key.shape[2])[None, :] <= length[:, None]  # (positions, cache)
-            context = F.scaled_dot_product_attention(
+            return F.scaled_dot_product_attention(
                 sampler._heads(attention.q_proj(normed)), key, value, attn_mask=causal
             )
-            states = states + attention.out_proj(context.transpose(1, 2).reshape(rows, hidden.shape[1], -1))
-            states = states + layer.fc2(layer.activation_fn(layer.fc1(layer.final_layer_norm(states))))
-        last = decoder.layer_norm(states[:, -1])
+
+        last = decoder.layer_norm(sampler.through_layers(states, attend_self)[:, -1])
         logits = torch.stack([head(last) for head in self.lm_heads], dim=1)
-        return (logits.reshape(rows * sampler.num_codebooks, -1).float(), *presents)
+        return (logits.reshape(states.shape[0] * sampler.num_codebooks, -1).float(), *presents)
 
 
 def _example(sampler: Any, text_length: int = 5, past_length: int = 3) -> tuple[torch.Tensor, ...]:
@@ -241,8 +238,8 @@ class OpenVinoPrefixDecoder:
     prefix into a fresh KV cache in one call and returns the step function for the tokens after
     it, whose embeddings are looked up here (the tables stay in PyTorch)."""
 
-    def __init__(self, compiled: Any, embed_tokens: Any):
-        self.compiled, self.embed_tokens = compiled, embed_tokens
+    def __init__(self, compiled: Any, sampler: Any):
+        self.compiled, self.sampler = compiled, sampler
         self.request: Any = None
 
     def start(self, prefix: torch.Tensor, rows: int) -> Any:
@@ -258,11 +255,10 @@ class OpenVinoPrefixDecoder:
             return torch.from_numpy(np.array(request.get_tensor("logits").data, copy=True))
 
         run(prefix, 0)
-        start, embed = prefix.shape[1], self.embed_tokens
+        start, embed = prefix.shape[1], self.sampler.embed
 
         def step(step_tokens: torch.Tensor, index: int) -> torch.Tensor:
-            hidden = sum(embed[k](step_tokens[:, k]) for k in range(step_tokens.shape[1]))
-            return run(hidden[:, None], start + index)
+            return run(embed(step_tokens)[:, None], start + index)
 
         return step
 
@@ -328,7 +324,7 @@ def load_music_decoder(
     compiled = compile_ir(model, dtype, **compile_options(quantize))
     timings["compile_s"] = time.perf_counter() - started
     if sampler.conditions_by_prefix:
-        sampler.compiled = OpenVinoPrefixDecoder(compiled, sampler.decoder.embed_tokens)
+        sampler.compiled = OpenVinoPrefixDecoder(compiled, sampler)
     else:
         sampler.compiled = OpenVinoMusicDecoder(compiled)
     drop_torch_decoder_weights(sampler)

@@ -227,17 +227,25 @@ class MusicgenSampler:
             if graph is not None:
                 return graph
         keys, values = self._kv_cache(rows, max_length, cross[2].device, torch.empty)
+        return self._eager_step(keys, values, 0, cross)
+
+    def _eager_step(
+        self, keys: torch.Tensor, values: torch.Tensor, start: int, cross: tuple
+    ) -> Callable[[torch.Tensor, int], torch.Tensor]:
+        """PyTorch's step over a preallocated cache whose first `start` positions are filled (a
+        melody model's prefix): the tokens of step `position` go in at cache position `start +
+        position`, and attend over the cache up to there."""
 
         def step(step_tokens: torch.Tensor, position: int) -> torch.Tensor:
-            def attend_self(index: int, attention: Any, normed: torch.Tensor) -> torch.Tensor:
-                keys[index, :, :, position] = self._heads(attention.k_proj(normed))[:, :, 0]
-                values[index, :, :, position] = self._heads(attention.v_proj(normed))[:, :, 0]
-                query = self._heads(attention.q_proj(normed))
-                return F.scaled_dot_product_attention(
-                    query, keys[index, :, :, : position + 1], values[index, :, :, : position + 1]
-                )
+            at = start + position
 
-            return self.logits(step_tokens, self.decoder.embed_positions.weights[position], attend_self, *cross)
+            def attend_self(index: int, attention: Any, normed: torch.Tensor) -> torch.Tensor:
+                keys[index, :, :, at] = self._heads(attention.k_proj(normed))[:, :, 0]
+                values[index, :, :, at] = self._heads(attention.v_proj(normed))[:, :, 0]
+                query = self._heads(attention.q_proj(normed))
+                return F.scaled_dot_product_attention(query, keys[index, :, :, : at + 1], values[index, :, :, : at + 1])
+
+            return self.logits(step_tokens, self.decoder.embed_positions.weights[at], attend_self, *cross)
 
         return step
 
@@ -295,8 +303,7 @@ class MusicgenSampler:
         zero). `openvino_music` traces this very function: bump its MUSIC_CONVERSION_VERSION when
         the maths here changes, or cached conversions would keep the old graph."""
         decoder = self.decoder
-        hidden = sum(decoder.embed_tokens[k](step_tokens[:, k]) for k in range(self.num_codebooks))
-        hidden = (hidden + position_embedding).unsqueeze(1)  # (rows, 1, hidden)
+        hidden = (self.embed(step_tokens) + position_embedding).unsqueeze(1)  # (rows, 1, hidden)
         rows = hidden.shape[0]
         for index, layer in enumerate(decoder.layers):
             attention = layer.self_attn
@@ -319,6 +326,10 @@ class MusicgenSampler:
         hidden = decoder.layer_norm(hidden)
         logits = torch.stack([head(hidden[:, 0]) for head in self.lm_heads], dim=1)  # (rows, codebooks, vocab)
         return logits.reshape(rows * self.num_codebooks, -1)
+
+    def embed(self, step_tokens: torch.Tensor) -> torch.Tensor:
+        """One position's tokens (rows, codebooks) as the decoder's input: their codebooks' embeddings, summed."""
+        return sum(self.decoder.embed_tokens[k](step_tokens[:, k]) for k in range(self.num_codebooks))
 
     @torch.inference_mode()
     def teacher_forced_logits(
