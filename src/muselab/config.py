@@ -145,6 +145,31 @@ class Settings(BaseSettings):
         "may name the catalogue's models and the configured ones (a folder by its name), and a path never "
         "reaches the file system. The CLI, run by this machine's user, may always name folders.",
     )
+    # Many jobs at once: batches, dynamic prompts, grids, webhooks
+    max_batch_items: int = Field(
+        default=1000, ge=1, le=100_000, description="Jobs one batch or grid may hold (after dynamic prompts expand)."
+    )
+    dynamic_prompts: bool = Field(
+        default=True,
+        description="Expand {a|b|c} and __wildcard__ in prompts (dynamicprompts); off, prompts run as written.",
+    )
+    wildcard_dir: Path | None = Field(
+        default=None, description="Wildcard files (NAME.txt, one choice a line); default <data_dir>/wildcards."
+    )
+    webhook_hosts: list[str] = Field(
+        default_factory=list,
+        description="Hosts (host or host:port) a job's callback URL may name; empty, callbacks are refused. "
+        "Only these: a callback must not make the server reach other machines.",
+    )
+    webhook_secret: str | None = Field(
+        default=None, description="Key of the HMAC-SHA256 signature (X-Muselab-Signature) on every callback."
+    )
+    webhook_retries: int = Field(
+        default=5, ge=0, le=20, description="Tries after the first when a callback fails (5xx, 429, no answer)."
+    )
+    webhook_backoff: float = Field(
+        default=2.0, ge=0, le=600, description="Seconds before the first retry; each next one waits twice as long."
+    )
     # Streamlit UI: in-process job service unless a running `muselab serve` is named here.
     ui_api_url: str | None = Field(default=None, description="URL of a muselab server for the UI to use.")
 
@@ -155,6 +180,10 @@ class Settings(BaseSettings):
     @property
     def loras(self) -> Path:
         return self.lora_dir or self.data_dir / "loras"
+
+    @property
+    def wildcards(self) -> Path:
+        return self.wildcard_dir or self.data_dir / "wildcards"
 
     @property
     def inputs(self) -> Path:

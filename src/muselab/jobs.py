@@ -7,7 +7,6 @@ through the engine -> files saved atomically -> outputs recorded -> `done`.
 
 from __future__ import annotations
 
-import base64
 import functools
 import io
 import logging
@@ -16,116 +15,27 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from muselab import media
 from muselab.config import Settings, hf_cache_dir, looks_like_path, model_label
 from muselab.devices import DeviceError, flush_denormals
-from muselab.engines import Cancelled, CancelToken, Engine, ModelUnavailable, ProgressEvent, load_engine
+from muselab.engines import Cancelled, Engine, ModelUnavailable, ProgressEvent, load_engine
 from muselab.engines.base import engine_result
 from muselab.families import family, kinds, model_kinds
+from muselab.job import Job, OutOfMemory, QueueFull, SaveOptions
 from muselab.loras import available as available_loras
 from muselab.model_manager import ModelManager
+from muselab.prompts import expand_one
 from muselab.schemas import Request, RequestError, model_fields
-from muselab.store import INTERRUPTED, HistoryStore, OutputRecord
+from muselab.store import INTERRUPTED, HistoryStore
 from muselab.uploads import from_history
+from muselab.webhooks import Webhooks, check_url
+
+__all__ = ["Job", "JobService", "OutOfMemory", "QueueFull", "SaveOptions"]
 
 log = logging.getLogger("muselab.jobs")
-
-
-class QueueFull(RuntimeError):
-    """The queue holds as many jobs as it may; the client should retry later."""
-
-
-class OutOfMemory(RuntimeError):
-    pass
-
-
-@dataclass
-class SaveOptions:
-    """Where a job's files go. Only the CLI sets `output`; remote clients never choose paths."""
-
-    output: Path | None = None
-    audio_format: str | None = None
-    normalize: bool = False
-
-
-@dataclass
-class Job:
-    id: str
-    request: Request  # as clients see it: models by label (`model_label`), never by folder
-    model: str  # the id or folder the engine loads (a scene's two, joined by " + ")
-    source: str
-    save: SaveOptions = field(default_factory=SaveOptions)
-    # The models the job loads, by kind (the scene's two), as ids or folders.
-    models: dict[str, str] = field(default_factory=dict)
-    # Each model label the client named in `request`, and the id or folder it stands for.
-    sources: dict[str, str] = field(default_factory=dict)
-    status: str = "queued"
-    created: float = field(default_factory=time.time)
-    cancel: CancelToken = field(default_factory=CancelToken)
-    progress: ProgressEvent | None = None
-    preview_png: bytes | None = None
-    error: str | None = None
-    error_kind: str | None = None  # model_unavailable, out_of_memory, timeout, internal
-    resolved: dict[str, Any] | None = None
-    # Outputs saved before the job stopped short (images of a batch, a scene's picture).
-    kept: list[dict[str, Any]] = field(default_factory=list)
-    outputs: list[OutputRecord] = field(default_factory=list)
-    done: threading.Event = field(default_factory=threading.Event)
-    version: int = 0
-    progress_at: float = field(default_factory=time.monotonic)  # when `progress` last changed
-    # The time limit: started once the job's model is loaded (see `JobService._start_running`).
-    time_limit: threading.Timer | None = None
-    timed_out: threading.Event = field(default_factory=threading.Event)
-
-    @property
-    def kind(self) -> str:
-        return self.request.kind
-
-    @property
-    def label(self) -> str:
-        """The model as clients see it."""
-        return " + ".join(model_label(model) for model in self.model.split(" + "))
-
-    def snapshot(
-        self, position: int | None = None, with_preview: bool = False, redact: Callable[[str], str] = str
-    ) -> dict[str, Any]:
-        """The job as clients see it; `redact` takes the machine's folders out of error messages."""
-        progress = self.progress
-        # Times as of now, not as of the last event: a one-time conversion reports a stage every
-        # minute or so, and a bar whose seconds stand still for that long looks frozen.
-        since = time.monotonic() - self.progress_at
-        data: dict[str, Any] = {
-            "id": self.id,
-            "kind": self.kind,
-            "status": self.status,
-            "model": self.label,
-            "source": self.source,
-            "queue_position": position,
-            "request": self.resolved or self.request.model_dump(mode="json"),
-            "error": None if self.error is None else redact(self.error),
-            "error_kind": self.error_kind,
-            "progress": None
-            if progress is None
-            else {
-                "stage": progress.stage,
-                "step": progress.step,
-                "total": progress.total,
-                "fraction": round(progress.fraction, 4),
-                "elapsed": round(progress.elapsed + since, 3),
-                "eta": None if progress.eta is None else round(max(progress.eta - since, 0.0), 3),
-                "item": progress.item,
-                "items": progress.items,
-                "note": progress.note,
-            },
-            "outputs": [record.public() for record in self.outputs],
-        }
-        if with_preview and self.preview_png:
-            data["preview"] = "data:image/png;base64," + base64.b64encode(self.preview_png).decode()
-        return data
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:
@@ -151,17 +61,31 @@ class JobService:
         self._workers: dict[tuple[str, str], threading.Thread] = {}
         self._pending = 0
         self._closed = False
+        self.webhooks = Webhooks(self.store, settings)
 
     # ------------------------------------------------------------ submitting and watching
 
-    def submit(self, request: Request, source: str = "api", save: SaveOptions | None = None) -> Job:
+    def submit(
+        self,
+        request: Request,
+        source: str = "api",
+        save: SaveOptions | None = None,
+        *,
+        callback: str | None = None,
+        batch: tuple[str, int] | None = None,
+    ) -> Job:
         """Queue a request. Clients other than the CLI (this machine's own user) may name only the
-        served models, unless the settings allow any (`check_client_models`)."""
+        served models, unless the settings allow any (`check_client_models`). A dynamic prompt
+        (`{a|b}`, `__wildcard__`) is expanded here, so the job, its history and its recipe hold
+        the prompt that ran; `callback` must pass the webhook allow-list (`webhooks.check_url`)."""
         from muselab.store import new_id
 
         trusted = source == "cli"
         if not trusted:
             self.check_client_models(request)
+        if callback is not None:
+            callback = check_url(callback, self.settings)
+        request = expand_one(request, self.settings)
         request = from_history(request, self.store)
         checked = family(request.kind).check
         if checked is not None:
@@ -195,6 +119,8 @@ class JobService:
             save=save or SaveOptions(),
             models=models,
             sources=sources,
+            callback=callback,
+            batch=batch,
         )
         key = (request.kind, model)
         with self._lock:
@@ -204,7 +130,9 @@ class JobService:
                 raise QueueFull(
                     f"The queue is full ({self.settings.max_queue} jobs waiting or running); retry in a little while."
                 )
-            self.store.add_job(job.id, job.kind, request.model_dump(mode="json"), source)
+            self.store.add_job(
+                job.id, job.kind, request.model_dump(mode="json"), source, batch=batch, callback=callback
+            )
             self._pending += 1
             self._jobs[job.id] = job
             self._queues.setdefault(key, deque()).append(job)
@@ -333,6 +261,7 @@ class JobService:
             "error_kind": None,
             "progress": None,
             "outputs": stored["outputs"],
+            "batch_id": stored.get("batch_id"),
         }
 
     def recent(self, status: str | None = None, limit: int = 50, offset: int = 0) -> list[dict[str, Any]]:
@@ -399,6 +328,11 @@ class JobService:
     def preparation(self) -> dict[str, dict[str, Any]]:
         return self.models.preparation()
 
+    @property
+    def closed(self) -> bool:
+        """Shutting down: no new jobs; a batch stops between items and is resumed at the next start."""
+        return self._closed
+
     def stop_accepting(self) -> None:
         """The first half of `shutdown`, which returns at once: no new jobs, and every queued or
         running one stops (within a step) and is recorded as interrupted, with what it finished."""
@@ -415,6 +349,7 @@ class JobService:
         deadline = time.monotonic() + timeout
         for worker in list(self._workers.values()):
             worker.join(max(0.0, deadline - time.monotonic()))
+        self.webhooks.close(max(0.0, min(5.0, deadline - time.monotonic())))
 
     # ------------------------------------------------------------ running
 
@@ -572,7 +507,7 @@ class JobService:
         return media.save_outputs(
             result,
             job.save.output,
-            self.settings.outputs,
+            self.settings.outputs / job.save.folder if job.save.folder else self.settings.outputs,
             audio_format=job.save.audio_format,
             normalize=job.save.normalize,
         )
@@ -610,6 +545,8 @@ class JobService:
             job.done.set()
             self._lock.notify_all()
             self._forget_old_jobs()
+        if job.callback:
+            self.webhooks.deliver(job.callback, self.snapshot(job), job_id=job.id)
 
     def _forget_old_jobs(self, keep: int = 200) -> None:
         """Finished jobs stay in memory for a while (for status and SSE), then live in history only."""

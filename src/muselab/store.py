@@ -16,7 +16,7 @@ import sqlite3
 import threading
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,12 +65,15 @@ CREATE TABLE IF NOT EXISTS model_folders (
 );
 """
 
+#: A job of a batch (`muselab.batches`) names it and its place in it; a job may name a webhook.
+JOB_COLUMNS_ADDED = {"batch_id": "TEXT", "batch_item": "INTEGER", "callback": "TEXT"}
+
 ACTIVE = ("queued", "running")
 INTERRUPTED = "muselab stopped before this job finished; submit it again to retry"
 FINAL = ("succeeded", "failed", "cancelled", "interrupted")
 
 
-def _process_alive(pid: int | None) -> bool:
+def process_alive(pid: int | None) -> bool:
     if not pid or pid == os.getpid():
         return False
     try:
@@ -164,7 +167,17 @@ class HistoryStore:
         self.database.parent.mkdir(parents=True, exist_ok=True)
         self.outputs_dir.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
-        self._connection().executescript(SCHEMA)
+        self.connection().executescript(SCHEMA)
+        self._add_columns("jobs", JOB_COLUMNS_ADDED)
+        self.connection().execute("CREATE INDEX IF NOT EXISTS jobs_batch ON jobs(batch_id, batch_item)")
+
+    def _add_columns(self, table: str, columns: dict[str, str]) -> None:
+        """Columns added since a history was first made, added to an older one when it is opened."""
+        have = {row["name"] for row in self.connection().execute(f"PRAGMA table_info({table})")}
+        for name, declaration in columns.items():
+            if name not in have:
+                with suppress(sqlite3.OperationalError):  # another process added it just now
+                    self.connection().execute(f"ALTER TABLE {table} ADD COLUMN {name} {declaration}")
 
     @classmethod
     def for_settings(cls, settings: Any) -> HistoryStore:
@@ -173,7 +186,8 @@ class HistoryStore:
 
     # ------------------------------------------------------------ plumbing
 
-    def _connection(self) -> sqlite3.Connection:
+    def connection(self) -> sqlite3.Connection:
+        """This thread's connection: for reads (writes go through `transaction`)."""
         connection = getattr(self._local, "connection", None)
         if connection is None:
             connection = sqlite3.connect(self.database, timeout=30, isolation_level=None)
@@ -186,9 +200,10 @@ class HistoryStore:
         return connection
 
     @contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
-        """A transaction: committed on success, rolled back on error."""
-        db = self._connection()
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """A transaction: committed on success, rolled back on error (also for the tables of
+        `muselab.batches` and `muselab.webhooks`, which keep theirs in this database)."""
+        db = self.connection()
         db.execute("BEGIN IMMEDIATE")
         try:
             yield db
@@ -199,16 +214,28 @@ class HistoryStore:
 
     # ------------------------------------------------------------ jobs
 
-    def add_job(self, job_id: str, kind: str, request: dict[str, Any], source: str) -> None:
-        with self._connect() as db:
+    def add_job(
+        self,
+        job_id: str,
+        kind: str,
+        request: dict[str, Any],
+        source: str,
+        *,
+        batch: tuple[str, int] | None = None,
+        callback: str | None = None,
+    ) -> None:
+        """A queued job; one of a batch names the batch and its item in the same row, so that a
+        restart knows which items ran, whenever the process was killed."""
+        batch_id, batch_item = batch or (None, None)
+        with self.transaction() as db:
             db.execute(
-                "INSERT INTO jobs (id, kind, status, source, request, pid, created_at) "
-                "VALUES (?, ?, 'queued', ?, ?, ?, ?)",
-                (job_id, kind, source, json.dumps(request), os.getpid(), now()),
+                "INSERT INTO jobs (id, kind, status, source, request, pid, created_at, batch_id, batch_item, callback) "
+                "VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?)",
+                (job_id, kind, source, json.dumps(request), os.getpid(), now(), batch_id, batch_item, callback),
             )
 
     def mark_running(self, job_id: str, model: str, device: str, dtype: str) -> None:
-        with self._connect() as db:
+        with self.transaction() as db:
             db.execute(
                 "UPDATE jobs SET status='running', started_at=?, model=?, device=?, dtype=? WHERE id=?",
                 (now(), model, device, dtype, job_id),
@@ -226,7 +253,7 @@ class HistoryStore:
     ) -> list[OutputRecord]:
         """Close a job and record its outputs (files already on disk) in one transaction."""
         created = now()
-        with self._connect() as db:
+        with self.transaction() as db:
             sets = "status=?, finished_at=?, error=?, seconds=?"
             values: list[Any] = [status, created, error, seconds]
             if request is not None:
@@ -257,7 +284,7 @@ class HistoryStore:
         return [self.get_output(output_id) for output_id in ids]  # type: ignore[misc]
 
     def get_job(self, job_id: str) -> dict[str, Any] | None:
-        row = self._connection().execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
+        row = self.connection().execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
         if row is None:
             return None
         job = dict(row)
@@ -272,7 +299,7 @@ class HistoryStore:
             query += " WHERE status=?"
             args.append(status)
         query += " ORDER BY created_at DESC LIMIT ? OFFSET ?"
-        rows = self._connection().execute(query, (*args, limit, offset)).fetchall()
+        rows = self.connection().execute(query, (*args, limit, offset)).fetchall()
         return [self.get_job(row["id"]) for row in rows]  # type: ignore[misc]
 
     def run_times(self, kind: str, limit: int = 200) -> list[dict[str, Any]]:
@@ -280,7 +307,7 @@ class HistoryStore:
         model's label, how it ran (`dtype`, e.g. "float32 (openvino)") and the seconds it ran once
         its model was loaded (loading and conversions not counted)."""
         rows = (
-            self._connection()
+            self.connection()
             .execute(
                 "SELECT request, model, dtype, (julianday(finished_at) - julianday(started_at)) * 86400 AS seconds "
                 "FROM jobs WHERE kind=? AND status='succeeded' AND started_at IS NOT NULL "
@@ -296,14 +323,14 @@ class HistoryStore:
 
         Jobs of another live process sharing this data folder (a server, say) are left alone.
         """
-        with self._connect() as db:
+        with self.transaction() as db:
             rows = db.execute("SELECT id, pid FROM jobs WHERE status IN ('queued', 'running')").fetchall()
-            lost = [row["id"] for row in rows if not _process_alive(row["pid"])]
+            lost = [row["id"] for row in rows if not process_alive(row["pid"])]
             db.executemany(
                 "UPDATE jobs SET status='interrupted', finished_at=?, error=? WHERE id=?",
                 [(now(), INTERRUPTED, job_id) for job_id in lost],
             )
-        if not any(_process_alive(row["pid"]) for row in rows):
+        if not any(process_alive(row["pid"]) for row in rows):
             for stray in self.outputs_dir.rglob(".*.part"):
                 stray.unlink(missing_ok=True)  # temporary files of writes that never completed
         return lost
@@ -313,7 +340,7 @@ class HistoryStore:
     def remember_model_folder(self, label: str, path: str) -> None:
         """Files and answers name a local model by its folder's name (its label); this machine's
         history keeps where that folder is, so `--from FILE` re-runs it here."""
-        with self._connect() as db:
+        with self.transaction() as db:
             db.execute(
                 "INSERT INTO model_folders (label, path, used_at) VALUES (?, ?, ?) "
                 "ON CONFLICT(label) DO UPDATE SET path=excluded.path, used_at=excluded.used_at",
@@ -321,7 +348,7 @@ class HistoryStore:
             )
 
     def model_folder(self, label: str) -> str | None:
-        row = self._connection().execute("SELECT path FROM model_folders WHERE label=?", (label,)).fetchone()
+        row = self.connection().execute("SELECT path FROM model_folders WHERE label=?", (label,)).fetchone()
         return row["path"] if row else None
 
     # ------------------------------------------------------------ outputs
@@ -355,7 +382,7 @@ class HistoryStore:
         )
 
     def get_output(self, output_id: str) -> OutputRecord | None:
-        row = self._connection().execute("SELECT * FROM outputs WHERE id=?", (output_id,)).fetchone()
+        row = self.connection().execute("SELECT * FROM outputs WHERE id=?", (output_id,)).fetchone()
         return self._record(row) if row else None
 
     def list_outputs(
@@ -366,10 +393,14 @@ class HistoryStore:
         min_stars: int | None = None,
         thumb: int | None = None,
         job_id: str | None = None,
+        batch_id: str | None = None,
         limit: int = 50,
         offset: int = 0,
     ) -> list[OutputRecord]:
         clauses, args = [], []
+        if batch_id:
+            clauses.append("job_id IN (SELECT id FROM jobs WHERE batch_id = ?)")
+            args.append(batch_id)
         if kind:
             clauses.append("kind=?")
             args.append(kind)
@@ -388,7 +419,7 @@ class HistoryStore:
             args.append(job_id)
         where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
         rows = (
-            self._connection()
+            self.connection()
             .execute(
                 f"SELECT * FROM outputs{where} ORDER BY created_at DESC, rowid DESC LIMIT ? OFFSET ?",
                 (*args, limit, offset),
@@ -398,7 +429,7 @@ class HistoryStore:
         return [self._record(row) for row in rows]
 
     def count_outputs(self) -> int:
-        return self._connection().execute("SELECT COUNT(*) FROM outputs").fetchone()[0]
+        return self.connection().execute("SELECT COUNT(*) FROM outputs").fetchone()[0]
 
     def owned_file(self, record: OutputRecord) -> Path | None:
         """The output's file if it is one inside this history's outputs folder, links resolved; else
@@ -418,7 +449,7 @@ class HistoryStore:
         if record is None:
             return None
         owned = self.owned_file(record)
-        with self._connect() as db:
+        with self.transaction() as db:
             db.execute("DELETE FROM outputs WHERE id=?", (output_id,))
         if owned is not None:
             owned.unlink(missing_ok=True)
@@ -440,7 +471,7 @@ class HistoryStore:
             raise FeedbackError("stars must be a whole number from 1 to 5")
         if comment is not None and len(comment) > 2000:
             raise FeedbackError("comment must be at most 2000 characters")
-        with self._connect() as db:
+        with self.transaction() as db:
             changed = db.execute(
                 "UPDATE outputs SET thumb=COALESCE(?, thumb), stars=COALESCE(?, stars), "
                 "comment=COALESCE(?, comment), feedback_at=? WHERE id=?",
