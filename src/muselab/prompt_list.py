@@ -71,6 +71,22 @@ def parse(text: str, kind: str = "image") -> list[Any]:
     return requests
 
 
+def parse_items(items: list[Any], kind: str = "image") -> list[Any]:
+    """Requests given as JSON objects (`POST /api/batches`' `items`), each with its kind or `kind`."""
+    requests = []
+    for index, data in enumerate(items):
+        if not isinstance(data, dict):
+            raise RequestError(f"Invalid request:\n  - items[{index}]: must be a request (a JSON object)")
+        item_kind = data.get("kind", kind)
+        if item_kind not in kinds():
+            raise RequestError(f"Invalid request:\n  - items[{index}].kind: must be one of {', '.join(kinds())}")
+        try:
+            requests.append(parse_request(family(item_kind).request, {**data, "kind": item_kind}))
+        except RequestError as exc:
+            raise RequestError(f"items[{index}]: {exc}") from None
+    return requests
+
+
 def _json_line(line: str) -> dict[str, Any]:
     try:
         data = json.loads(line)

@@ -1,7 +1,8 @@
 """The HTTP API (FastAPI): jobs, progress as Server-Sent Events, files by id, history, feedback,
 and A1111 / OpenAI compatible image routes. Safe by default: see `muselab.api.security`.
 
-One router a module: `jobs` (service info, submitting and following jobs), `history` (outputs,
+One router a module: `jobs` (service info, submitting and following jobs), `batches` (batches and
+comparison grids), `history` (outputs,
 files, feedback, export), `compat_a1111` and `compat_openai`; `errors` answers every failure in
 one shape, and `common` holds what the routers share (the job service as a dependency, ids).
 """
@@ -29,7 +30,7 @@ def create_app(settings: Settings, service: JobService | None = None) -> FastAPI
     from starlette.concurrency import run_in_threadpool
 
     from muselab import __version__
-    from muselab.api import compat_a1111, compat_openai, history, jobs
+    from muselab.api import batches, compat_a1111, compat_openai, history, jobs
     from muselab.api.errors import install_error_handlers
     from muselab.api.security import SecurityMiddleware
     from muselab.families import request_types
@@ -39,6 +40,10 @@ def create_app(settings: Settings, service: JobService | None = None) -> FastAPI
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        from muselab.batches import batches_for
+
+        # Batches a stopped server left running go on where they were (no item twice).
+        await run_in_threadpool(batches_for(app.state.service).resume)
         yield
         if own_service:
             await run_in_threadpool(app.state.service.shutdown, 10)
@@ -68,6 +73,7 @@ def create_app(settings: Settings, service: JobService | None = None) -> FastAPI
         jobs.service_router,
         jobs.submit_router(request_types()),  # read now, so a family registered before this gets its route
         jobs.router,
+        batches.router,
         history.router,
         compat_a1111.router,
         compat_openai.router,

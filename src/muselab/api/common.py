@@ -20,6 +20,7 @@ from muselab.schemas import ImageRequest, RequestError, parse_request
 ID_PATTERN = r"^[0-9a-f]{32}$"
 OutputId = Annotated[str, PathParam(pattern=ID_PATTERN, description="An output's id: 32 lowercase hex digits.")]
 JobId = Annotated[str, PathParam(pattern=ID_PATTERN, description="A job's id: 32 lowercase hex digits.")]
+BatchId = Annotated[str, PathParam(pattern=ID_PATTERN, description="A batch's id: 32 lowercase hex digits.")]
 
 
 # Async so that FastAPI calls them on the event loop: a sync dependency would take a threadpool
@@ -40,10 +41,10 @@ async def get_settings(service: ServiceDep) -> Settings:
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 
-def submit(service: JobService, request: Any, source: str = "api") -> Job:
+def submit(service: JobService, request: Any, source: str = "api", callback: str | None = None) -> Job:
     """Queue `request`; a full queue is 429 (with Retry-After), a request it refuses 422."""
     try:
-        return service.submit(request, source=source, save=SaveOptions())
+        return service.submit(request, source=source, save=SaveOptions(), callback=callback)
     except QueueFull as exc:
         raise ApiError(429, str(exc), "busy", headers={"Retry-After": "5"}) from None
     except RequestError as exc:

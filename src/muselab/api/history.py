@@ -40,11 +40,14 @@ async def list_outputs(
     q: Annotated[str | None, Query(max_length=200, description="Text the prompt contains.")] = None,
     min_stars: Annotated[int | None, Query(ge=1, le=5)] = None,
     thumb: Literal[-1, 1] | None = None,
+    batch: Annotated[
+        str | None, Query(pattern=r"^[0-9a-f]{32}$", description="Only the outputs of this batch (its id).")
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
 ) -> dict[str, Any]:
     records = service.store.list_outputs(
-        kind=kind, text=q, min_stars=min_stars, thumb=thumb, limit=limit, offset=offset
+        kind=kind, text=q, min_stars=min_stars, thumb=thumb, batch_id=batch, limit=limit, offset=offset
     )
     return {"outputs": [r.public() for r in records], "limit": limit, "offset": offset}
 

@@ -26,6 +26,14 @@ service_router = APIRouter(tags=["service"])
 router = APIRouter(tags=["jobs"])
 
 WaitQuery = Annotated[bool, Query(description="Wait for the job to finish and return its result.")]
+CallbackQuery = Annotated[
+    str | None,
+    Query(
+        max_length=2000,
+        description="A URL to POST the job's status JSON to when it ends, signed (X-Muselab-Signature: "
+        "sha256=HMAC-SHA256 of the body); its host must be on the server's allow-list (MUSELAB_WEBHOOK_HOSTS).",
+    ),
+]
 
 #: Request examples shown in /docs, by kind; a kind without one is documented by its schema alone.
 EXAMPLES: dict[str, dict[str, Any]] = {
@@ -90,12 +98,14 @@ async def estimate(
 # ---------------------------------------------------------------- submitting
 
 
-async def submit_job(service: ServiceDep, body: Any, wait: WaitQuery = False) -> JSONResponse:
+async def submit_job(
+    service: ServiceDep, body: Any, wait: WaitQuery = False, callback_url: CallbackQuery = None
+) -> JSONResponse:
     """Queue a job (202 with its id), or with `wait=true` return the finished job.
 
     The route for each kind is this function with `body` typed as that kind's request
     (`submit_router`)."""
-    job = submit(service, body)
+    job = submit(service, body, callback=callback_url)
     if not wait:
         return JSONResponse(_accepted(job.id, service.position(job), job.status), 202)
     return JSONResponse(await wait_for(service, job), 200)
@@ -139,7 +149,7 @@ def submit_router(request_types: Mapping[str, type[BaseModel]]) -> APIRouter:
 
 @router.post("/api/jobs/{kind}/files", status_code=202, response_model=None)
 async def submit_job_with_files(
-    request: Request, service: ServiceDep, kind: str, wait: WaitQuery = False
+    request: Request, service: ServiceDep, kind: str, wait: WaitQuery = False, callback_url: CallbackQuery = None
 ) -> JSONResponse:
     """Queue a job whose pictures or clips come as files: `multipart/form-data` with a `request`
     part (the JSON `/api/jobs/KIND` takes, without the files) and one file part per upload field
@@ -170,7 +180,7 @@ async def submit_job_with_files(
         parsed = parse_request(request_type, {**data, "kind": kind})
     except RequestError as exc:
         raise ApiError(422, str(exc)) from None
-    return await submit_job(service, parsed, wait)
+    return await submit_job(service, parsed, wait, callback_url)
 
 
 def _accepted(job_id: str, position: int | None, status: str) -> dict[str, Any]:
@@ -201,7 +211,7 @@ async def job_status(service: ServiceDep, job_id: JobId) -> dict[str, Any]:
     status = service.status(job_id, with_preview=True)
     if status is None:
         raise ApiError(404, "No such job.", "not_found")
-    return status
+    return {**status, "deliveries": service.webhooks.deliveries(job_id=job_id)}
 
 
 @router.post("/api/jobs/{job_id}/cancel")

@@ -49,6 +49,8 @@ UPLOAD_PATHS = frozenset(
         "/api/estimate/music",
         "/sdapi/v1/img2img",
         "/sdapi/v1/png-info",
+        "/api/batches",  # a long prompt list, or JSON Lines requests with their pictures
+        "/api/grids",
     }
     | FILE_PATHS
 )

@@ -32,6 +32,13 @@ class Backend(Protocol):
 
     def estimate(self, kind: str, data: dict[str, Any]) -> dict[str, Any] | None: ...
 
+    # Batches and comparison grids (`muselab.batches`); their statuses are `GET /api/batches/ID`'s.
+    def submit_batch(self, text: str, kind: str, dynamic: str, name: str | None = None) -> str: ...
+    def submit_grid(self, request: dict[str, Any], x: str, y: str | None) -> str: ...
+    def batch(self, batch_id: str) -> dict[str, Any]: ...
+    def cancel_batch(self, batch_id: str) -> None: ...
+    def batches(self) -> list[dict[str, Any]]: ...
+
 
 def validate(kind: str, data: dict[str, Any]) -> Any:
     """Check a request before sending it; RequestError says which field to change."""
@@ -45,6 +52,7 @@ class LocalBackend:
         from muselab.jobs import JobService
 
         self.service = JobService(settings)
+        self._batches.resume()  # what a stopped studio or server left of its batches goes on
         # In the studio's own process (`muselab ui` marks it) the end skips the interpreter's
         # teardown; anywhere else (tests, a library caller) that would hide the exit status.
         atexit.register(self._stop if os.environ.get("MUSELAB_UI_PROCESS") else self.service.shutdown)
@@ -105,6 +113,32 @@ class LocalBackend:
 
     def estimate(self, kind: str, data: dict[str, Any]) -> dict[str, Any] | None:
         return self.service.estimate(validate(kind, data))
+
+    @property
+    def _batches(self) -> Any:
+        from muselab.batches import batches_for
+
+        return batches_for(self.service)
+
+    def submit_batch(self, text: str, kind: str, dynamic: str, name: str | None = None) -> str:
+        from muselab.prompt_list import parse
+
+        return self._batches.submit(parse(text, kind), source="ui", name=name or None, dynamic=dynamic)
+
+    def submit_grid(self, request: dict[str, Any], x: str, y: str | None) -> str:
+        return self._batches.submit_grid(request, x, y or None, source="ui")
+
+    def batch(self, batch_id: str) -> dict[str, Any]:
+        status = self._batches.status(batch_id)
+        if status is None:
+            raise BackendError("That batch is no longer known.")
+        return status
+
+    def cancel_batch(self, batch_id: str) -> None:
+        self._batches.cancel(batch_id)
+
+    def batches(self) -> list[dict[str, Any]]:
+        return self._batches.recent(20)
 
 
 class RemoteBackend:
@@ -167,3 +201,19 @@ class RemoteBackend:
             return self._call("POST", f"/api/estimate/{kind}", json=body).json()
         except BackendError:  # a server without tiers for this kind, or from before estimates
             return None
+
+    def submit_batch(self, text: str, kind: str, dynamic: str, name: str | None = None) -> str:
+        body = {"text": text, "kind": kind, "dynamic": dynamic, "name": name or None}
+        return self._call("POST", "/api/batches", json=body).json()["id"]
+
+    def submit_grid(self, request: dict[str, Any], x: str, y: str | None) -> str:
+        return self._call("POST", "/api/grids", json={"request": request, "x": x, "y": y or None}).json()["id"]
+
+    def batch(self, batch_id: str) -> dict[str, Any]:
+        return self._call("GET", f"/api/batches/{batch_id}").json()
+
+    def cancel_batch(self, batch_id: str) -> None:
+        self._call("POST", f"/api/batches/{batch_id}/cancel", json={})
+
+    def batches(self) -> list[dict[str, Any]]:
+        return self._call("GET", "/api/batches", params={"limit": 20}).json()["batches"]
