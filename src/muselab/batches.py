@@ -270,6 +270,11 @@ class BatchService:
             self._finish(batch_id, "cancelled")
         return True
 
+    def folder(self, batch_id: str) -> Path:
+        """Where the batch's files are on this machine (for its own user, the CLI; never clients)."""
+        row = self.store.connection().execute("SELECT output, folder FROM batches WHERE id=?", (batch_id,)).fetchone()
+        return Path(row["output"]) if row["output"] else self.service.settings.outputs / row["folder"]
+
     def wait(self, batch_id: str, timeout: float | None = None) -> dict[str, Any] | None:
         deadline = None if timeout is None else time.monotonic() + timeout
         while deadline is None or time.monotonic() < deadline:
@@ -412,9 +417,9 @@ class BatchService:
         # As A1111 does, the picture's parameters are its first cell's; the grid itself is in "grid".
         request = first_recipe["request"]
         recipe = {**first_recipe, "software": SOFTWARE, "grid": spec}
-        folder = Path(row["output"]) if row["output"] else self.service.settings.outputs / row["folder"]
-        folder = folder if folder.suffix == "" else folder.parent
-        path = save_image(picture, recipe, folder / output_name(f"grid {request['prompt']}", request["seed"], "png"))
+        path = save_image(
+            picture, recipe, self.folder(batch_id) / output_name(f"grid {request['prompt']}", request["seed"], "png")
+        )
         job_id = new_id()
         self.store.add_job(job_id, spec["kind"], request, row["source"], batch=(batch_id, GRID_ITEM))
         described = {"path": path, "kind": spec["kind"], "prompt": request["prompt"], "seed": request["seed"]}

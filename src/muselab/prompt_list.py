@@ -8,7 +8,7 @@ file or textbox" script:
     lo-fi beat with warm piano --kind music -d 8
 
 or JSON Lines, one whole request an object (`{"kind": "music", "prompt": ..., "duration": 8}`),
-kinds mixed. Blank lines and lines starting with # are skipped. The options are the request's
+kinds mixed (a text list may have such lines too). Blank lines and lines starting with # are skipped. The options are the request's
 fields by name (`--negative_prompt`), by their command-line flags (`--negative`, `-d`) or by the
 A1111 names the script takes (`--cfg_scale`, `--sampler_name`, `--batch_size`, `--sd_model`).
 Every error names its line.
@@ -36,10 +36,15 @@ A1111_NAMES = {
 
 
 def is_jsonl(text: str) -> bool:
-    """JSON Lines when the first line is a JSON object; `{red|green} fox` is a dynamic prompt."""
-    first = next((line.strip() for line in text.splitlines() if line.strip() and not _comment(line)), "")
+    """JSON Lines (every line a request) when the first line is a JSON object; in a text list, a
+    line may still be one. `{red|green} fox` is a dynamic prompt, not JSON."""
+    first = next((line for line in text.splitlines() if line.strip() and not _comment(line)), "")
+    return _is_json_object(first)
+
+
+def _is_json_object(line: str) -> bool:
     try:
-        return first.startswith("{") and isinstance(json.loads(first), dict)
+        return line.lstrip().startswith("{") and isinstance(json.loads(line), dict)
     except json.JSONDecodeError:
         return False
 
@@ -59,7 +64,7 @@ def parse(text: str, kind: str = "image") -> list[Any]:
         if not line.strip() or _comment(line):
             continue
         try:
-            data = _json_line(line) if jsonl else _text_line(line, kind)
+            data = _json_line(line) if jsonl or _is_json_object(line) else _text_line(line, kind)
             line_kind = data.setdefault("kind", kind)
             if line_kind not in kinds():
                 raise RequestError(f"Invalid request:\n  - kind: must be one of {', '.join(kinds())}")

@@ -23,7 +23,12 @@ STYLE = Path(__file__).with_name("style.css")
 VIEWS = Path(__file__).with_name("views")
 #: The pages that are not a kind of generation; each kind's page is views/KIND.py where the studio
 #: has one, else the shared views/family.py (drawn from its request schema).
-PAGES = {"home": "views/home.py", "gallery": "views/gallery.py"}
+PAGES = {
+    "home": "views/home.py",
+    "batch": "views/batch.py",
+    "compare": "views/compare.py",
+    "gallery": "views/gallery.py",
+}
 
 
 def page_file(kind: str) -> str:
@@ -31,17 +36,20 @@ def page_file(kind: str) -> str:
 
 
 def navigation_pages() -> dict[str, Any]:
-    """Home, a page per kind of generation (in the registry's order), and the Gallery."""
+    """Home, a page per kind of generation (in the registry's order), Batch and Compare (many jobs of
+    any kind), and the Gallery."""
     pages = {"home": st.Page(PAGES["home"], title="Home", icon=":material/home:", default=True)}
     for kind in kinds():
         kind_family = family(kind)
         pages[kind] = st.Page(page_file(kind), title=kind_family.title, icon=kind_family.icon, url_path=kind)
+    pages["batch"] = st.Page(PAGES["batch"], title="Batch", icon=":material/playlist_play:", url_path="batch")
+    pages["compare"] = st.Page(PAGES["compare"], title="Compare", icon=":material/grid_view:", url_path="compare")
     pages["gallery"] = st.Page(PAGES["gallery"], title="Gallery", icon=":material/photo_library:")
     return pages
 
 
 def go_to(kind: str) -> None:
-    """Switch to the page of `kind` (or "home", "gallery")."""
+    """Switch to the page of `kind` (or "home", "batch", "compare", "gallery")."""
     st.switch_page(navigation_pages()[kind])
 
 
