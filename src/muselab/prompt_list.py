@@ -8,10 +8,10 @@ file or textbox" script:
     lo-fi beat with warm piano --kind music -d 8
 
 or JSON Lines, one whole request an object (`{"kind": "music", "prompt": ..., "duration": 8}`),
-kinds mixed (a text list may have such lines too). Blank lines and lines starting with # are skipped. The options are the request's
-fields by name (`--negative_prompt`), by their command-line flags (`--negative`, `-d`) or by the
-A1111 names the script takes (`--cfg_scale`, `--sampler_name`, `--batch_size`, `--sd_model`).
-Every error names its line.
+kinds mixed (a text list may have such lines too). Blank lines and lines starting with # are
+skipped. The options are the request's fields by name (`--negative_prompt`), by their
+command-line flags (`--negative`, `-d`) or by the A1111 names the script takes (`--cfg_scale`,
+`--sampler_name`, `--batch_size`, `--sd_model`). Every error names its line.
 """
 
 from __future__ import annotations
