@@ -7,7 +7,8 @@ no webhooks. A server that POSTs wherever a client asks becomes a way to reach t
 it (the SSRF class of Gradio's CVE-2024-47167), so redirects are not followed and the environment's
 proxies are not used either.
 
-The signature is GitHub's scheme: `X-Muselab-Signature: sha256=<hex HMAC-SHA256 of the body with
+Headers say what it is: `X-Muselab-Event` (job or batch), `X-Muselab-Delivery` (its id, the same
+on each retry) and `X-Muselab-Attempt`. The signature is GitHub's scheme: `X-Muselab-Signature: sha256=<hex HMAC-SHA256 of the body with
 the settings' `webhook_secret`>`; a receiver checks it with `verify`.
 """
 
@@ -201,6 +202,7 @@ class Webhooks:
             "Content-Type": "application/json",
             "User-Agent": f"muselab/{__version__}",
             SIGNATURE_HEADER: sign(body, self.settings.webhook_secret or ""),
+            "X-Muselab-Event": "batch" if row["batch_id"] and not row["job_id"] else "job",
             "X-Muselab-Delivery": delivery,
             "X-Muselab-Attempt": str(attempt),
         }
