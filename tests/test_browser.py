@@ -205,7 +205,7 @@ def test_the_studio_in_a_real_browser(studio, browser, tmp_path):
     page.get_by_text("Cancelled. Nothing partial was saved").wait_for(timeout=120_000)
 
 
-NAVIGATION = ["Home", "Music", "Image", "Scene", "Gallery"]
+NAVIGATION = ["Home", "Music", "Image", "Scene", "Batch", "Compare", "Gallery"]
 
 
 def navigation_labels(page) -> list[str]:
@@ -448,3 +448,25 @@ def test_continue_this_makes_a_longer_clip_from_the_one_shown(studio, browser, t
     assert sf.info(str(second)).duration == pytest.approx(duration, abs=0.1) and duration > first_seconds
     recipe = read_metadata(second)["recipe"]["request"]
     assert recipe["audio_prompt"].startswith("sha256:") and recipe["prompt"] == "a slow waltz"
+
+
+def test_a_pasted_prompt_list_runs_as_a_batch_and_shows_each_picture(studio, browser):
+    """Paste two lines on the Batch page, run them: one bar for the batch, then each item's picture
+    under its prompt, and the batch among the recent ones."""
+    page = browser.new_page(viewport={"width": 1280, "height": 800})
+    page.set_default_timeout(60_000)
+    go(page, studio, "batch", "Batch")
+    page.get_by_label("Prompt list", exact=True).fill(
+        "a lighthouse at dusk --steps 2 --width 64 --height 64\na paper boat --steps 2 --seed 5 --width 64 --height 64"
+    )
+    page.keyboard.press("Tab")
+    page.get_by_role("button", name="Run").click()
+    for item in (0, 1):
+        page.locator(f".st-key-batch-item-{item} [data-testid='stImage'] img").wait_for(timeout=120_000)
+    page.get_by_text("All 2 done").wait_for()
+    for prompt in ("a lighthouse at dusk", "a paper boat"):
+        assert page.locator(".st-key-batch-item-0, .st-key-batch-item-1").get_by_text(prompt, exact=True).count() == 1
+    assert page.get_by_role("button", name="PNG").count() == 2
+    page.get_by_role("heading", name="Recent batches").wait_for()
+    page.locator(".st-key-batch-item-0").scroll_into_view_if_needed()
+    shoot(page, "batch")

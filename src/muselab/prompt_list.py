@@ -64,7 +64,7 @@ def parse(text: str, kind: str = "image") -> list[Any]:
         if not line.strip() or _comment(line):
             continue
         try:
-            data = _json_line(line) if jsonl or _is_json_object(line) else _text_line(line, kind)
+            data = _json_line(line) if jsonl else line_fields(line, kind)
             line_kind = data.setdefault("kind", kind)
             if line_kind not in kinds():
                 raise RequestError(f"Invalid request:\n  - kind: must be one of {', '.join(kinds())}")
@@ -90,6 +90,12 @@ def parse_items(items: list[Any], kind: str = "image") -> list[Any]:
         except RequestError as exc:
             raise RequestError(f"items[{index}]: {exc}") from None
     return requests
+
+
+def line_fields(line: str, kind: str = "image") -> dict[str, Any]:
+    """The fields one line of a text list gives (a JSON object line, or a prompt and its options),
+    before the schema checks them."""
+    return _json_line(line) if _is_json_object(line) else _text_line(line, kind)
 
 
 def _json_line(line: str) -> dict[str, Any]:

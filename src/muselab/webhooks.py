@@ -8,8 +8,9 @@ it (the SSRF class of Gradio's CVE-2024-47167), so redirects are not followed an
 proxies are not used either.
 
 Headers say what it is: `X-Muselab-Event` (job or batch), `X-Muselab-Delivery` (its id, the same
-on each retry) and `X-Muselab-Attempt`. The signature is GitHub's scheme: `X-Muselab-Signature: sha256=<hex HMAC-SHA256 of the body with
-the settings' `webhook_secret`>`; a receiver checks it with `verify`.
+on each retry) and `X-Muselab-Attempt`. The signature is GitHub's scheme: `X-Muselab-Signature:
+sha256=<hex HMAC-SHA256 of the body with the settings' `webhook_secret`>`; a receiver checks it
+with `verify`.
 """
 
 from __future__ import annotations

@@ -33,7 +33,8 @@ class A1111Txt2Img(BaseModel):
     """A1111's txt2img body. Fields muselab does not support are accepted and ignored."""
 
     model_config = ConfigDict(extra="allow")
-    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    # May be empty with a script whose lines bring the prompts; muselab's request then names it.
+    prompt: str = Field(default="", max_length=MAX_PROMPT_CHARS)
     negative_prompt: str = Field(default="", max_length=MAX_PROMPT_CHARS)
     seed: int = Field(default=-1, ge=-1, le=MAX_SEED)
     steps: int | None = Field(default=None, ge=1, le=150)
@@ -52,6 +53,8 @@ class A1111Txt2Img(BaseModel):
     hr_upscaler: str | None = Field(default=None, max_length=100)
     hr_second_pass_steps: int = Field(default=0, ge=0, le=150)
     denoising_strength: float | None = Field(default=None, ge=0, le=1)
+    script_name: str | None = Field(default=None, max_length=200)
+    script_args: list[Any] = Field(default_factory=list, max_length=16)
 
 
 class A1111Img2Img(A1111Txt2Img):
@@ -76,8 +79,70 @@ _RESIZE_MODES = {0: "just resize", 1: "crop and resize", 2: "resize and fill", 3
 
 @router.post("/sdapi/v1/txt2img")
 async def a1111_txt2img(service: ServiceDep, body: A1111Txt2Img) -> dict[str, Any]:
-    """AUTOMATIC1111's txt2img: base64 PNGs (with their `parameters` chunk) and the `info` JSON."""
+    """AUTOMATIC1111's txt2img: base64 PNGs (with their `parameters` chunk) and the `info` JSON.
+    With `script_name` "prompts from file or textbox" (its `script_args`' text: a prompt a line,
+    with options), every line is a job of one batch, answered together."""
+    if (body.script_name or "").strip().lower() == PROMPTS_FROM_FILE:
+        return await _prompt_list(service, body)
+    if body.script_name:
+        raise ApiError(
+            422, f"script_name: muselab runs the '{PROMPTS_FROM_FILE}' script only (got {body.script_name!r})"
+        )
     return await _images(service, body, _fields(body))
+
+
+PROMPTS_FROM_FILE = "prompts from file or textbox"
+
+
+async def _prompt_list(service: Any, body: A1111Txt2Img) -> dict[str, Any]:
+    """A1111's script: each line's options over the body's fields; a line's prompt goes before the
+    body's prompt (after it with prompt_position "end"), as A1111 joins them."""
+    from starlette.concurrency import run_in_threadpool
+
+    from muselab.batches import batches_for
+    from muselab.prompt_list import line_fields
+    from muselab.schemas import ImageRequest, RequestError, parse_request
+
+    texts = [arg for arg in body.script_args if isinstance(arg, str) and arg not in ("start", "end")]
+    at_end = "end" in body.script_args
+    defaults = {key: value for key, value in _fields(body).items() if value is not None}
+    requests = []
+    try:
+        lines = [line for line in (texts[-1] if texts else "").splitlines() if line.strip()]
+        for number, line in enumerate(lines, start=1):
+            fields = {**defaults, **line_fields(line, "image"), "kind": "image"}
+            own, base = str(line_fields(line, "image").get("prompt") or ""), body.prompt.strip()
+            fields["prompt"] = " ".join(part for part in ((base, own) if at_end else (own, base)) if part)
+            try:
+                requests.append(parse_request(ImageRequest, fields))
+            except RequestError as exc:
+                raise RequestError(f"script_args, line {number}: {exc}") from None
+        if not requests:
+            raise RequestError("script_args: the prompt text holds no line")
+        batches = batches_for(service)
+        batch_id = batches.submit(requests, source="a1111")
+    except RequestError as exc:
+        raise ApiError(422, str(exc), "invalid_request") from None
+    status = await run_in_threadpool(batches.wait, batch_id, service.settings.job_timeout * len(requests) + 60)
+    outputs = [output for item in status["items"] for output in item["outputs"]]
+    if status["status"] != "succeeded":
+        failed = next((item for item in status["items"] if item["status"] != "succeeded"), {})
+        raise ApiError(503, f"Generation stopped: {failed.get('error') or status['status']}", "cancelled")
+    from muselab.media import a1111_parameters
+
+    infotexts = [a1111_parameters(output["recipe"]["request"], output["recipe"]["model_name"]) for output in outputs]
+    return {
+        "images": [read_b64(service, output) for output in outputs],
+        "parameters": body.model_dump(),
+        "info": json.dumps(
+            {
+                "all_prompts": [output["prompt"] for output in outputs],
+                "all_seeds": [output["seed"] for output in outputs],
+                "infotexts": infotexts,
+                "batch_id": batch_id,
+            }
+        ),
+    }
 
 
 @router.post("/sdapi/v1/img2img")

@@ -102,7 +102,9 @@ def progress_bars(status: dict[str, Any]) -> None:
     which = f"Item {number}" if number is not None else "This item"
     job = current.get("progress")
     if current["status"] == "queued" or job is None:
-        st.progress(0.0, text=f"{which}: loading the model...")
+        position = current.get("queue_position")
+        waiting = f"waiting in the queue (position {position})" if position and position > 1 else "loading the model"
+        st.progress(0.0, text=f"{which}: {waiting}...")
     elif job.get("stage") == "converting":
         note = job.get("note") or "converting the model"
         st.progress(min(job["fraction"], 1.0), text=f"{which}: {note}, {job['elapsed']:0.0f} s")
@@ -161,7 +163,7 @@ def item_list(page: str, status: dict[str, Any]) -> None:
         st.rerun()
 
 
-def item_outputs(item: dict[str, Any], label: str | None = None) -> None:
+def item_outputs(item: dict[str, Any]) -> None:
     """An item's files (a thumbnail, or a player for a clip, each with its download), or why it
     made none."""
     if item["status"] == "failed":
@@ -179,7 +181,7 @@ def item_outputs(item: dict[str, Any], label: str | None = None) -> None:
             if picture is None:
                 st.caption(plain(f"{output['filename']} is gone from disk."))
                 continue
-            st.image(picture, width="stretch", caption=label)
+            st.image(picture, width="stretch")
         download(output, media)
 
 
