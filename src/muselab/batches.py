@@ -207,7 +207,8 @@ class BatchService:
                 {
                     "item": item,
                     "kind": kind,
-                    "prompt": request.get("prompt"),
+                    # As it ran: a dynamic prompt's pick, once its job has made it.
+                    "prompt": job["prompt"] if job and job["prompt"] else request.get("prompt"),
                     "status": state,
                     "job_id": job["id"] if job else None,
                     "error": self.service.redact(job["error"]) if job and job["error"] else None,
@@ -220,6 +221,7 @@ class BatchService:
         status = {
             "id": row["id"],
             "name": row["name"],
+            "title": row["name"] or (items[0][2].get("prompt") if items else None),
             "status": row["status"],
             "source": row["source"],
             "created_at": row["created_at"],
@@ -246,13 +248,37 @@ class BatchService:
         return status
 
     def recent(self, limit: int = 50) -> list[dict[str, Any]]:
+        """The latest batches, newest first, without their items: what a list of them shows."""
         rows = (
             self.store.connection()
-            .execute("SELECT id FROM batches ORDER BY created_at DESC LIMIT ?", (limit,))
+            .execute(
+                "SELECT b.*, (SELECT json_extract(request, '$.prompt') FROM batch_items "
+                "WHERE batch_id=b.id ORDER BY item LIMIT 1) AS first_prompt "
+                "FROM batches b ORDER BY created_at DESC LIMIT ?",
+                (limit,),
+            )
             .fetchall()
         )
-        found = [self.status(row["id"]) for row in rows]
-        return [{key: value for key, value in batch.items() if key != "items"} for batch in found if batch]
+        found = []
+        for row in rows:
+            states = [job["status"] for job in self._latest_jobs(row["id"]).values()]
+            done = sum(state in ENDED for state in states)
+            found.append(
+                {
+                    "id": row["id"],
+                    "name": row["name"],
+                    "title": row["name"] or row["first_prompt"],
+                    "status": row["status"],
+                    "source": row["source"],
+                    "created_at": row["created_at"],
+                    "finished_at": row["finished_at"],
+                    "total": row["total"],
+                    "done": done,
+                    "counts": {state: states.count(state) for state in ENDED},
+                    "grid": json.loads(row["grid"]) if row["grid"] else None,
+                }
+            )
+        return found
 
     def cancel(self, batch_id: str) -> bool:
         """Stop a batch: its running item stops within a step, the others never start. False when it
@@ -443,7 +469,8 @@ class BatchService:
         rows = (
             self.store.connection()
             .execute(
-                "SELECT id, batch_item, status, error, seconds FROM jobs WHERE batch_id=? AND batch_item>=0 "
+                "SELECT id, batch_item, status, error, seconds, json_extract(request, '$.prompt') AS prompt "
+                "FROM jobs WHERE batch_id=? AND batch_item>=0 "
                 "ORDER BY created_at, rowid",
                 (batch_id,),
             )

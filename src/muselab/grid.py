@@ -35,6 +35,8 @@ class Axis:
         else:
             field, _, rest = str(text).partition("=")
             values = next(csv.reader([rest], skipinitialspace=True), []) if rest.strip() else []
+        if not field.strip():
+            raise RequestError(f"Invalid request:\n  - {name}: give FIELD=V1,V2,... (for example steps=10,20,30)")
         field = _field_name(field.strip(), request_type, name)
         values = [value.strip() if isinstance(value, str) else value for value in values]
         if not values or any(value in ("", None) for value in values):

@@ -94,8 +94,8 @@ def check_url(url: str, settings: Any, field: str = "callback_url") -> str:
         if port is None:
             problem = "a URL with a port from 1 to 65535"
         elif host not in allowed and f"{bracketed}:{port}" not in allowed:
-            listed = ", ".join(allowed)
-            problem = f"a URL on a host this server's allow-list names ({listed}); {bracketed}:{port} is not"
+            # The list itself is not shown: it may name machines a client has no business knowing.
+            problem = f"a URL on a host on this server's allow-list (MUSELAB_WEBHOOK_HOSTS); {bracketed}:{port} is not"
     if problem:
         raise RequestError(f"Invalid request:\n  - {field}: must be {problem}")
     return url

@@ -84,7 +84,7 @@ def _live(page: str, batch_id: str, layout: str) -> None:
 
 
 def heading(status: dict[str, Any]) -> None:
-    title = status["name"] or f"A batch of {status['total']}"
+    title = status.get("title") or f"A batch of {status['total']}"
     st.subheader(plain(title), anchor=False)
 
 
@@ -291,7 +291,7 @@ def recent_batches(page: str, *, grids: bool) -> None:
     st.subheader("Recent grids" if grids else "Recent batches", anchor=False)
     for batch in found:
         name, about, button = st.columns([5, 3, 1.3], vertical_alignment="center")
-        name.text(batch["name"] or f"A batch of {batch['total']}")
+        name.text(batch.get("title") or f"A batch of {batch['total']}")
         when = (batch.get("created_at") or "")[:16].replace("T", " ")
         about.caption(f"{STATES.get(batch['status'], batch['status'])} · {batch['done']} of {batch['total']} · {when}")
         if button.button("Open", key=f"{page}.show.{batch['id']}", icon=":material/open_in_full:"):
