@@ -244,7 +244,7 @@ def test_kill_9_of_a_server_halfway_through_a_batch_and_a_restart_give_exactly_t
     data = tmp_path / "data"
     server = Server(data, tiny_dir).start()
     try:
-        lines = "\n".join(f"a harbour {n} --steps 6 --seed {n}" for n in range(12))
+        lines = "\n".join(f"a harbour {n} --steps 3 --seed {n}" for n in range(12))
         batch_id = httpx.post(f"{server.url}/api/batches", json={"text": lines}, timeout=30).json()["id"]
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
@@ -281,12 +281,12 @@ def test_kill_9_of_a_server_halfway_through_a_batch_and_a_restart_give_exactly_t
 @pytest.mark.slow
 def test_cli_batch_and_grid_from_its_own_picture(tmp_path, cli_env):
     listing = tmp_path / "list.txt"
-    listing.write_text("a red fox --steps 1 --seed 5\nlo-fi beat --kind music -d 1 --seed 3\n")
+    listing.write_text("a red fox --steps 1 --seed 5\na blue owl --steps 1 --seed 6\n")
     result = run_cli(["batch", str(listing), "--preset", "tiny", "-o", str(tmp_path / "out") + "/"], cli_env)
     assert result.returncode == 0, result.stderr
     assert "done 1/2 'a red fox': a-red-fox-5.png" in result.stderr
     assert "2 of 2 succeeded" in result.stdout
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a-red-fox-5.png", "lo-fi-beat-3.wav"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a-blue-owl-6.png", "a-red-fox-5.png"]
 
     bad = run_cli(["batch", str(listing), "--kind", "poem"], cli_env)
     assert bad.returncode == 2 and "kind: must be one of" in bad.stderr

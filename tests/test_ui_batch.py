@@ -4,58 +4,18 @@ stops a batch, and comparison grids show their picture, cells and labelled playe
 
 from __future__ import annotations
 
-import time
-from pathlib import Path
-
 import pytest
 from streamlit.testing.v1 import AppTest
 
-import muselab.ui
-from muselab.config import Settings
+from apptest import open_page, run_until, store, studio_data
 
-APP = str(Path(muselab.ui.__file__).parent / "app.py")
 #: Small and quick on the tiny models.
 FAST = "--steps 1 --width 64 --height 64"
 
 
 @pytest.fixture(scope="module")
 def ui_env(tiny_dir, tmp_path_factory):
-    data = tmp_path_factory.mktemp("ui-batch-data")
-    (data / "tiny-models").symlink_to(tiny_dir / "tiny-models")
-    patch = pytest.MonkeyPatch()
-    for name, value in {"MUSELAB_DATA_DIR": str(data), "MUSELAB_PRESET": "tiny", "HF_HUB_OFFLINE": "1"}.items():
-        patch.setenv(name, value)
-    patch.delenv("MUSELAB_UI_API_URL", raising=False)
-    yield data
-    from muselab.ui.common import backend
-
-    backend().service.shutdown(10)
-    patch.undo()
-
-
-def open_page(page: str) -> AppTest:
-    at = AppTest.from_file(APP, default_timeout=60).run()
-    at.switch_page(f"views/{page}.py").run()
-    assert not at.exception, at.exception
-    return at
-
-
-def run_until(at: AppTest, done, timeout: float = 120) -> AppTest:
-    """Rerun the page (as the live-progress fragment does) until `done(at)` holds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        at.run()
-        assert not at.exception, at.exception
-        if done(at):
-            return at
-        time.sleep(0.2)
-    raise AssertionError("the page never got there")
-
-
-def store(ui_env):
-    from muselab.store import HistoryStore
-
-    return HistoryStore.for_settings(Settings(data_dir=ui_env))
+    yield from studio_data(tiny_dir, tmp_path_factory, "ui-batch-data")
 
 
 def pictures(at: AppTest) -> list:

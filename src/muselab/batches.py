@@ -312,6 +312,12 @@ class BatchService:
 
     # ------------------------------------------------------------ resuming
 
+    def unfinished(self) -> list[str]:
+        """Batches a process that is gone left running (what `resume()` with no id would take)."""
+        rows = self.store.connection().execute("SELECT id, pid FROM batches WHERE status='running'").fetchall()
+        with _running_lock:
+            return [row["id"] for row in rows if row["id"] not in _running and not process_alive(row["pid"])]
+
     def resume(self, batch_id: str | None = None) -> list[str]:
         """Run what is left of `batch_id` (any batch not running elsewhere, a cancelled one too), or
         with no id, of every batch a stopped process left running; the ids it resumed."""

@@ -93,7 +93,7 @@ def batch(
             return resume
         return batches.submit(requests, source="cli", name=name, callback=callback, dynamic=dynamic, save=_save(output))
 
-    run_batch(settings, start, as_json)
+    run_batch(settings, start, as_json, resuming=resume)
 
 
 @app.command()
@@ -190,7 +190,9 @@ def _axis_text(axis: dict[str, Any]) -> Any:
     return {"field": axis["field"], "values": axis["values"]}
 
 
-def run_batch(settings: Any, start: Any, as_json: bool, finish: bool = True) -> dict[str, Any]:
+def run_batch(
+    settings: Any, start: Any, as_json: bool, finish: bool = True, resuming: str | None = None
+) -> dict[str, Any]:
     """Start a batch (`start(batches)` returns its id) on an in-process service and follow it to its
     end: an overall bar, the running item's own, each item's files as it ends. Ctrl-C stops it."""
     from muselab.batches import batches_for
@@ -201,6 +203,10 @@ def run_batch(settings: Any, start: Any, as_json: bool, finish: bool = True) -> 
     quiet_libraries()
     service = JobService(settings)
     batches = batches_for(service)
+    for left in batches.unfinished():
+        err.print(
+            f"Batch {left} was left unfinished by a run that stopped: `muselab batch --resume {left}` runs the rest."
+        )
     try:
         try:
             batch_id = start(batches)

@@ -29,6 +29,7 @@ def history(
     ctx: typer.Context,
     kind: Annotated[str | None, typer.Option(help="music or image")] = None,
     search: Annotated[str | None, typer.Option("--search", "-s", help="Text the prompt contains.")] = None,
+    batch: Annotated[str | None, typer.Option(help="Only the outputs of this batch (its id).")] = None,
     limit: Annotated[int, typer.Option(min=1, max=1000)] = 20,
     as_json: JsonOpt = False,
 ) -> None:
@@ -36,7 +37,7 @@ def history(
     if ctx.invoked_subcommand:
         return
     store = _store()
-    records = store.list_outputs(kind=kind, text=search, limit=limit)
+    records = store.list_outputs(kind=kind, text=search, batch_id=batch, limit=limit)
     if as_json:
         print(json.dumps([{**r.public(), "path": str(r.path)} for r in records], indent=2))
         return
