@@ -16,6 +16,7 @@ import json
 import logging
 import threading
 import time
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -355,8 +356,10 @@ class BatchService:
     def _run(self, batch_id: str, rerun_cancelled: bool) -> None:
         try:
             self._run_items(batch_id, rerun_cancelled)
-        except Exception:
+        except Exception:  # a broken record, say: the batch ends as failed rather than running forever
             log.exception("batch %s stopped", batch_id)
+            with suppress(Exception):
+                self._finish(batch_id, "failed")
         finally:
             with _running_lock:
                 _running.discard(batch_id)
@@ -386,9 +389,12 @@ class BatchService:
             if batch_id in self._cancelled or self.service.closed:
                 return None
             try:
-                return self.service.submit(
+                job = self.service.submit(
                     request, source=row["source"], save=save, callback=row["callback"], batch=(batch_id, item)
                 )
+                if batch_id in self._cancelled:  # cancelled while this item was being queued
+                    self.service.cancel(job.id)
+                return job
             except QueueFull:
                 time.sleep(0.5)
             except RequestError as exc:
