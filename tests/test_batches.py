@@ -5,6 +5,7 @@ service (a stop, and a kill -9 of a real server), and the CLI's `batch` and `gri
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 import time
 from pathlib import Path
@@ -305,3 +306,35 @@ def test_cli_batch_and_grid_from_its_own_picture(tmp_path, cli_env):
     assert second["grid"]["x"] == first["grid"]["x"] and second["grid"]["request"]["seed"] == 11
     remade = Path(second["local_folder"]) / second["grid"]["output"]["filename"]
     assert list(Image.open(remade).getdata()) == list(Image.open(picture).getdata()), "the same grid again"
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_a_cli_batch_and_resume_runs_the_rest(tmp_path, cli_env):
+    import signal
+    import subprocess
+    import sys
+
+    listing = tmp_path / "list.txt"
+    listing.write_text("".join(f"a kite {n} --steps 4 --seed {n}\n" for n in range(4)))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "muselab", "batch", str(listing), "--preset", "tiny"],
+        env=cli_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    seen = ""
+    deadline = time.monotonic() + 120
+    while "done 1/4" not in seen and time.monotonic() < deadline:
+        seen += process.stderr.readline()
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    found = re.search(r"muselab batch --resume ([0-9a-f]{32})` runs the other (\d)", seen + stderr)
+    assert found and 1 <= int(found.group(2)) <= 3, seen + stderr
+    resumed = run_cli(["batch", "--resume", found.group(1), "--preset", "tiny", "--json"], cli_env)
+    assert resumed.returncode == 0, resumed.stderr
+    status = json.loads(resumed.stdout)
+    assert status["status"] == "succeeded" and status["counts"]["succeeded"] == 4
+    files = sorted(path.name for path in Path(status["local_folder"]).glob("*.png"))
+    assert files == [f"a-kite-{n}-{n}.png" for n in range(4)], "each item once"
