@@ -64,6 +64,19 @@ def test_a_prompt_list_reads_per_line_options_and_names_a_bad_line():
     assert parse("{red|green} fox")[0].prompt == "{red|green} fox"
 
 
+def test_a_prompt_search_and_replace_axis_swaps_its_first_value_in_the_prompt():
+    from muselab.grid import Axis, cell_requests
+    from muselab.schemas import ImageRequest
+
+    x = Axis.parse("Prompt S/R=fox,cat,owl", ImageRequest)
+    cells, seed = cell_requests({"kind": "image", "prompt": "a red fox in snow"}, ImageRequest, x, None)
+    assert [cell.prompt for cell in cells] == ["a red fox in snow", "a red cat in snow", "a red owl in snow"]
+    assert {cell.seed for cell in cells} == {seed}
+    assert x.label("cat") == "cat"
+    with pytest.raises(RequestError, match=r"prompt_sr: the first value, 'fox', must be in the prompt"):
+        cell_requests({"kind": "image", "prompt": "a dog"}, ImageRequest, x, None)
+
+
 def test_twelve_lines_give_twelve_outputs_whose_recipes_carry_each_lines_options(service):
     batches = batches_for(service)
     batch_id = batches.submit(parse(TWELVE), source="cli", name="twelve")

@@ -1,7 +1,8 @@
 """Comparison grids (A1111's X/Y plot): one request, any of its fields varied along an x and an
 optional y axis, every cell a normal job and output; for pictures, one labelled grid PNG too.
 
-`Axis.parse("steps=10,20,30", ImageRequest)` reads an axis (values split as CSV, so a value with a
+`Axis.parse("steps=10,20,30", ImageRequest)` reads an axis (`prompt_sr=fox,cat` is A1111's Prompt
+S/R: each value in turn replaces the first one in the prompt) (values split as CSV, so a value with a
 comma is quoted); `cell_requests` makes the cells, row by row, all with one seed so that only the
 axes differ; `draw` lays the cells out under their column labels and beside their row labels.
 """
@@ -49,11 +50,15 @@ class Axis:
         return {"field": self.field, "values": list(self.values)}
 
     def label(self, value: Any) -> str:
-        return f"{self.field}: {value}"
+        return str(value) if self.field == PROMPT_SR else f"{self.field}: {value}"
+
+
+#: A1111's "Prompt S/R" axis: each value in turn replaces the first value where it stands in the prompt.
+PROMPT_SR = "prompt_sr"
 
 
 def _field_name(given: str, request_type: Any, axis: str) -> str:
-    names = {}
+    names = {"prompt_sr": PROMPT_SR, "prompt-sr": PROMPT_SR, "sr": PROMPT_SR, "prompt s/r": PROMPT_SR}
     for field, info in request_type.model_fields.items():
         if field == "kind":
             continue
@@ -62,7 +67,8 @@ def _field_name(given: str, request_type: Any, axis: str) -> str:
         for flag in field_option(info).flags:
             for part in flag.split("/"):
                 names[part.lstrip("-")] = field
-    found = names.get(given.lstrip("-"))
+    key = given.lstrip("-")
+    found = names.get(key) or names.get(key.lower())
     if found is None:
         fields = ", ".join(name for name in request_type.model_fields if name != "kind")
         raise RequestError(
@@ -82,15 +88,29 @@ def cell_requests(base: dict[str, Any], request_type: Any, x: Axis, y: Axis | No
     cells = []
     for row, y_value in enumerate(y.values if y else (None,)):
         for column, x_value in enumerate(x.values):
-            data = {**base, "seed": seed, x.field: x_value}
-            if y is not None:
-                data[y.field] = y_value
+            data = {**base, "seed": seed}
             try:
+                for axis, value in ((x, x_value), (y, y_value)):
+                    if axis is not None:
+                        _apply(data, axis, value)
                 cells.append(parse_request(request_type, data))
             except RequestError as exc:
                 where = f"x={x_value!r}" + (f", y={y_value!r}" if y is not None else "")
                 raise RequestError(f"{exc}\n  (the cell at {where}, column {column + 1}, row {row + 1})") from None
     return cells, seed
+
+
+def _apply(data: dict[str, Any], axis: Axis, value: Any) -> None:
+    if axis.field != PROMPT_SR:
+        data[axis.field] = value
+        return
+    search, prompt = str(axis.values[0]), str(data.get("prompt") or "")
+    if search not in prompt:
+        raise RequestError(
+            f"Invalid request:\n  - prompt_sr: the first value, {search!r}, must be in the prompt ({prompt[:80]!r}); "
+            "each value replaces it in turn (A1111's Prompt S/R)"
+        )
+    data["prompt"] = prompt.replace(search, str(value))
 
 
 @dataclass(frozen=True)
