@@ -103,8 +103,8 @@ def grid(
         str | None,
         typer.Option(
             "--x",
-            help='The columns: a request field and its values, "steps=10,20,30" (quote a value '
-            'with a comma: prompt="a, b",c).',
+            help='The columns: a request field and its values, "steps=10,20,30" (quote a value with a comma: '
+            'prompt="a, b",c); "prompt_sr=fox,cat" puts each value in place of fox in the prompt (Prompt S/R).',
         ),
     ] = None,
     y: Annotated[
