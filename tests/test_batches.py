@@ -206,8 +206,21 @@ def test_batches_and_grids_over_http(tmp_path, tiny_dir):
         assert accepted.status_code == 202, accepted.text
         batch_id = accepted.json()["id"]
         assert accepted.json()["total"] == 2
+        events = []
+        with client.stream("GET", f"/api/batches/{batch_id}/events") as stream:
+            name = None
+            for line in stream.iter_lines():
+                if line.startswith("event: "):
+                    name = line.removeprefix("event: ")
+                elif line.startswith("data: "):
+                    events.append((name, json.loads(line.removeprefix("data: "))))
+                    if name == "done":
+                        break
+        done_counts = [data["done"] for name, data in events if name == "progress"]
+        assert done_counts == sorted(done_counts) and events[-1][0] == "done"
         status = _wait_batch(client, batch_id)
         assert status["status"] == "succeeded" and status["name"] == "foxes"
+        assert events[-1][1]["counts"] == status["counts"]
         assert sorted(item["prompt"] for item in status["items"]) == ["green fox", "red fox"]
         listed = client.get("/api/outputs", params={"batch": batch_id}).json()["outputs"]
         assert len(listed) == 2 and "path" not in listed[0]

@@ -4,9 +4,13 @@ cancel. Each item is a job of the same service (`GET /api/jobs/{id}` follows it 
 
 from __future__ import annotations
 
+import asyncio
+import json
+from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
@@ -123,6 +127,33 @@ async def batch_status(service: ServiceDep, batch_id: BatchId) -> dict[str, Any]
     if status is None:
         raise ApiError(404, "No such batch.", "not_found")
     return status
+
+
+@router.get("/api/batches/{batch_id}/events", response_class=StreamingResponse)
+async def batch_events(request: Request, service: ServiceDep, batch_id: BatchId) -> StreamingResponse:
+    """Server-Sent Events: `progress` (the batch without its items) whenever an item ends or the
+    running one moves, then one `done` with the whole status."""
+    batches = batches_for(service)
+    if await run_in_threadpool(batches.status, batch_id) is None:
+        raise ApiError(404, "No such batch.", "not_found")
+
+    async def stream() -> AsyncIterator[str]:
+        seen = None
+        while True:
+            status = await run_in_threadpool(batches.status, batch_id) or {}
+            if status.get("status") != "running":
+                yield f"event: done\ndata: {json.dumps(status)}\n\n"
+                return
+            summary = {key: value for key, value in status.items() if key != "items"}
+            moved = json.dumps([summary["done"], (summary["current"] or {}).get("progress")])
+            if moved != seen:
+                seen = moved
+                yield f"event: progress\ndata: {json.dumps(summary)}\n\n"
+            if await request.is_disconnected():
+                return
+            await asyncio.sleep(0.25)
+
+    return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-store"})
 
 
 @router.post("/api/batches/{batch_id}/cancel")
