@@ -80,3 +80,21 @@ def run_cli(args: list[str], env: dict[str, str], cwd: Path | None = None, timeo
         text=True,
         timeout=timeout,
     )
+
+
+def sse_events(client, url: str) -> list[tuple[str, dict]]:
+    """The Server-Sent Events of `url` (a job's or a batch's), as (name, data) pairs, up to `done`."""
+    import json
+
+    events = []
+    with client.stream("GET", url) as stream:
+        assert stream.headers["content-type"].startswith("text/event-stream")
+        name = None
+        for line in stream.iter_lines():
+            if line.startswith("event: "):
+                name = line.removeprefix("event: ")
+            elif line.startswith("data: "):
+                events.append((name, json.loads(line.removeprefix("data: "))))
+                if name == "done":
+                    break
+    return events

@@ -13,6 +13,7 @@ import soundfile as sf
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from conftest import sse_events
 from muselab.api import create_app
 from muselab.config import Settings
 from muselab.jobs import JobService
@@ -114,17 +115,7 @@ def test_image_job_synchronous(client):
 
 def test_progress_as_server_sent_events(client):
     job = image_job(client, steps=16)
-    events = []
-    with client.stream("GET", f"/api/jobs/{job['id']}/events") as stream:
-        assert stream.headers["content-type"].startswith("text/event-stream")
-        name = None
-        for line in stream.iter_lines():
-            if line.startswith("event: "):
-                name = line.removeprefix("event: ")
-            elif line.startswith("data: "):
-                events.append((name, json.loads(line.removeprefix("data: "))))
-                if name == "done":
-                    break
+    events = sse_events(client, f"/api/jobs/{job['id']}/events")
     progress = [data for name, data in events if name == "progress" and data["progress"]]
     stages = [data["progress"]["stage"] for data in progress]
     # A one-time conversion (OpenVINO) may come first, in a stage of its own; then the steps.

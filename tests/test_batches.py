@@ -14,7 +14,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from conftest import run_cli
+from conftest import run_cli, sse_events
 from muselab.batches import batches_for
 from muselab.config import Settings
 from muselab.jobs import JobService
@@ -206,16 +206,7 @@ def test_batches_and_grids_over_http(tmp_path, tiny_dir):
         assert accepted.status_code == 202, accepted.text
         batch_id = accepted.json()["id"]
         assert accepted.json()["total"] == 2
-        events = []
-        with client.stream("GET", f"/api/batches/{batch_id}/events") as stream:
-            name = None
-            for line in stream.iter_lines():
-                if line.startswith("event: "):
-                    name = line.removeprefix("event: ")
-                elif line.startswith("data: "):
-                    events.append((name, json.loads(line.removeprefix("data: "))))
-                    if name == "done":
-                        break
+        events = sse_events(client, f"/api/batches/{batch_id}/events")
         done_counts = [data["done"] for name, data in events if name == "progress"]
         assert done_counts == sorted(done_counts) and events[-1][0] == "done"
         status = _wait_batch(client, batch_id)
