@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import os
 import threading
 import time
 from contextlib import suppress
@@ -136,7 +137,7 @@ class BatchService:
                     folder,
                     None if output is None else str(output),
                     None if grid is None else json.dumps(grid),
-                    _pid(),
+                    os.getpid(),
                     now(),
                 ),
             )
@@ -333,7 +334,7 @@ class BatchService:
             with self.store.transaction() as db:
                 claimed = db.execute(
                     "UPDATE batches SET pid=?, status='running', finished_at=NULL WHERE id=? AND pid IS ?",
-                    (_pid(), row["id"], row["pid"]),
+                    (os.getpid(), row["id"], row["pid"]),
                 ).rowcount
             if claimed and self._start(row["id"], rerun_cancelled=batch_id is not None):
                 resumed.append(row["id"])
@@ -511,9 +512,3 @@ def _seconds_since(start: str, end: str | None) -> float:
     began = dt.datetime.fromisoformat(start)
     ended = dt.datetime.fromisoformat(end) if end else dt.datetime.now(dt.UTC)
     return max(0.0, (ended - began).total_seconds())
-
-
-def _pid() -> int:
-    import os
-
-    return os.getpid()

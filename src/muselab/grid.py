@@ -14,7 +14,7 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
-from muselab.schemas import MAX_SEED, RequestError, field_option, parse_request
+from muselab.schemas import MAX_SEED, RequestError, parse_request
 
 #: Per-axis values; past this a grid is a batch of many hundreds and unreadable as one picture.
 MAX_AXIS_VALUES = 32
@@ -58,17 +58,14 @@ PROMPT_SR = "prompt_sr"
 
 
 def _field_name(given: str, request_type: Any, axis: str) -> str:
-    names = {"prompt_sr": PROMPT_SR, "prompt-sr": PROMPT_SR, "sr": PROMPT_SR, "prompt s/r": PROMPT_SR}
-    for field, info in request_type.model_fields.items():
-        if field == "kind":
-            continue
-        names[field] = field
-        names[field.replace("_", "-")] = field
-        for flag in field_option(info).flags:
-            for part in flag.split("/"):
-                names[part.lstrip("-")] = field
+    from muselab.prompt_list import option_fields
+
     key = given.lstrip("-")
-    found = names.get(key) or names.get(key.lower())
+    if key.lower() in ("prompt_sr", "prompt-sr", "sr", "prompt s/r"):
+        return PROMPT_SR
+    options = option_fields(request_type)
+    target = options.get(f"--{key}") or options.get(f"-{key}")
+    found = target[0] if target else None
     if found is None:
         fields = ", ".join(name for name in request_type.model_fields if name != "kind")
         raise RequestError(

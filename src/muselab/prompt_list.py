@@ -139,7 +139,7 @@ def _options(tokens: list[str], kind: str) -> dict[str, Any]:
     if kind not in kinds():
         raise RequestError(f"Invalid request:\n  - kind: must be one of {', '.join(kinds())} (got {kind!r})")
     request_type = family(kind).request
-    flags = _flags(request_type)
+    flags = option_fields(request_type)
     data: dict[str, Any] = {}
     index = 0
     while index < len(tokens):
@@ -172,8 +172,9 @@ def _options(tokens: list[str], kind: str) -> dict[str, Any]:
     return data
 
 
-def _flags(request_type: Any) -> dict[str, tuple[str, Any]]:
-    """Each option a line may use: the field (and, for a switch, the value it sets)."""
+def option_fields(request_type: Any) -> dict[str, tuple[str, Any]]:
+    """Each option a line may use (`--steps`, `-d`, `--cfg_scale`): the field, and for a switch the
+    value it sets. A grid's axes name their fields by the same options (`grid.Axis.parse`)."""
     flags: dict[str, tuple[str, Any]] = {}
     for field, info in request_type.model_fields.items():
         if field == "kind":

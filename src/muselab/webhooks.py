@@ -123,7 +123,7 @@ class Webhooks:
             db.execute(
                 "INSERT INTO deliveries (id, job_id, batch_id, url, body, status, pid, created_at, updated_at) "
                 "VALUES (?, ?, ?, ?, ?, 'pending', ?, ?, ?)",
-                (delivery, job_id, batch_id, url, json.dumps(payload), _pid(), now(), now()),
+                (delivery, job_id, batch_id, url, json.dumps(payload), os.getpid(), now(), now()),
             )
         self._schedule(delivery, 0.0)
         return delivery
@@ -160,7 +160,7 @@ class Webhooks:
             if process_alive(row["pid"]):
                 continue  # another live process (a server beside this CLI) sends it
             with self.store.transaction() as db:
-                db.execute("UPDATE deliveries SET pid=? WHERE id=?", (_pid(), row["id"]))
+                db.execute("UPDATE deliveries SET pid=? WHERE id=?", (os.getpid(), row["id"]))
             self._schedule(row["id"], 0.0)
 
     def _schedule(self, delivery: str, delay: float) -> None:
@@ -226,7 +226,3 @@ class Webhooks:
             )
         if status == "pending":
             self._schedule(delivery, min(self.settings.webhook_backoff * 2 ** (attempt - 1), MAX_DELAY))
-
-
-def _pid() -> int:
-    return os.getpid()

@@ -110,8 +110,9 @@ async def _prompt_list(service: Any, body: A1111Txt2Img) -> dict[str, Any]:
     try:
         lines = [line for line in (texts[-1] if texts else "").splitlines() if line.strip()]
         for number, line in enumerate(lines, start=1):
-            fields = {**defaults, **line_fields(line, "image"), "kind": "image"}
-            own, base = str(line_fields(line, "image").get("prompt") or ""), body.prompt.strip()
+            given = line_fields(line, "image")
+            fields = {**defaults, **given, "kind": "image"}
+            own, base = str(given.get("prompt") or ""), body.prompt.strip()
             fields["prompt"] = " ".join(part for part in ((base, own) if at_end else (own, base)) if part)
             try:
                 requests.append(parse_request(ImageRequest, fields))
