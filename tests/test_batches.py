@@ -355,3 +355,29 @@ def test_ctrl_c_stops_a_cli_batch_and_resume_runs_the_rest(tmp_path, cli_env):
     assert status["status"] == "succeeded" and status["counts"]["succeeded"] == 4
     files = sorted(path.name for path in Path(status["local_folder"]).glob("*.png"))
     assert files == [f"a-kite-{n}-{n}.png" for n in range(4)], "each item once"
+
+
+def test_a1111s_prompts_from_file_script_runs_its_lines_as_one_batch(tmp_path, tiny_dir):
+    from fastapi.testclient import TestClient
+
+    from muselab.api import create_app
+
+    settings = Settings(data_dir=data_folder(tmp_path, tiny_dir), preset="tiny", offline=True)
+    body = {
+        "prompt": "watercolor",
+        "steps": 1,
+        "width": 64,
+        "height": 64,
+        "script_name": "prompts from file or textbox",
+        "script_args": [False, False, "start", "a red fox --seed 11\na lighthouse --steps 2 --seed 12"],
+    }
+    with TestClient(create_app(settings), base_url="http://127.0.0.1:7860") as client:
+        answer = client.post("/sdapi/v1/txt2img", json=body)
+        assert answer.status_code == 200, answer.text
+        info = json.loads(answer.json()["info"])
+        assert len(answer.json()["images"]) == 2
+        assert info["all_prompts"] == ["a red fox watercolor", "a lighthouse watercolor"]
+        assert info["all_seeds"] == [11, 12] and "Steps: 2" in info["infotexts"][1]
+        bad = client.post("/sdapi/v1/txt2img", json={**body, "script_args": ["a fox --steps 0"]})
+        assert bad.status_code == 422 and "line 1" in bad.json()["error"]["message"]
+        assert client.post("/sdapi/v1/txt2img", json={**body, "script_name": "x/y/z plot"}).status_code == 422
