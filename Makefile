@@ -10,7 +10,7 @@ ARGS ?=
 PRESET ?= tiny
 PORT ?= 8501
 
-.PHONY: setup run demo test lint browser fuzz bench bench-int8-full clean
+.PHONY: setup run demo test lint browser fuzz bench bench-int8-full bench-scaling clean
 
 setup: $(VENV)/.installed
 
@@ -41,7 +41,13 @@ browser:
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	  else echo "chromium is not installed: the browser test will be skipped (sudo apt-get install chromium)"; fi; }
 
-test: lint browser
+# The Ray Serve workers' extra (about a minute to install): the tests start a Ray cluster on
+# 127.0.0.1; `make run` does without it.
+$(VENV)/.installed-ray: $(VENV)/.installed
+	$(BIN)/python -m pip install --quiet -e ".[dev,ray]"
+	touch $@
+
+test: lint browser $(VENV)/.installed-ray
 	$(BIN)/python -m pytest
 
 # The API fuzzed harder than `make test` does: 500 examples an operation (about half an hour).
@@ -58,6 +64,12 @@ bench: setup
 bench-int8-full: setup
 	mkdir -p bench/results
 	$(BIN)/muselab bench --quick --only int8-full,fast-int8-full --json bench/results/int8-full.json --docs docs/PERFORMANCE.md
+
+# Jobs per minute in-process against Ray Serve (1 and 2 replicas), tiny and full-size random
+# models, on a Ray cluster it starts on 127.0.0.1 (a quarter of an hour here): docs/SCALING.md.
+bench-scaling: $(VENV)/.installed-ray
+	mkdir -p bench/results
+	$(BIN)/python -m muselab.bench.scaling --full --json bench/results/scaling.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache test-output

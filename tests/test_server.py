@@ -27,8 +27,8 @@ def free_port() -> int:
 class Server:
     """A real server process; always stopped by the test that starts it."""
 
-    def __init__(self, data_dir: Path, tiny_dir: Path, **env: str):
-        self.data_dir, self.port = data_dir, free_port()
+    def __init__(self, data_dir: Path, tiny_dir: Path, args: tuple[str, ...] = (), **env: str):
+        self.data_dir, self.port, self.args = data_dir, free_port(), args
         self.url = f"http://127.0.0.1:{self.port}"
         models = data_dir / "tiny-models"
         if not models.exists():
@@ -46,15 +46,16 @@ class Server:
 
     def start(self, timeout: float = 90) -> Server:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "muselab", "serve", "--preset", "tiny", "--port", str(self.port)],
+            [sys.executable, "-m", "muselab", "serve", "--preset", "tiny", "--port", str(self.port), *self.args],
             env=self.env,
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
+            # A file, not a pipe nobody reads while the server runs: a full pipe would stall it.
+            stderr=self.log.open("a"),
             text=True,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            assert self.process.poll() is None, self.process.stderr.read() if self.process.stderr else ""
+            assert self.process.poll() is None, self.errors
             try:
                 if httpx.get(self.url + "/healthz", timeout=2).status_code == 200:
                     return self
@@ -74,6 +75,15 @@ class Server:
                 self.process.wait(20)
             except subprocess.TimeoutExpired:
                 self.kill9()
+
+    @property
+    def log(self) -> Path:
+        return self.data_dir / f"server-{self.port}.log"
+
+    @property
+    def errors(self) -> str:
+        """What the server wrote to its standard error."""
+        return self.log.read_text() if self.log.exists() else ""
 
     @property
     def outputs(self) -> Path:
@@ -225,7 +235,7 @@ def test_sigterm_mid_job_stops_the_server_cleanly_and_records_the_job_interrupte
     server.process.send_signal(signal.SIGTERM)
     server.process.wait(10)
     assert time.monotonic() - stopped_at < 10
-    errors = server.process.stderr.read() if server.process.stderr else ""
+    errors = server.errors
     assert server.process.returncode in (0, -signal.SIGTERM), errors  # not an abort (-6)
     assert "terminate called" not in errors and "Traceback" not in errors
     rows = dict(sqlite3.connect(server.data_dir / "history.sqlite3").execute("SELECT id, status FROM jobs").fetchall())

@@ -18,6 +18,7 @@ DeviceChoice = Literal["auto", "cpu", "cuda", "mps"]
 DtypeChoice = Literal["auto", "float32", "bfloat16", "float16"]
 QuantizeChoice = Literal["auto", "none", "int8", "int8-dynamic", "int8-full"]
 BackendChoice = Literal["auto", "torch", "openvino"]
+WorkersChoice = Literal["local", "ray"]
 
 
 #: The tiny autoencoder (TAESD) for SD 1.x/2.x latents: previews and the fast decoder.
@@ -169,6 +170,34 @@ class Settings(BaseSettings):
     )
     webhook_backoff: float = Field(
         default=2.0, ge=0, le=600, description="Seconds before the first retry; each next one waits twice as long."
+    )
+    # Where generation runs (`muselab.workers`): this process, or replicas on a Ray Serve cluster.
+    workers: WorkersChoice = Field(
+        default="local",
+        description="'local' runs generation in this process; 'ray' in Ray Serve replicas (pip install "
+        "'muselab[ray]'), one deployment per model, while this process keeps the queue, history and files.",
+    )
+    ray_address: str = Field(
+        default="auto",
+        description="The Ray cluster to join with workers=ray: 'auto' (the one `ray start` made here), "
+        "HOST:PORT of its head, or 'local' (start one inside this process, for trying it).",
+    )
+    ray_replicas: str = Field(
+        default="1",
+        pattern=r"^\d{1,3}(-\d{1,3})?$",
+        description="Replicas per model: N, or MIN-MAX to let Serve autoscale between them.",
+    )
+    ray_num_cpus: float = Field(default=1.0, ge=0, le=512, description="CPUs each replica reserves.")
+    ray_num_gpus: float = Field(default=0.0, ge=0, le=16, description="GPUs each replica reserves (0.5 shares one).")
+    ray_max_ongoing: int = Field(
+        default=1, ge=1, le=64, description="Jobs one replica runs at once (max_ongoing_requests)."
+    )
+    ray_max_queued: int = Field(
+        default=8,
+        ge=-1,
+        le=10_000,
+        description="Jobs that may wait for a model's replicas beyond those running (max_queued_requests); "
+        "more are refused as busy (429). -1: only the service's own queue bound (max_queue).",
     )
     # Streamlit UI: in-process job service unless a running `muselab serve` is named here.
     ui_api_url: str | None = Field(default=None, description="URL of a muselab server for the UI to use.")

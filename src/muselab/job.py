@@ -68,6 +68,9 @@ class Job:
     callback: str | None = None
     # The batch it is an item of (`muselab.batches`): the batch's id and the item's place.
     batch: tuple[str, int] | None = None
+    # Where it runs when that is not this process: a Ray replica and its node, and why it moved
+    # to another one (`muselab.workers.ray_serve`).
+    runs_on: dict[str, str] | None = None
 
     @property
     def kind(self) -> str:
@@ -112,6 +115,8 @@ class Job:
             "outputs": [record.public() for record in self.outputs],
             "batch_id": self.batch[0] if self.batch else None,
         }
+        if self.runs_on:
+            data["runs_on"] = self.runs_on
         if with_preview and self.preview_png:
             data["preview"] = "data:image/png;base64," + base64.b64encode(self.preview_png).decode()
         return data

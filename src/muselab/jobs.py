@@ -13,8 +13,8 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import Callable
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -22,16 +22,15 @@ from muselab import media
 from muselab.config import Settings, hf_cache_dir, looks_like_path, model_label
 from muselab.devices import DeviceError, flush_denormals
 from muselab.engines import Cancelled, Engine, ModelUnavailable, ProgressEvent, load_engine
-from muselab.engines.base import engine_result
 from muselab.families import family, kinds, model_kinds
 from muselab.job import Job, OutOfMemory, QueueFull, SaveOptions
 from muselab.loras import available as available_loras
-from muselab.model_manager import ModelManager
 from muselab.prompts import expand_one
 from muselab.schemas import Request, RequestError, model_fields
 from muselab.store import INTERRUPTED, HistoryStore
 from muselab.uploads import from_history
 from muselab.webhooks import Webhooks, check_url
+from muselab.workers import Order, WorkerLost, workers_for
 
 __all__ = ["Job", "JobService", "OutOfMemory", "QueueFull", "SaveOptions"]
 
@@ -54,11 +53,14 @@ class JobService:
         self.settings = settings
         self.store = store or HistoryStore.for_settings(settings)
         self.interrupted = self.store.recover_interrupted()
-        self.models = ModelManager(settings, settings.max_models, loader)
+        # Where generation runs: this process (the default) or Ray Serve replicas (`muselab.workers`).
+        self.workers = workers_for(settings, loader)
+        self.models = getattr(self.workers, "models", None)  # the local workers' model manager
         self._lock = threading.Condition()
         self._jobs: dict[str, Job] = {}
         self._queues: dict[tuple[str, str], deque[Job]] = {}
-        self._workers: dict[tuple[str, str], threading.Thread] = {}
+        self._threads: dict[tuple[str, str], list[threading.Thread]] = {}
+        self._running: dict[tuple[str, str], int] = {}
         self._pending = 0
         self._closed = False
         self.webhooks = Webhooks(self.store, settings)
@@ -130,17 +132,25 @@ class JobService:
                 raise QueueFull(
                     f"The queue is full ({self.settings.max_queue} jobs waiting or running); retry in a little while."
                 )
+            limit = self.workers.limit(*key)
+            waiting, running = len(self._queues.get(key, ())), self._running.get(key, 0)
+            if limit is not None and waiting + running >= limit:
+                raise QueueFull(
+                    f"The replicas of {job.label} are busy ({running} running, {waiting} waiting, at most {limit}: "
+                    "replicas x MUSELAB_RAY_MAX_ONGOING + MUSELAB_RAY_MAX_QUEUED); retry in a little while."
+                )
             self.store.add_job(
                 job.id, job.kind, request.model_dump(mode="json"), source, batch=batch, callback=callback
             )
             self._pending += 1
             self._jobs[job.id] = job
             self._queues.setdefault(key, deque()).append(job)
-            worker = self._workers.get(key)
-            if worker is None or not worker.is_alive():
-                worker = threading.Thread(target=self._work, args=(key,), name=f"muselab-{key[0]}", daemon=True)
-                self._workers[key] = worker
-                worker.start()
+            threads = [thread for thread in self._threads.get(key, []) if thread.is_alive()]
+            if len(threads) < min(self.workers.slots(*key), len(self._queues[key]) + self._running.get(key, 0)):
+                thread = threading.Thread(target=self._work, args=(key,), name=f"muselab-{key[0]}", daemon=True)
+                threads.append(thread)
+                thread.start()
+            self._threads[key] = threads
             self._lock.notify_all()
         return job
 
@@ -210,7 +220,7 @@ class JobService:
 
         return {
             "models": {kind: model_label(self.settings.model_for(kind)) for kind in kinds() if family(kind).load},
-            "loaded": self.models.loaded(),
+            "loaded": self.workers.loaded(),
             "preset": self.settings.preset,
             "runtime": describe_runtime(self.settings, public=True),
             "preparing": self.preparation(),
@@ -323,10 +333,40 @@ class JobService:
     def prepare(self, kinds: tuple[str, ...] = ("image", "music")) -> None:
         """Load the configured models in the background (`ModelManager.prepare`); stopping the
         service stops it between stages."""
-        self.models.prepare(kinds, stopped=lambda: self._closed, redact=self.redact)
+        self.workers.prepare(kinds, stopped=lambda: self._closed, redact=self.redact)
 
     def preparation(self) -> dict[str, dict[str, Any]]:
-        return self.models.preparation()
+        return self.workers.preparation()
+
+    def cluster(self) -> dict[str, Any]:
+        """Where jobs run (`Workers.status`), with each model's jobs running and waiting here and
+        its recent throughput: `GET /api/cluster`, `muselab cluster status`."""
+        status = self.workers.status()
+        with self._lock:
+            keys = set(self._queues) | {key for key, count in self._running.items() if count}
+            queues = {key: (self._running.get(key, 0), len(self._queues.get(key, ()))) for key in keys}
+        finished = self.store.throughput(600)
+        status["queues"] = [
+            {
+                "kind": kind,
+                "model": " + ".join(model_label(m) for m in model.split(" + ")),
+                "running": running,
+                "waiting": waiting,
+            }
+            for (kind, model), (running, waiting) in sorted(queues.items())
+            if running or waiting
+        ]
+        status["recent"] = finished
+        return self._redact_tree(status)
+
+    def _redact_tree(self, value: Any) -> Any:
+        if isinstance(value, str):
+            return self.redact(value)
+        if isinstance(value, dict):
+            return {key: self._redact_tree(item) for key, item in value.items()}
+        if isinstance(value, list):
+            return [self._redact_tree(item) for item in value]
+        return value
 
     @property
     def closed(self) -> bool:
@@ -347,9 +387,11 @@ class JobService:
         """Stop every job (see `stop_accepting`) and wait up to `timeout` seconds for the workers."""
         self.stop_accepting()
         deadline = time.monotonic() + timeout
-        for worker in list(self._workers.values()):
-            worker.join(max(0.0, deadline - time.monotonic()))
+        for threads in list(self._threads.values()):
+            for thread in threads:
+                thread.join(max(0.0, deadline - time.monotonic()))
         self.webhooks.close(max(0.0, min(5.0, deadline - time.monotonic())))
+        self.workers.close()
 
     # ------------------------------------------------------------ running
 
@@ -359,10 +401,17 @@ class JobService:
             with self._lock:
                 queue = self._queues.get(key)
                 if not queue:
-                    self._workers.pop(key, None)
+                    threads = self._threads.get(key, [])
+                    if threading.current_thread() in threads:
+                        threads.remove(threading.current_thread())
                     return
                 job = queue.popleft()
-            self._run(job)
+                self._running[key] = self._running.get(key, 0) + 1
+            try:
+                self._run(job)
+            finally:
+                with self._lock:
+                    self._running[key] -= 1
 
     def _run(self, job: Job) -> None:
         if job.cancel.cancelled:
@@ -381,38 +430,42 @@ class JobService:
         on_progress.previews = True  # type: ignore[attr-defined]  # clients show them (`wants_previews`)
 
         try:
-            self._run_engine(job, on_progress, started)
-        except Cancelled:  # while loading (a one-time conversion stops between its stages), or generating
-            self._stopped(job, job.kept, started)
-        except (ModelUnavailable, DeviceError) as exc:
-            job.error_kind = "model_unavailable"
-            self._finish(job, "failed", error=str(exc), outputs=job.kept, started=started)
-        except RequestError as exc:  # found only once the model is at hand (a LoRA that does not fit it)
-            job.error_kind = "bad_request"
-            self._finish(job, "failed", error=self.redact(str(exc)), outputs=job.kept, started=started)
+            result = self.workers.run(self._order(job), on_progress, job.cancel, functools.partial(self._started, job))
+            self._finish(job, "succeeded", outputs=self._save(job, result), started=started)
         except Exception as exc:
-            if _is_out_of_memory(exc):
-                self.models.free_memory()
-                job.error_kind = "out_of_memory"
-                message = (
-                    "Out of memory. Memory was freed and the service keeps running; try a smaller size, "
-                    "fewer images or clips, a shorter duration, or a smaller model."
-                )
-                self._finish(job, "failed", error=message, outputs=job.kept, started=started)
-            else:
-                log.exception("job %s failed", job.id)
-                job.error_kind = "internal"
-                self._finish(job, "failed", error=f"{type(exc).__name__}: {exc}", outputs=job.kept, started=started)
+            self._keep_partial(job, exc)
+            self._failed(job, exc, started)
 
-    @staticmethod
-    def _loading_progress(job: Job, on_progress: Any) -> Callable[[ProgressEvent], None]:
-        """Progress of one-time work while a model loads; a cancel takes effect between its stages."""
+    def _keep_partial(self, job: Job, exc: Exception) -> None:
+        """Save what the engine finished before it stopped (images of a batch, a scene's picture)."""
+        partial = getattr(exc, "partial", None)
+        if partial is not None:
+            try:
+                job.kept = self._save(job, partial)
+            except Exception:  # the job still ends with what stopped it, not this
+                log.exception("job %s: its finished outputs could not be kept", job.id)
 
-        def forward(event: ProgressEvent) -> None:
-            job.cancel.raise_if_cancelled()
-            on_progress(event)
-
-        return forward
+    def _failed(self, job: Job, exc: Exception, started: float) -> None:
+        if isinstance(exc, Cancelled):  # while loading (a one-time conversion stops between its stages), or generating
+            self._stopped(job, job.kept, started)
+            return
+        if isinstance(exc, (ModelUnavailable, DeviceError)):
+            job.error_kind, message = "model_unavailable", str(exc)
+        elif isinstance(exc, WorkerLost):
+            job.error_kind, message = "worker_lost", str(exc)
+        elif isinstance(exc, RequestError):  # found only once the model is at hand (a LoRA that does not fit it)
+            job.error_kind, message = "bad_request", self.redact(str(exc))
+        elif _is_out_of_memory(exc):
+            self.workers.free_memory()
+            job.error_kind = "out_of_memory"
+            message = (
+                "Out of memory. Memory was freed and the service keeps running; try a smaller size, "
+                "fewer images or clips, a shorter duration, or a smaller model."
+            )
+        else:
+            log.error("job %s failed", job.id, exc_info=exc)
+            job.error_kind, message = "internal", f"{type(exc).__name__}: {exc}"
+        self._finish(job, "failed", error=message, outputs=job.kept, started=started)
 
     def _finish_unstarted(self, job: Job) -> None:
         """A job stopped before it ran: interrupted by a shutdown, else cancelled by its user."""
@@ -421,37 +474,28 @@ class JobService:
         else:
             self._finish(job, "cancelled", error="cancelled before it started")
 
-    def _start_running(self, job: Job, engine: Engine) -> None:
-        """The model is loaded: the job runs, and its time limit starts. Loading is not counted: a
-        one-time conversion (minutes for a real model) stopped by a job's limit would never finish,
-        and every later job would start it again."""
-        self.store.mark_running(job.id, job.label, engine.placement.device, engine.placement.dtype_name)
-        # A timer, not a check between steps: on OpenVINO the cancel stops even a step in progress.
-        job.time_limit = threading.Timer(self.settings.job_timeout, self._expire, (job,))
-        job.time_limit.daemon = True
-        job.time_limit.start()
+    def _started(self, job: Job, request: Request, placement: dict[str, str] | None) -> None:
+        """The engine resolved the request (placement None); then the model is loaded and the job
+        runs, and its time limit starts. Loading is not counted: a one-time conversion (minutes for
+        a real model) stopped by a job's limit would never finish, and every later job would start
+        it again. A job retried on another replica keeps the limit it started with."""
+        job.resolved = request.model_dump(mode="json")
+        if placement is None:
+            return
+        self.store.mark_running(job.id, job.label, placement["device"], placement["dtype"])
+        if set(placement) - {"device", "dtype"}:
+            job.runs_on = placement
+        if job.time_limit is None:
+            # A timer, not a check between steps: on OpenVINO the cancel stops even a step in progress.
+            job.time_limit = threading.Timer(self.settings.job_timeout, self._expire, (job,))
+            job.time_limit.daemon = True
+            job.time_limit.start()
         self._update(job, status="running", progress=None)  # loading progress ends here
 
     @staticmethod
     def _expire(job: Job) -> None:
         job.timed_out.set()
         job.cancel.cancel()
-
-    @contextmanager
-    def _engine(self, job: Job, loading: Callable[[ProgressEvent], None]) -> Iterator[Engine]:
-        """The job's engine, loaded if needed; a composite family's (a scene) borrows its parts'
-        engines from the model manager as it goes."""
-        job_family = family(job.kind)
-        if job_family.compose is None:
-            with self.models.use(job.kind, job.model, loading) as engine:
-                yield engine
-            return
-
-        def parts(kind: str, model: str) -> Any:
-            return self.models.use(kind, model, loading)
-
-        with job_family.compose(parts, self._with_sources(job), self.settings) as engine:
-            yield engine
 
     @staticmethod
     def _with_sources(job: Job) -> Request:
@@ -467,27 +511,8 @@ class JobService:
                 updates[name] = job.models[kind]
         return request.model_copy(update=updates) if updates else request
 
-    def _run_engine(self, job: Job, on_progress: Callable[[ProgressEvent], None], started: float) -> None:
-        loading = self._loading_progress(job, on_progress)
-        with self._engine(job, loading) as engine:
-            request = engine.resolve(self._with_sources(job))
-            job.resolved = request.model_dump(mode="json")
-            prepare = getattr(engine, "prepare", None)  # one-time work for this request (LoRAs to fuse)
-            if prepare is not None:
-                prepare(request, loading)
-            self._start_running(job, engine)
-            try:
-                result = engine.generate(request, on_progress, job.cancel)
-            except Exception as exc:
-                # What the engine finished before it stopped (images of a batch, a scene's picture) is kept.
-                completed = getattr(exc, "completed", None)
-                if completed:
-                    try:
-                        job.kept = self._save(job, engine_result(engine, request, completed))
-                    except Exception:  # the job still ends with what stopped it, not this
-                        log.exception("job %s: its finished outputs could not be kept", job.id)
-                raise
-            self._finish(job, "succeeded", outputs=self._save(job, result), started=started)
+    def _order(self, job: Job) -> Order:
+        return Order(job.id, job.kind, job.model, self._with_sources(job), dict(job.models))
 
     def _stopped(self, job: Job, kept: list[dict[str, Any]], started: float) -> None:
         if job.timed_out.is_set():

@@ -318,6 +318,31 @@ class HistoryStore:
         )
         return [{**dict(row), "request": json.loads(row["request"])} for row in rows]
 
+    def throughput(self, seconds: float) -> list[dict[str, Any]]:
+        """Jobs that ended in the last `seconds`, by kind and model (its label): how many succeeded
+        and failed, jobs a minute, and the mean seconds a succeeded one ran once its model was loaded."""
+        rows = (
+            self.connection()
+            .execute(
+                "SELECT kind, model, SUM(status='succeeded') AS succeeded, SUM(status='failed') AS failed, "
+                "AVG(CASE WHEN status='succeeded' AND started_at IS NOT NULL "
+                "THEN (julianday(finished_at) - julianday(started_at)) * 86400 END) AS mean_seconds "
+                "FROM jobs WHERE finished_at IS NOT NULL AND julianday('now') - julianday(finished_at) < ? "
+                "AND model IS NOT NULL GROUP BY kind, model ORDER BY kind, model",
+                (seconds / 86400,),
+            )
+            .fetchall()
+        )
+        return [
+            {
+                **dict(row),
+                "window_seconds": seconds,
+                "jobs_per_minute": round(row["succeeded"] / (seconds / 60), 2),
+                "mean_seconds": row["mean_seconds"] and round(row["mean_seconds"], 2),
+            }
+            for row in rows
+        ]
+
     def recover_interrupted(self) -> list[str]:
         """After a crash: jobs left queued or running by a process that is gone are marked interrupted.
 

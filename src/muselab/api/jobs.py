@@ -64,6 +64,14 @@ async def info(service: ServiceDep, settings: SettingsDep) -> dict[str, Any]:
     return {"version": __version__, "max_queue": settings.max_queue, **service.info()}
 
 
+@service_router.get("/api/cluster")
+async def cluster(service: ServiceDep) -> dict[str, Any]:
+    """Where jobs run: in this process, or the Ray Serve deployments (replicas by state, their nodes
+    and devices, their settings), with each model's jobs running and waiting here and the jobs
+    finished in the last ten minutes."""
+    return await run_in_threadpool(service.cluster)
+
+
 def request_type_of(kind: str) -> Any:
     """The request schema of `kind` from a route's path; a kind no family makes is 404."""
     types = request_types()

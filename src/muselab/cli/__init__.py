@@ -18,7 +18,7 @@ try:
 except PluginError as exc:  # said by `main`, as any other error, rather than as a traceback on import
     plugin_error = exc
 
-from muselab.cli import batch, history, models, serve, upscale  # noqa: F401  (their commands register on import)
+from muselab.cli import batch, cluster, history, models, serve, upscale  # noqa: F401  (their commands register on import)
 
 __all__ = ["app", "main"]
 

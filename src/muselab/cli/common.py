@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import typer
 from rich.console import Console
 
-from muselab.config import BackendChoice, DeviceChoice, DtypeChoice, Preset, QuantizeChoice, Settings
+from muselab.config import BackendChoice, DeviceChoice, DtypeChoice, Preset, QuantizeChoice, Settings, WorkersChoice
 
 app = typer.Typer(
     help="Text to music and text to image on your own machine.",
@@ -49,6 +49,53 @@ BackendOpt = Annotated[
         "cached) or torch; auto = openvino on a CPU where installed (images: unless memory matters more)."
     ),
 ]
+ServeBackendOpt = Annotated[
+    Literal["auto", "torch", "openvino", "ray"] | None,
+    typer.Option(
+        help="What runs the image UNet and decoder and the music decoder: openvino (converted once, "
+        "cached) or torch; auto = openvino on a CPU where installed (images: unless memory matters more). "
+        "ray = --workers ray (each replica then picks as auto does)."
+    ),
+]
+# Where generation runs (`muselab.workers`): `muselab serve` and `muselab ui` take these.
+WorkersOpt = Annotated[
+    WorkersChoice | None,
+    typer.Option(
+        help="local: in this process; ray: in Ray Serve replicas (pip install 'muselab[ray]'; docs/SCALING.md)."
+    ),
+]
+RayAddressOpt = Annotated[
+    str | None,
+    typer.Option(help="With --workers ray: auto (the cluster `ray start` made here), HOST:PORT of its head, or local."),
+]
+ReplicasOpt = Annotated[
+    str | None, typer.Option(help="With --workers ray: replicas per model, N or MIN-MAX (autoscaled); default 1.")
+]
+ReplicaCpusOpt = Annotated[float | None, typer.Option(help="With --workers ray: CPUs each replica reserves (1).")]
+ReplicaGpusOpt = Annotated[float | None, typer.Option(help="With --workers ray: GPUs each replica reserves (0).")]
+
+
+def worker_settings(
+    backend: str | None,
+    workers: str | None,
+    ray_address: str | None,
+    replicas: str | None,
+    replica_cpus: float | None,
+    replica_gpus: float | None,
+) -> dict[str, Any]:
+    """The settings the options above stand for; `--backend ray` is `--workers ray`."""
+    if backend == "ray":
+        backend, workers = None, "ray"
+    return {
+        "backend": backend,
+        "workers": workers,
+        "ray_address": ray_address,
+        "ray_replicas": replicas,
+        "ray_num_cpus": replica_cpus,
+        "ray_num_gpus": replica_gpus,
+    }
+
+
 LowMemoryOpt = Annotated[
     bool | None,
     typer.Option(

@@ -11,7 +11,6 @@ import typer
 
 from muselab.cli.common import (
     EXIT_BAD_INPUT,
-    BackendOpt,
     CliError,
     DeviceOpt,
     DtypeOpt,
@@ -19,9 +18,16 @@ from muselab.cli.common import (
     OfflineOpt,
     PresetOpt,
     QuantizeOpt,
+    RayAddressOpt,
+    ReplicaCpusOpt,
+    ReplicaGpusOpt,
+    ReplicasOpt,
+    ServeBackendOpt,
+    WorkersOpt,
     app,
     err,
     settings_from,
+    worker_settings,
 )
 
 
@@ -38,6 +44,17 @@ def _stopping_server(config: Any, service: Any) -> Any:
     return Server(config)
 
 
+def _create_app(settings: Any) -> Any:
+    """The API app; a Ray cluster that is missing, or Ray itself, is a clear error, not a traceback."""
+    from muselab.api import create_app
+    from muselab.workers import ClusterUnavailable
+
+    try:
+        return create_app(settings)
+    except (ClusterUnavailable, ImportError) as exc:
+        raise CliError(str(exc), EXIT_BAD_INPUT) from None
+
+
 @app.command()
 def serve(
     host: Annotated[
@@ -52,8 +69,13 @@ def serve(
     dtype: DtypeOpt = None,
     offline: OfflineOpt = False,
     quantize: QuantizeOpt = None,
-    backend: BackendOpt = None,
+    backend: ServeBackendOpt = None,
     low_memory: LowMemoryOpt = None,
+    workers: WorkersOpt = None,
+    ray_address: RayAddressOpt = None,
+    replicas: ReplicasOpt = None,
+    replica_cpus: ReplicaCpusOpt = None,
+    replica_gpus: ReplicaGpusOpt = None,
     job_timeout: Annotated[
         float | None, typer.Option(help="Seconds a job may run before it is stopped (default 1800).", min=0.1)
     ] = None,
@@ -69,7 +91,6 @@ def serve(
     """Serve the HTTP API (OpenAPI docs at /docs), plus A1111 and OpenAI compatible image routes."""
     import uvicorn
 
-    from muselab.api import create_app
     from muselab.api.security import is_loopback, protocol_with_timeout
 
     settings = settings_from(
@@ -81,10 +102,10 @@ def serve(
         port=port,
         api_token=token,
         quantize=quantize,
-        backend=backend,
         low_memory=low_memory,
         job_timeout=job_timeout,
         allow_any_model=allow_any_model,
+        **worker_settings(backend, workers, ray_address, replicas, replica_cpus, replica_gpus),
     )
     if not is_loopback(settings.host) and not settings.api_token:
         raise CliError(
@@ -96,7 +117,7 @@ def serve(
     from muselab.quiet import quiet_libraries
 
     quiet_libraries()
-    app_ = create_app(settings)
+    app_ = _create_app(settings)
     if settings.prepare_models:
         app_.state.service.prepare()  # the first request then finds its model loaded and converted
     interrupted = app_.state.service.interrupted
@@ -127,8 +148,13 @@ def ui(
     dtype: DtypeOpt = None,
     offline: OfflineOpt = False,
     quantize: QuantizeOpt = None,
-    backend: BackendOpt = None,
+    backend: ServeBackendOpt = None,
     low_memory: LowMemoryOpt = None,
+    workers: WorkersOpt = None,
+    ray_address: RayAddressOpt = None,
+    replicas: ReplicasOpt = None,
+    replica_cpus: ReplicaCpusOpt = None,
+    replica_gpus: ReplicaGpusOpt = None,
 ) -> None:
     """Start the Streamlit studio (Home, Music, Image, Scene, Gallery) in your browser."""
     from muselab.api.security import is_loopback
@@ -148,7 +174,6 @@ def ui(
         "MUSELAB_DEVICE": device,
         "MUSELAB_DTYPE": dtype,
         "MUSELAB_QUANTIZE": quantize,
-        "MUSELAB_BACKEND": backend,
         "MUSELAB_LOW_MEMORY": "1" if low_memory else None,
         "MUSELAB_OFFLINE": "1" if offline else None,
         "MUSELAB_UI_API_URL": api_url,
@@ -156,6 +181,9 @@ def ui(
     }.items():
         if value is not None:
             env[name] = value
+    for name, value in worker_settings(backend, workers, ray_address, replicas, replica_cpus, replica_gpus).items():
+        if value is not None:
+            env[f"MUSELAB_{name.upper()}"] = str(value)
     for name in ("MUSELAB_DATA_DIR", "MUSELAB_OUTPUT_DIR"):
         if env.get(name):
             env[name] = str(Path(env[name]).expanduser().resolve())  # the studio runs from its own folder
