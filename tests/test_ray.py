@@ -146,3 +146,29 @@ def test_a_replica_killed_mid_job_retries_once_then_fails_clearly(server):
         now = {job["id"] for job in client.get("/api/jobs?limit=200").json()["recent"]}
         assert before | {retried["id"], lost["id"], after["id"]} <= now
     assert not [path for path in server.outputs.rglob("*") if path.name.endswith(".part")]
+
+
+def test_the_studio_generates_on_the_cluster(ray_cluster, tiny_dir, tmp_path_factory, monkeypatch):
+    """`muselab ui --backend ray`: the studio's own service (as `muselab ui` starts it, from an
+    empty data folder) sends its jobs to the cluster and keeps their history and files."""
+    from apptest import open_page, run_until, store, studio_data
+    from muselab.ui.common import backend
+
+    monkeypatch.setenv("MUSELAB_WORKERS", "ray")
+    monkeypatch.setenv("MUSELAB_RAY_ADDRESS", ray_cluster)
+    studio = studio_data(tiny_dir, tmp_path_factory, "ray-studio")
+    data = next(studio)
+    try:
+        at = open_page("music")
+        at.text_area(key="music.prompt").input("calm piano on the cluster")
+        at.slider(key="music.duration").set_value(1)
+        at.button(key="music.generate").click().run()
+        run_until(at, lambda page: page.get("audio"))
+        job_id = at.session_state["music.job"]
+        status = backend().service.status(job_id)
+        assert status["runs_on"]["node"] == "127.0.0.1" and status["runs_on"]["replica"]
+        [record] = store(data).list_outputs(job_id=job_id)
+        assert record.path.is_file() and record.path.parent == data / "outputs"
+        assert backend().service.cluster()["workers"] == "ray"
+    finally:
+        next(studio, None)

@@ -53,41 +53,36 @@ def build_models(scratch: Path, full: bool) -> dict[str, dict[str, str]]:
     return sets
 
 
-def requests(models: str, count: int) -> list[Any]:
-    if models == "tiny":
-        make = [
-            lambda i: ImageRequest(prompt=f"a cat {i}", steps=4, seed=i, speed="quality"),
-            lambda i: MusicRequest(prompt=f"piano {i}", duration=1, seed=i),
-        ]
-    else:
-        make = [
-            lambda i: ImageRequest(prompt=f"a cat {i}", steps=4, width=256, height=256, seed=i, speed="quality"),
-            lambda i: MusicRequest(prompt=f"piano {i}", duration=1, seed=i),
-        ]
-    return [make[i % 2](i) for i in range(count)]
+def requests(models: str, kind: str, count: int) -> list[Any]:
+    size = {"width": 256, "height": 256} if models == "full" else {}
+    if kind == "image":
+        return [ImageRequest(prompt=f"a cat {i}", steps=4, seed=i, speed="quality", **size) for i in range(count)]
+    return [MusicRequest(prompt=f"piano {i}", duration=1, seed=i) for i in range(count)]
 
 
-def run_configuration(settings: Settings, models: str, jobs: int) -> dict[str, Any]:
+def run_configuration(settings: Settings, models: str, kind: str, jobs: int) -> dict[str, Any]:
+    """`jobs` jobs of one model submitted at once, after as many untimed ones as it has replicas
+    (each loads its model and does its one-time work then)."""
     from muselab.jobs import JobService
 
     service = JobService(settings)
     try:
-        for warm in requests(models, 2):  # loading and one-time work, untimed
-            job = service.submit(warm, source="cli")
+        replicas = int(settings.ray_replicas.rpartition("-")[2]) if settings.workers == "ray" else 1
+        warming = [service.submit(request, source="cli") for request in requests(models, kind, replicas)]
+        for job in warming:
             status = service.wait(job.id)
             assert status and status["status"] == "succeeded", status
         started = time.perf_counter()
-        submitted = [service.submit(request, source="cli") for request in requests(models, jobs)]
+        submitted = [service.submit(request, source="cli") for request in requests(models, kind, jobs)]
         ends = [service.wait(job.id) for job in submitted]
         wall = time.perf_counter() - started
         assert all(end and end["status"] == "succeeded" for end in ends), ends
-        seconds = service.store.run_times("image", 200) + service.store.run_times("music", 200)
+        runs = service.store.run_times(kind, jobs)  # each job's own seconds, from its start to its end
         return {
             "jobs": jobs,
             "wall_s": round(wall, 2),
             "jobs_per_minute": round(jobs / wall * 60, 2),
-            "mean_job_s": round(wall / jobs, 3),
-            "runs": len(seconds),
+            "job_s": round(sum(run["seconds"] for run in runs) / len(runs), 3),
         }
     finally:
         if settings.workers == "ray":
@@ -99,8 +94,9 @@ def run_configuration(settings: Settings, models: str, jobs: int) -> dict[str, A
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--jobs", type=int, default=8, help="Jobs per configuration (half images, half music).")
+    parser.add_argument("--jobs", type=int, default=8, help="Jobs per configuration and model.")
     parser.add_argument("--full", action="store_true", help="Also full-size random musicgen-small and SD 1.x.")
+    parser.add_argument("--full-image-jobs", type=int, default=4, help="Jobs of SD 1.x (each takes half a minute).")
     parser.add_argument("--json", type=Path, default=Path("bench/results/scaling.json"))
     options = parser.parse_args()
     from muselab.quiet import quiet_libraries
@@ -110,50 +106,70 @@ def main() -> None:
     scratch = Path(tempfile.mkdtemp(prefix="muselab-scaling-"))
     sets = build_models(scratch, options.full)
     results: dict[str, Any] = {
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_name(),
         "cores": cpus,
-        "jobs": options.jobs,
         "results": [],
     }
+    # One model at a time, its replicas sharing the machine's cores: one replica gets them all,
+    # two get half each (Ray sets each replica's thread count from its CPUs).
+    configurations = [
+        ("in-process", {"workers": "local"}),
+        ("Ray, 1 replica", {"workers": "ray", "ray_replicas": "1", "ray_num_cpus": cpus}),
+        ("Ray, 2 replicas", {"workers": "ray", "ray_replicas": "2", "ray_num_cpus": cpus / 2}),
+    ]
     with LocalRayCluster(cpus) as address:
         for models, folders in sets.items():
-            configurations = [
-                ("in-process", {"workers": "local"}),
-                ("Ray, 1 replica", {"workers": "ray", "ray_replicas": "1", "ray_num_cpus": cpus}),
-                ("Ray, 2 replicas", {"workers": "ray", "ray_replicas": "2", "ray_num_cpus": cpus / 2}),
-            ]
-            for name, workers in configurations:
-                data = scratch / f"data-{models}-{len(results['results'])}"
-                settings = Settings(
-                    data_dir=data,
-                    image_model=folders["image"],
-                    music_model=folders["music"],
-                    offline=True,
-                    ray_address=address,
-                    ray_max_queued=-1,
-                    **workers,
-                )
-                say(f"{models}: {name}, {options.jobs} jobs")
-                figures = run_configuration(settings, models, options.jobs)
-                say(f"  {figures['jobs_per_minute']} jobs/min ({figures['wall_s']} s)")
-                results["results"].append({"models": models, "configuration": name, **figures})
-    options.json.parent.mkdir(parents=True, exist_ok=True)
-    options.json.write_text(json.dumps(results, indent=2))
+            for kind in ("image", "music"):
+                jobs = options.full_image_jobs if (models, kind) == ("full", "image") else options.jobs
+                for name, workers in configurations:
+                    # PyTorch for the full-size models: two replicas of SD 1.x on OpenVINO (each
+                    # with its own copy of the weights) would not fit in 24 GiB.
+                    runtime = {"backend": "torch"} if models == "full" else {}
+                    settings = Settings(
+                        **runtime,
+                        data_dir=scratch / f"data-{len(results['results'])}",
+                        image_model=folders["image"],
+                        music_model=folders["music"],
+                        offline=True,
+                        prepare_models=False,
+                        ray_address=address,
+                        ray_max_queued=-1,
+                        **workers,
+                    )
+                    say(f"{models} {kind}: {name}, {jobs} jobs")
+                    figures = run_configuration(settings, models, kind, jobs)
+                    say(f"  {figures['jobs_per_minute']} jobs/min, {figures['job_s']} s a job ({figures['wall_s']} s)")
+                    results["results"].append({"models": models, "kind": kind, "configuration": name, **figures})
+                    options.json.parent.mkdir(parents=True, exist_ok=True)
+                    options.json.write_text(json.dumps(results, indent=2))
     say(f"wrote {options.json}")
     print(table(results))
 
 
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def table(results: dict[str, Any]) -> str:
-    lines = ["| models | where | jobs/min | s per job | against in-process |", "|---|---|---:|---:|---:|"]
-    local: dict[str, float] = {}
+    """The results as a Markdown table, with each configuration against in-process."""
+    lines = [
+        "| models | kind | where | jobs/min | s a job | jobs/min against in-process | s a job against in-process |",
+        "|---|---|---|---:|---:|---:|---:|",
+    ]
+    base: dict[tuple[str, str], dict[str, Any]] = {}
     for row in results["results"]:
-        if row["configuration"] == "in-process":
-            local[row["models"]] = row["mean_job_s"]
-        base = local.get(row["models"])
-        in_process = base is None or row["configuration"] == "in-process"
-        delta = "" if in_process else f"{row['mean_job_s'] - base:+.2f} s"
-        figures = f"{row['jobs_per_minute']:g} | {row['mean_job_s']:.2f} | {delta}"
-        lines.append(f"| {row['models']} | {row['configuration']} | {figures} |")
+        key = (row["models"], row["kind"])
+        base.setdefault(key, row)
+        local = base[key]
+        rate = "" if row is local else f"{row['jobs_per_minute'] / local['jobs_per_minute']:.2f}x"
+        extra = "" if row is local else f"{row['job_s'] - local['job_s']:+.2f} s"
+        lines.append(
+            f"| {row['models']} | {row['kind']} | {row['configuration']} | {row['jobs_per_minute']:g} | "
+            f"{row['job_s']:.2f} | {rate} | {extra} |"
+        )
     return "\n".join(lines)
 
 

@@ -61,7 +61,7 @@ ServeBackendOpt = Annotated[
 WorkersOpt = Annotated[
     WorkersChoice | None,
     typer.Option(
-        help="local: in this process; ray: in Ray Serve replicas (pip install 'muselab[ray]'; docs/SCALING.md)."
+        help="local: in this process; ray: in Ray Serve replicas (the ray extra of muselab; docs/SCALING.md)."
     ),
 ]
 RayAddressOpt = Annotated[

@@ -8,6 +8,7 @@ and every front end; a `Workers` object runs one job's request on a model and re
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -79,6 +80,11 @@ class Workers(Protocol):
 
 def workers_for(settings: Settings, loader: Callable[..., Engine] = load_engine) -> Workers:
     if settings.workers == "ray":
+        host = settings.ray_address.rpartition(":")[0]
+        if settings.ray_address in ("auto", "local") or host in ("127.0.0.1", "localhost", "[::1]"):
+            # Read when Ray is imported: without it, Ray on Linux advertises the machine's
+            # routable address even for a head started with --node-ip-address 127.0.0.1.
+            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         from muselab.workers.ray_serve import RayWorkers
 
         return RayWorkers(settings)

@@ -16,9 +16,12 @@ import asyncio
 import hashlib
 import logging
 import os
+import socket
+import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 from muselab.config import Settings, model_label
@@ -43,7 +46,6 @@ NAMESPACE = "muselab"
 BOARD = "muselab-cancel-board"
 #: Seconds between a replica's looks at the cancel board while its job runs.
 CANCEL_POLL = 0.2
-LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
 
 
 @ray.remote(num_cpus=0)
@@ -166,11 +168,22 @@ def app_name(kind: str, model: str) -> str:
 def _connect(address: str) -> None:
     if ray.is_initialized():
         return
-    host = address.rsplit(":", 1)[0] if ":" in address else address
-    if address in ("auto", "local") or host in LOOPBACK:
-        # Without it, Ray on Linux advertises the machine's routable address even for a head
-        # started with --node-ip-address 127.0.0.1.
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    if address == "auto":
+        # The cluster `ray start` made on this machine, as ray.init finds it; a stale record of
+        # one that was stopped would have it retry for a minute or more.
+        record = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+        found = os.environ.get("RAY_ADDRESS") or (record.read_text().strip() if record.exists() else "")
+        if not found:
+            raise ClusterUnavailable(_no_cluster(address, RuntimeError("no cluster was started on this machine")))
+    else:
+        found = address
+    host, _, port = found.rpartition(":")
+    if host and port.isdigit():
+        # Ray retries an address that does not answer for a minute or more: ask it first.
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+        except OSError as exc:
+            raise ClusterUnavailable(_no_cluster(address, exc)) from None
     try:
         ray.init(
             address=None if address == "local" else address,
@@ -180,10 +193,14 @@ def _connect(address: str) -> None:
             configure_logging=False,
         )
     except (ConnectionError, RuntimeError) as exc:
-        raise ClusterUnavailable(
-            f"No Ray cluster at {address!r} ({exc}). Start one with `ray start --head` (see docs/SCALING.md), "
-            "name its head with --ray-address HOST:PORT (MUSELAB_RAY_ADDRESS), or use 'local' to start one here."
-        ) from None
+        raise ClusterUnavailable(_no_cluster(address, exc)) from None
+
+
+def _no_cluster(address: str, exc: BaseException) -> str:
+    return (
+        f"No Ray cluster at {address!r} ({exc}). Start one with `ray start --head` (see docs/SCALING.md), "
+        "name its head with --ray-address HOST:PORT (MUSELAB_RAY_ADDRESS), or use 'local' to start one here."
+    )
 
 
 class RayWorkers:
