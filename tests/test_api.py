@@ -415,3 +415,28 @@ def test_scene_job_makes_png_wav_and_mp4(client):
     video = client.get(f"/api/outputs/{status['outputs'][2]['id']}/file")
     assert video.headers["content-type"] == "video/mp4" and video.content[4:8] == b"ftyp"
     assert [o["kind"] for o in client.get("/api/outputs?kind=scene").json()["outputs"]] == ["scene"]
+
+
+def test_cluster_shows_the_in_process_workers_their_queues_and_recent_jobs(client):
+    from muselab.cli.cluster import print_status
+    from muselab.cli.common import out
+
+    done = wait_done(client, image_job(client, steps=2)["id"])
+    running = image_job(client, steps=150, num_images=4, prompt="runs")
+    waiting = image_job(client, steps=150, num_images=4, prompt="waits")
+    wait_running(client, running["id"])
+    cluster = client.get("/api/cluster").json()
+    for job in (running, waiting):
+        client.post(f"/api/jobs/{job['id']}/cancel")
+
+    assert cluster["workers"] == "local"
+    assert cluster["loaded"][0]["model"] == "tiny-stable-diffusion"  # a label, never a folder
+    assert cluster["queues"] == [{"kind": "image", "model": "tiny-stable-diffusion", "running": 1, "waiting": 1}]
+    [recent] = cluster["recent"]
+    assert (recent["kind"], recent["succeeded"], recent["failed"]) == ("image", 1, 0)
+    assert recent["mean_seconds"] > 0 and done["status"] == "succeeded"
+    assert str(service_of(client).settings.data_dir) not in json.dumps(cluster)
+    with out.capture() as shown:
+        print_status(cluster)
+    text = shown.get()
+    assert "in the server's own process" in text and "tiny-stable-diffusion" in text and "Last ten minutes" in text
