@@ -159,6 +159,8 @@ def test_the_studio_generates_on_the_cluster(ray_cluster, tiny_dir, tmp_path_fac
     studio = studio_data(tiny_dir, tmp_path_factory, "ray-studio")
     data = next(studio)
     try:
+        home = open_page("home")
+        assert "Running on a Ray cluster: 1 replica(s) per model" in " ".join(c.value for c in home.caption)
         at = open_page("music")
         at.text_area(key="music.prompt").input("calm piano on the cluster")
         at.slider(key="music.duration").set_value(1)

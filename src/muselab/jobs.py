@@ -225,6 +225,7 @@ class JobService:
             "runtime": describe_runtime(self.settings, public=True),
             "preparing": self.preparation(),
             "loras": [lora.name for lora in available_loras(self.settings.loras)],
+            **({"ray": replicas()} if (replicas := getattr(self.workers, "replica_config", None)) else {}),
         }
 
     def estimate(self, request: Request, trusted: bool = False) -> dict[str, Any] | None:

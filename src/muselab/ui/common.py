@@ -313,7 +313,13 @@ def show_recipe(output: dict[str, Any]) -> None:
 def device_line(info: dict[str, Any]) -> str:
     """Where generation runs and how (engine, weights), from the backend's `info()`: what a user
     weighs the speed against."""
-    if "runtime" in info:
+    if "ray" in info:  # the replicas' devices are the cluster's, not this machine's
+        ray = info["ray"]
+        line = (
+            f"Running on a Ray cluster: {ray['replicas']} replica(s) per model, each {ray['num_cpus']:g} CPU "
+            f"and {ray['num_gpus']:g} GPU (muselab cluster status shows where)"
+        )
+    elif "runtime" in info:
         served = f" on {info['served_by']}" if info.get("served_by") else ""
         line = f"Running{served}: {runtime_line(info['runtime'])}"
     else:  # a server from before /api/info described its runtime

@@ -409,8 +409,9 @@ class RayWorkers:
                     never = CancelToken()
                     self._handle(kind, model, lambda event: None, never).warm.remote().result(timeout_s=3600)
                     self.preparing[kind] = {"state": "ready", "fraction": 1.0, "note": ""}
-                except Exception as exc:
-                    self.preparing[kind] = {"state": "failed", "fraction": 0.0, "note": redact(str(exc))[:500]}
+                except BaseException as exc:  # also the CancelledError of a call the shutdown ended
+                    state = "stopped" if stopped() else "failed"
+                    self.preparing[kind] = {"state": state, "fraction": 0.0, "note": redact(str(exc))[:500]}
 
         threading.Thread(target=prepare_all, name="muselab-prepare", daemon=True).start()
 
@@ -452,18 +453,17 @@ class RayWorkers:
             }
             for node in ray.nodes()
         ]
+        return {"workers": "ray", "replica_config": self.replica_config(), "deployments": deployments, "nodes": nodes}
+
+    def replica_config(self) -> dict[str, Any]:
+        """What each model's replicas are given (the studio's front page says it)."""
         settings = self.settings
         return {
-            "workers": "ray",
-            "replica_config": {
-                "replicas": settings.ray_replicas,
-                "num_cpus": settings.ray_num_cpus,
-                "num_gpus": settings.ray_num_gpus,
-                "max_ongoing_requests": settings.ray_max_ongoing,
-                "max_queued_requests": settings.ray_max_queued,
-            },
-            "deployments": deployments,
-            "nodes": nodes,
+            "replicas": settings.ray_replicas,
+            "num_cpus": settings.ray_num_cpus,
+            "num_gpus": settings.ray_num_gpus,
+            "max_ongoing_requests": settings.ray_max_ongoing,
+            "max_queued_requests": settings.ray_max_queued,
         }
 
     def close(self) -> None:
