@@ -278,9 +278,12 @@ def looks_like_path(model: str) -> bool:
 
 def model_label(model: str) -> str:
     """How a model is named to clients and in the files it makes: a hub id as it is, a folder on
-    this machine by its own name (never the folders above it, which name the user and the machine)."""
+    this machine by its own name (never the folders above it, which name the user and the machine).
+    A job's models joined by " + " (a scene's two) are each named so."""
     if not model:
         return model
+    if " + " in model:
+        return " + ".join(model_label(part) for part in model.split(" + "))
     if looks_like_path(model) or Path(model).expanduser().is_dir():
         return Path(model.rstrip("/\\")).name
     return model

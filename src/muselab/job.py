@@ -61,7 +61,7 @@ class Job:
     done: threading.Event = field(default_factory=threading.Event)
     version: int = 0
     progress_at: float = field(default_factory=time.monotonic)  # when `progress` last changed
-    # The time limit: started once the job's model is loaded (see `JobService._start_running`).
+    # The time limit: started once the job's model is loaded (see `JobService._started`).
     time_limit: threading.Timer | None = None
     timed_out: threading.Event = field(default_factory=threading.Event)
     # Where its status is POSTed when it ends (`muselab.webhooks`), checked against the allow-list.
@@ -79,7 +79,7 @@ class Job:
     @property
     def label(self) -> str:
         """The model as clients see it."""
-        return " + ".join(model_label(model) for model in self.model.split(" + "))
+        return model_label(self.model)
 
     def snapshot(
         self, position: int | None = None, with_preview: bool = False, redact: Callable[[str], str] = str

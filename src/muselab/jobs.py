@@ -30,16 +30,11 @@ from muselab.schemas import Request, RequestError, model_fields
 from muselab.store import INTERRUPTED, HistoryStore
 from muselab.uploads import from_history
 from muselab.webhooks import Webhooks, check_url
-from muselab.workers import Order, WorkerLost, workers_for
+from muselab.workers import Order, WorkerLost, is_out_of_memory, workers_for
 
 __all__ = ["Job", "JobService", "OutOfMemory", "QueueFull", "SaveOptions"]
 
 log = logging.getLogger("muselab.jobs")
-
-
-def _is_out_of_memory(exc: BaseException) -> bool:
-    name = type(exc).__name__
-    return name in ("OutOfMemoryError", "MemoryError") or "out of memory" in str(exc).lower()
 
 
 class JobService:
@@ -350,7 +345,7 @@ class JobService:
         status["queues"] = [
             {
                 "kind": kind,
-                "model": " + ".join(model_label(m) for m in model.split(" + ")),
+                "model": model_label(model),
                 "running": running,
                 "waiting": waiting,
             }
@@ -456,7 +451,7 @@ class JobService:
             job.error_kind, message = "worker_lost", str(exc)
         elif isinstance(exc, RequestError):  # found only once the model is at hand (a LoRA that does not fit it)
             job.error_kind, message = "bad_request", self.redact(str(exc))
-        elif _is_out_of_memory(exc):
+        elif is_out_of_memory(exc):
             self.workers.free_memory()
             job.error_kind = "out_of_memory"
             message = (

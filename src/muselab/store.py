@@ -85,6 +85,10 @@ def process_alive(pid: int | None) -> bool:
     return True
 
 
+#: A job's seconds from the start of its generation (its model loaded) to its end, in SQL.
+RAN_SECONDS = "(julianday(finished_at) - julianday(started_at)) * 86400"
+
+
 def now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
 
@@ -309,7 +313,7 @@ class HistoryStore:
         rows = (
             self.connection()
             .execute(
-                "SELECT request, model, dtype, (julianday(finished_at) - julianday(started_at)) * 86400 AS seconds "
+                f"SELECT request, model, dtype, {RAN_SECONDS} AS seconds "
                 "FROM jobs WHERE kind=? AND status='succeeded' AND started_at IS NOT NULL "
                 "ORDER BY created_at DESC LIMIT ?",
                 (kind, limit),
@@ -326,7 +330,7 @@ class HistoryStore:
             .execute(
                 "SELECT kind, model, SUM(status='succeeded') AS succeeded, SUM(status='failed') AS failed, "
                 "AVG(CASE WHEN status='succeeded' AND started_at IS NOT NULL "
-                "THEN (julianday(finished_at) - julianday(started_at)) * 86400 END) AS mean_seconds "
+                f"THEN {RAN_SECONDS} END) AS mean_seconds "
                 "FROM jobs WHERE finished_at IS NOT NULL AND julianday('now') - julianday(finished_at) < ? "
                 "AND model IS NOT NULL GROUP BY kind, model ORDER BY kind, model",
                 (seconds / 86400,),

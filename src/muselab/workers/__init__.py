@@ -43,6 +43,12 @@ class WorkerLost(RuntimeError):
     """The process running the job died (a Ray replica killed, out of memory, its node gone)."""
 
 
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Torch's, Python's or a library's way of saying memory ran out, wherever the job ran."""
+    name = type(exc).__name__
+    return name in ("OutOfMemoryError", "MemoryError") or "out of memory" in str(exc).lower()
+
+
 class ClusterUnavailable(RuntimeError):
     """No Ray cluster at the address given; the message says how to start or name one."""
 

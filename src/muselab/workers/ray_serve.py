@@ -29,7 +29,7 @@ from muselab.devices import DeviceError, flush_denormals
 from muselab.engines import Cancelled, CancelToken, ModelUnavailable, ProgressEvent
 from muselab.engines.base import GenerationResult
 from muselab.schemas import RequestError
-from muselab.workers import ClusterUnavailable, Order, ProgressCallback, Started, WorkerLost
+from muselab.workers import ClusterUnavailable, Order, ProgressCallback, Started, WorkerLost, is_out_of_memory
 
 try:
     import ray
@@ -75,7 +75,7 @@ def _describe(exc: BaseException) -> dict[str, Any]:
         kind = "device"
     elif isinstance(exc, RequestError):
         kind = "bad_request"
-    elif type(exc).__name__ in ("OutOfMemoryError", "MemoryError") or "out of memory" in str(exc).lower():
+    elif is_out_of_memory(exc):
         kind = "out_of_memory"
     else:
         kind = "internal"
@@ -137,9 +137,10 @@ class Replica:
             try:
                 send("result", self.local.run(order, on_progress, cancel, started))
             except BaseException as exc:
-                if _describe(exc)["kind"] == "out_of_memory":
+                error = _describe(exc)
+                if error["kind"] == "out_of_memory":
                     self.local.free_memory()
-                send("error", _describe(exc))
+                send("error", error)
 
         threading.Thread(target=work, name=f"muselab-{order.kind}", daemon=True).start()
         next_look = time.monotonic()
@@ -386,7 +387,7 @@ class RayWorkers:
         return [
             {
                 "kind": kind,
-                "model": " + ".join(model_label(part) for part in model.split(" + ")),
+                "model": model_label(model),
                 "device": ", ".join(sorted({r["device"] for r in seen.get((kind, model), [])})) or "ray",
                 "dtype": ", ".join(sorted({r["dtype"] for r in seen.get((kind, model), [])})) or "",
             }
@@ -438,7 +439,7 @@ class RayWorkers:
                     {
                         "application": name,
                         "kind": kind,
-                        "model": " + ".join(model_label(part) for part in model.split(" + ")) if model else None,
+                        "model": model_label(model) or None,
                         "status": str(deployment.status.value),
                         "replicas": dict(deployment.replica_states),
                         "replicas_seen": seen.get(name, []),
